@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Installs maelflow and everything it runs against on a fresh Debian bookworm machine, as root.
+#
+# Idempotent: re-running installs only what is missing. The Debian packages are the real services
+# maelflow drives (ecflow_server, sshd, SLURM, munge); the virtual environment is built from the
+# Debian interpreter with system site-packages because python3-ecflow is compiled against it and is
+# not on PyPI. Services are never started by the packages (policy-rc.d): maelflow starts its own,
+# on loopback, in a workspace.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DEBS=(ecflow-server ecflow-client python3-ecflow python3-venv openssh-server slurm-wlm munge gcc libc6-dev
+      xvfb xdotool imagemagick)
+missing=()
+for p in "${DEBS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "install: Debian packages: ${missing[*]}"
+  policy_created=0
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\n# maelflow install: packages must not start services\nexit 101\n' > /usr/sbin/policy-rc.d
+    chmod +x /usr/sbin/policy-rc.d; policy_created=1
+  fi
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+  [ "$policy_created" = 1 ] && rm -f /usr/sbin/policy-rc.d
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  /usr/bin/python3 -m venv --system-site-packages .venv
+fi
+.venv/bin/python -m pip install -q -U pip wheel
+# The CPU torch build is pinned in constraints.txt: letting pip choose would download CUDA wheels.
+.venv/bin/python -m pip install -q -c constraints.txt torch==2.13.0
+.venv/bin/python -m pip install -q -c constraints.txt -e '.[test]'
+.venv/bin/python -c 'import ecflow, maelflow; print("install: ecflow", ecflow.__version__, "maelflow", maelflow.__version__)'

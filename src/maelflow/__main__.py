@@ -1,0 +1,3 @@
+from maelflow.cli.main import main
+
+main()

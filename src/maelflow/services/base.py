@@ -1,0 +1,250 @@
+"""What every embedded service shares: a process we started, its PID file, log, port and health.
+
+Each service (ecflow_server, the S3 server, MLflow, the loopback HPC site, later the catalogue)
+is a subclass that says how to start, how to check health and how to stop. This base class owns
+the rules the brief sets for all of them: listen on 127.0.0.1 only, keep state/logs/PID files in
+the workspace, be idempotent, and stop only processes we started, by PID.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from maelflow.workspace import Workspace
+
+LOOPBACK = "127.0.0.1"
+
+
+class ServiceError(RuntimeError):
+    """A service could not be started or reached; the message says what to do."""
+
+
+@dataclass
+class ServiceInfo:
+    name: str
+    url: str | None = None
+    pid: int | None = None
+    healthy: bool = False
+    running: bool = False
+    log: str | None = None
+    detail: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(data.pop("extra"))
+        return data
+
+
+def free_port(preferred: int | None = None) -> int:
+    """The preferred port if it is free on loopback, else one the kernel hands out."""
+    if preferred:
+        if port_is_free(preferred):
+            return preferred
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((LOOPBACK, port))
+        except OSError:
+            return False
+    return True
+
+
+def port_accepts(port: int, host: str = LOOPBACK, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except OSError as exc:
+        return exc.errno == errno.EPERM
+    # a zombie child of ours counts as gone
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+class ManagedService:
+    """A long-running process of ours in ``<workspace>/<name>/`` with pid, log and state files."""
+
+    name: str = "service"
+    start_timeout: float = 30.0
+
+    def __init__(self, workspace: Workspace):
+        self.ws = workspace
+        self.dir = workspace.path(self.name)
+
+    # -- files --------------------------------------------------------------------------------
+    @property
+    def pid_file(self) -> Path:
+        return self.dir / f"{self.name}.pid"
+
+    @property
+    def log_file(self) -> Path:
+        return self.dir / f"{self.name}.log"
+
+    @property
+    def state_file(self) -> Path:
+        return self.dir / "state.json"
+
+    def state(self) -> dict[str, Any]:
+        return self.ws.read_json(self.name, "state.json", default={}) or {}
+
+    def save_state(self, **values: Any) -> None:
+        data = self.state()
+        data.update(values)
+        self.ws.write_json(data, self.name, "state.json")
+
+    def pid(self) -> int | None:
+        try:
+            return int(self.pid_file.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def port(self) -> int:
+        """The workspace keeps its port, so restarts (and ecFlow checkpoints named after it) line up."""
+        port = free_port(self.state().get("port"))
+        if port != self.state().get("port"):
+            self.save_state(port=port)
+        return port
+
+    # -- to be provided by each service --------------------------------------------------------
+    def command(self, port: int) -> tuple[Sequence[str], dict[str, str]]:
+        raise NotImplementedError
+
+    def healthy(self) -> bool:
+        raise NotImplementedError
+
+    def url(self) -> str | None:
+        port = self.state().get("port")
+        return f"http://{LOOPBACK}:{port}" if port else None
+
+    def after_start(self) -> None:
+        """Hook run once the process is healthy (create a bucket, restart a halted server...)."""
+
+    def before_stop(self) -> None:
+        """Hook run before SIGTERM (ask a server to checkpoint...)."""
+
+    def extra(self) -> dict[str, Any]:
+        return {}
+
+    def check_available(self) -> None:
+        """Raise ServiceError naming the missing binary or package."""
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def running(self) -> bool:
+        return pid_alive(self.pid())
+
+    def status(self) -> ServiceInfo:
+        pid = self.pid()
+        running = pid_alive(pid)
+        healthy = bool(running and self._safe_healthy())
+        return ServiceInfo(
+            name=self.name, url=self.url() if running else None, pid=pid if running else None,
+            healthy=healthy, running=running, log=str(self.log_file),
+            detail="" if healthy else ("not healthy" if running else "stopped"),
+            extra=self.extra() if running else {})
+
+    def _safe_healthy(self) -> bool:
+        try:
+            return self.healthy()
+        except Exception:
+            return False
+
+    def up(self) -> ServiceInfo:
+        if self.running():
+            if wait_until(self._safe_healthy, self.start_timeout):
+                return self.status()
+            raise ServiceError(f"{self.name}: process {self.pid()} runs but is not healthy; "
+                               f"see {self.log_file}, or run 'maelflow services down' and retry")
+        self.check_available()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        port = self.port()
+        argv, env = self.command(port)
+        full_env = dict(os.environ)
+        full_env.update(env)
+        with open(self.log_file, "ab") as log:
+            proc = subprocess.Popen(
+                list(argv), cwd=self.dir, env=full_env, stdin=subprocess.DEVNULL, stdout=log,
+                stderr=subprocess.STDOUT, start_new_session=True)
+        self.pid_file.write_text(f"{proc.pid}\n")
+
+        def ready() -> bool:
+            if proc.poll() is not None:
+                return True
+            return self._safe_healthy()
+
+        wait_until(ready, self.start_timeout, interval=0.1)
+        if proc.poll() is not None:
+            self.pid_file.unlink(missing_ok=True)
+            raise ServiceError(f"{self.name} exited with status {proc.returncode} at start; "
+                               f"last log lines:\n{tail(self.log_file)}")
+        if not self._safe_healthy():
+            self._terminate(proc.pid)
+            raise ServiceError(f"{self.name} did not become healthy within {self.start_timeout:.0f} s "
+                               f"on port {port}; last log lines:\n{tail(self.log_file)}")
+        self.after_start()
+        return self.status()
+
+    def down(self) -> ServiceInfo:
+        pid = self.pid()
+        if pid_alive(pid):
+            try:
+                self.before_stop()
+            except Exception:
+                pass
+            self._terminate(pid)
+        self.pid_file.unlink(missing_ok=True)
+        return self.status()
+
+    def _terminate(self, pid: int, grace: float = 10.0) -> None:
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                return
+            if wait_until(lambda: not pid_alive(pid), wait, interval=0.05):
+                break
+        try:  # reap it if it is our child
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log)"
