@@ -1,0 +1,42 @@
+"""Helpers the subcommands share: loading an experiment with clear errors, consoles, exits."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+from rich.console import Console
+
+from maelflow.config.errors import ConfigError
+from maelflow.config.loader import ResolvedExperiment, load_experiment
+from maelflow.workspace import Workspace
+
+console = Console()
+err_console = Console(stderr=True)
+
+experiment_argument = click.argument("experiment")
+overrides_argument = click.argument("overrides", nargs=-1)
+
+
+def print_problems(err: ConfigError, as_json: bool = False) -> None:
+    if as_json:
+        click.echo(json.dumps({"valid": False, "problems": [p.to_json() for p in err.problems]}, indent=2))
+        return
+    err_console.print(f"[bold red]invalid configuration[/]: {len(err.problems)} problem(s)")
+    for p in err.problems:
+        err_console.print(f"  [bold]{p.file}[/]: [cyan]{p.field or '<top>'}[/] = {p.value!r}: {p.reason}",
+                          highlight=False, markup=True, soft_wrap=True)
+
+
+def load_or_exit(experiment: str, overrides: tuple[str, ...], ws: Workspace, as_json: bool = False) -> ResolvedExperiment:
+    try:
+        return load_experiment(experiment, list(overrides), placeholders={"workspace": str(ws.root)})
+    except ConfigError as err:
+        print_problems(err, as_json)
+        sys.exit(2)
+
+
+def fail(message: str, code: int = 1) -> None:
+    err_console.print(f"[bold red]error[/]: {message}", highlight=False)
+    sys.exit(code)

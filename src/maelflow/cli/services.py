@@ -1,0 +1,80 @@
+"""``maelflow services up|status|down``: start, inspect and stop the embedded stack of a workspace."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from maelflow.cli.options import resolve_workspace, workspace_option
+from maelflow.services import stack
+from maelflow.services.base import ServiceError, ServiceInfo
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+
+
+def _print(infos: dict[str, ServiceInfo], as_json: bool, title: str) -> None:
+    if as_json:
+        click.echo(json.dumps({name: info.to_json() for name, info in infos.items()}, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in ("service", "healthy", "url", "pid"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("log", overflow="fold")
+    for name, info in infos.items():
+        healthy = "[green]yes[/]" if info.healthy else ("[yellow]no[/]" if info.running else "[red]stopped[/]")
+        table.add_row(name, healthy, info.url or "-", str(info.pid or "-"), info.log or "-")
+    Console().print(table)
+
+
+def _run(action):
+    try:
+        return action()
+    except ServiceError as exc:  # a message that says what to do, not a traceback
+        raise click.ClickException(str(exc)) from None
+
+
+@click.group(name="services")
+def command() -> None:
+    """Start, inspect and stop the embedded services (ecFlow, S3, MLflow) on 127.0.0.1."""
+
+
+@command.command()
+@workspace_option
+@json_option
+@click.option("--with", "extra", multiple=True, metavar="NAME",
+              help="Also start an optional service (repeatable), e.g. --with hpc.")
+def up(workspace: str | None, as_json: bool, extra: tuple[str, ...]) -> None:
+    """Start every service that is not running (idempotent)."""
+    ws = resolve_workspace(workspace)
+    progress = None if as_json else (lambda name: click.echo(f"starting {name} ...", err=True))
+    infos = _run(lambda: stack.up(ws, extra=extra, on_start=progress))
+    _print(infos, as_json, f"services in {ws.root}")
+
+
+@command.command()
+@workspace_option
+@json_option
+def status(workspace: str | None, as_json: bool) -> None:
+    """Show each service's health, URL, PID and log file."""
+    ws = resolve_workspace(workspace)
+    _print(_run(lambda: stack.status(ws)), as_json, f"services in {ws.root}")
+
+
+@command.command()
+@workspace_option
+@json_option
+def down(workspace: str | None, as_json: bool) -> None:
+    """Stop the services this workspace started (by PID, in reverse order)."""
+    ws = resolve_workspace(workspace)
+    infos = _run(lambda: stack.down(ws))
+    if as_json:
+        _print(infos, True, "")
+        return
+    for name, info in infos.items():
+        click.echo(f"{name}: {info.detail}")
+    if any(info.running for info in infos.values()):
+        raise click.ClickException("some services did not stop; see the messages above")

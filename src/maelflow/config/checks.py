@@ -1,0 +1,45 @@
+"""Checks that need more than one part: a training against its sites and datasets.
+
+These run at ``maelflow validate`` time so a config that cannot run fails here, not on the HPC.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from maelflow.config.errors import ConfigProblem
+from maelflow.config.names import node_name
+
+
+def cross_check(rx) -> list[ConfigProblem]:
+    problems: list[ConfigProblem] = []
+    root = Path(rx.config_root)
+    exp_file = rx.source_file
+    # names become ecFlow node names: two that differ only in '-' vs '_' would collide
+    for folder in ("sites", "datasets", "trainings"):
+        seen: dict[str, str] = {}
+        for i, name in enumerate(getattr(rx.experiment, folder)):
+            nn = node_name(name)
+            if nn in seen:
+                problems.append(ConfigProblem(exp_file, f"{folder}[{i}]", name,
+                                              f"becomes the same ecFlow node name {nn!r} as {seen[nn]!r}"))
+            seen[nn] = name
+    for tname, training in rx.trainings.items():
+        tfile = str(root / "trainings" / f"{tname}.yaml")
+        for j, ds in enumerate(training.datasets):
+            if ds not in rx.experiment.datasets:
+                problems.append(ConfigProblem(tfile, f"datasets[{j}]", ds,
+                                              "dataset is not listed in the experiment's datasets "
+                                              f"({', '.join(rx.experiment.datasets) or 'none'})"))
+        for sname, site in rx.sites.items():
+            if training.gpus_per_node > site.gpus.per_node:
+                problems.append(ConfigProblem(
+                    tfile, "gpus_per_node", training.gpus_per_node,
+                    f"site {sname!r} has {site.gpus.per_node} GPUs per node"))
+            if site.slurm is not None:
+                from maelflow.config.models import parse_slurm_time
+                if parse_slurm_time(training.time_limit) > parse_slurm_time(site.slurm.max_time):
+                    problems.append(ConfigProblem(
+                        tfile, "time_limit", training.time_limit,
+                        f"longer than site {sname!r} allows ({site.slurm.max_time})"))
+    return problems

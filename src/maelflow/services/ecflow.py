@@ -1,0 +1,136 @@
+"""The workspace's private ecflow_server.
+
+ecflow_server 5.9.2 has no bind option, so the loopback shim is preloaded; it starts HALTED (no job
+is submitted until a restart command), and it recovers suites only from a checkpoint file named after
+its host and port. This module deals with those three facts so callers only see "up" and "down".
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import socket
+from pathlib import Path
+from typing import Any, Sequence
+
+from maelflow.services.base import (LOOPBACK, ManagedService, ServiceError, pid_alive, port_accepts,
+                                    port_is_free, wait_until)
+from maelflow.services.loopback import preload_env
+
+SERVER_PATHS = ("/usr/sbin/ecflow_server",)
+CHECKPOINT_INTERVAL_S = 10  # a crash loses at most this much state (server default: 120 s)
+# ecflow_server refuses ports above 49151; below 32768 the kernel never hands the port to an
+# outgoing connection, so a port chosen here stays free for the next restart
+PORT_RANGE = (20000, 32767)
+
+
+def ecflow_server_binary() -> str | None:
+    for candidate in SERVER_PATHS:
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return shutil.which("ecflow_server")
+
+
+def make_client(host: str, port: int, attempts: int = 1, retry_period: int = 0) -> Any:
+    """A Client that fails fast: the defaults retry after 10 s, far too long for a health check."""
+    import ecflow
+
+    ci = ecflow.Client(host, str(port))
+    ci.set_connection_attempts(attempts)
+    ci.set_retry_connection_period(retry_period)
+    return ci
+
+
+class EcflowService(ManagedService):
+    name = "ecflow"
+    start_timeout = 20.0
+
+    @property
+    def ecf_home(self) -> Path:
+        return self.dir
+
+    def _port(self) -> int | None:
+        return self.state().get("port")
+
+    def port(self) -> int:
+        """The stored port while it is free, else a random free one that ecflow_server accepts."""
+        stored = self._port()
+        if stored and 1024 <= stored <= 49151 and port_is_free(stored):
+            return stored
+        for _ in range(200):
+            port = random.randint(*PORT_RANGE)
+            if port_is_free(port):
+                self.save_state(port=port)
+                return port
+        raise ServiceError(f"no free port for ecflow_server in {PORT_RANGE[0]}-{PORT_RANGE[1]}")
+
+    def check_available(self) -> None:
+        if not ecflow_server_binary():
+            raise ServiceError("ecflow_server not found (looked in /usr/sbin and on PATH): "
+                               "apt-get install ecflow-server")
+        try:
+            import ecflow  # noqa: F401
+        except ImportError as exc:
+            raise ServiceError(
+                f"the ecflow Python module cannot be imported ({exc}): apt-get install python3-ecflow, "
+                "and use a virtual environment made with --system-site-packages "
+                "(bash scripts/install.sh does both)") from exc
+
+    def command(self, port: int) -> tuple[Sequence[str], dict[str, str]]:
+        self._adopt_checkpoint(port)
+        env = {
+            "ECF_HOME": str(self.ecf_home),
+            "ECF_PORT": str(port),
+            "ECF_CHECKINTERVAL": str(CHECKPOINT_INTERVAL_S),
+            # the server aborts on an invalid locale, and job timestamps should not follow the caller's TZ
+            "LANG": "C", "LC_ALL": "C", "TZ": "UTC",
+            **preload_env(self.ws),
+        }
+        return [ecflow_server_binary() or "ecflow_server", "--port", str(port)], env
+
+    def _adopt_checkpoint(self, port: int) -> None:
+        """Keep the suites when the port (or hostname) had to change since the last run.
+
+        The server only loads ``<host>.<port>.ecf.check``; if the stored port was taken by someone
+        else and we got a new one, the newest older checkpoint is copied to the name it will look for.
+        """
+        host = socket.gethostname()
+        wanted = self.ecf_home / f"{host}.{port}.ecf.check"
+        if wanted.exists():
+            return
+        older = sorted(self.ecf_home.glob("*.ecf.check"), key=lambda p: p.stat().st_mtime)
+        if older:
+            shutil.copy2(older[-1], wanted)
+
+    def healthy(self) -> bool:
+        port = self._port()
+        # connect first: ping against a dead port is fast, but against a wedged one it takes 10 s
+        if not port or not port_accepts(port):
+            return False
+        make_client(LOOPBACK, port).ping()
+        return True
+
+    def url(self) -> str | None:
+        port = self._port()
+        return f"ecflow://{LOOPBACK}:{port}" if port else None
+
+    def extra(self) -> dict[str, Any]:
+        return {"host": LOOPBACK, "port": self._port(), "ecf_home": str(self.ecf_home)}
+
+    def after_start(self) -> None:
+        """The server comes up HALTED even after loading a checkpoint: restart it so jobs run."""
+        port = self._port()
+        if port:
+            make_client(LOOPBACK, port, attempts=2, retry_period=1).restart_server()
+
+    def before_stop(self) -> None:
+        """Halt, checkpoint, then terminate, so the next start resumes exactly where this one stopped."""
+        port, pid = self._port(), self.pid()
+        if not port:
+            return
+        ci = make_client(LOOPBACK, port, attempts=2, retry_period=1)
+        ci.halt_server()
+        ci.checkpt()
+        ci.terminate_server()
+        wait_until(lambda: not pid_alive(pid), 10.0, interval=0.05)

@@ -1,0 +1,791 @@
+"""The loopback HPC site: sshd + single-node SLURM (munged, slurmctld, slurmd) on 127.0.0.1.
+
+It stands in for a EuroHPC login node and its batch system. The rest of maelflow must not know it
+is local: it reaches the site the way it reaches LUMI or Leonardo, through SSH (host 127.0.0.1, a
+non-default port, a dedicated unprivileged user with its own key, a pinned host key) and SLURM
+commands run over that SSH connection. The user's home directory on this machine plays the site's
+shared filesystem.
+
+Layout, for a workspace ``ws``::
+
+    <ws>/hpc/site.json                  user, site id, node name, runtime dir (fixed at first ``up``)
+    <ws>/hpc/id_ed25519{,.pub}          the client key (mode 600), installed in ~user/.ssh/authorized_keys
+    <ws>/hpc/known_hosts                pins the host key for [127.0.0.1]:PORT
+    <ws>/hpc/ssh_config                 ``ssh -F <ws>/hpc/ssh_config maelflow-hpc`` reaches the site
+    <ws>/hpc/<daemon>/                  pid, log and state.json of munge, slurmctld, slurmd, sshd
+    <ws>/hpc/sshd/sshd_config           and the host key
+    <ws>/hpc/slurmctld/state/           StateSaveLocation
+    /run/maelflow/hpc-<id>/             what the site's user must read: slurm.conf, the munge socket,
+                                        the slurmd spool (batch scripts run from there) and the
+                                        job-completion log. The workspace usually sits under a 0700
+                                        directory (/root, pytest's tmp), which the user cannot traverse.
+
+The key line in authorized_keys carries ``environment="SLURM_CONF=..."`` (sshd_config has
+``PermitUserEnvironment SLURM_CONF``), so every SSH session opened with this workspace's key talks to
+this workspace's cluster, and two workspaces sharing the user never mix up their clusters.
+
+Everything listens on 127.0.0.1 only: sshd by ``ListenAddress``, slurmctld and slurmd (which have no
+bind option) through the LD_PRELOAD shim of :mod:`maelflow.services.loopback`, munged on a unix
+socket. We stop only processes we started, by PID.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from maelflow.services.base import (
+    LOOPBACK, ManagedService, ServiceError, ServiceInfo, pid_alive, wait_until)
+from maelflow.services.loopback import preload_env
+from maelflow.workspace import Workspace
+
+DEFAULT_USER = "maelhpc"
+USER_ENV = "MAELFLOW_HPC_USER"
+RUNTIME_ENV = "MAELFLOW_HPC_RUNTIME"
+DEFAULT_RUNTIME_ROOT = "/run/maelflow"
+CLUSTER = "maelflow"
+PARTITIONS = ("debug", "batch")
+DEFAULT_PARTITION = "debug"
+HOST_ALIAS = "maelflow-hpc"
+MUNGE_KEY = Path("/etc/munge/munge.key")
+MARKER_ENV = "MAELFLOW_HPC_SITE"   # set in every daemon we start, so strays can be found by PID
+MIN_JOB_AGE = 300                  # seconds a finished job stays visible to squeue/scontrol
+KILL_WAIT = 5
+
+# binary -> Debian package that ships it
+_PACKAGES = {
+    "/usr/sbin/sshd": "openssh-server",
+    "ssh": "openssh-client",
+    "ssh-keygen": "openssh-client",
+    "/usr/sbin/munged": "munge",
+    "munge": "munge",
+    "unmunge": "munge",
+    "/usr/sbin/slurmctld": "slurm-wlm",
+    "/usr/sbin/slurmd": "slurm-wlm",
+    "sbatch": "slurm-wlm",
+    "squeue": "slurm-wlm",
+    "scontrol": "slurm-wlm",
+    "scancel": "slurm-wlm",
+    "sinfo": "slurm-wlm",
+    "setpriv": "util-linux",
+    "useradd": "passwd",
+    "usermod": "passwd",
+}
+
+
+def _which(binary: str) -> str | None:
+    if binary.startswith("/"):
+        return binary if os.access(binary, os.X_OK) else None
+    return shutil.which(binary) or next(
+        (p for p in (f"/usr/sbin/{binary}", f"/usr/bin/{binary}", f"/sbin/{binary}")
+         if os.access(p, os.X_OK)), None)
+
+
+def _require(*binaries: str) -> None:
+    missing = [b for b in binaries if not _which(b)]
+    if missing:
+        pkgs = sorted({_PACKAGES.get(b, b) for b in missing})
+        raise ServiceError(f"the loopback HPC site needs {', '.join(missing)}: "
+                           f"apt-get install {' '.join(pkgs)} (or run scripts/install.sh)")
+
+
+def _run(argv: Sequence[str], *, env: dict[str, str] | None = None, timeout: float = 15.0,
+         input: bytes | None = None, check: bool = False) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ)
+    if env:
+        full_env.update(env)
+    proc = subprocess.run(list(argv), env=full_env, input=input, capture_output=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise ServiceError(f"{' '.join(argv)} failed ({proc.returncode}): "
+                           f"{proc.stderr.decode(errors='replace').strip()}")
+    return proc
+
+
+def _write_if_changed(path: Path, text: str, mode: int = 0o644) -> bool:
+    """Write atomically when the content differs; return whether it changed."""
+    try:
+        if path.read_text() == text:
+            os.chmod(path, mode)
+            return False
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+    return True
+
+
+def _memory_mb() -> int:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return 1024
+
+
+# ---------------------------------------------------------------------------------------------
+# one ManagedService per daemon
+# ---------------------------------------------------------------------------------------------
+class _HpcDaemon(ManagedService):
+    daemon = "daemon"
+
+    def __init__(self, site: "LoopbackHpc"):
+        super().__init__(site.ws)
+        self.site = site
+        self.dir = site.root / self.daemon
+
+    # state lives beside the pid file in <ws>/hpc/<daemon>/, not in <ws>/<name>/
+    def state(self) -> dict[str, Any]:
+        return self.ws.read_json(*self.dir.relative_to(self.ws.root).parts, "state.json",
+                                 default={}) or {}
+
+    def save_state(self, **values: Any) -> None:
+        data = self.state()
+        data.update(values)
+        self.ws.write_json(data, *self.dir.relative_to(self.ws.root).parts, "state.json")
+
+    def current_port(self) -> int | None:
+        return self.state().get("port")
+
+    def planned_port(self) -> int:
+        """The port to write into configs: the live one when running, else a free persistent one."""
+        if self.running() and self.current_port():
+            return int(self.current_port())
+        return self.port()
+
+    def daemon_env(self) -> dict[str, str]:
+        return {MARKER_ENV: self.site.site_id, "SLURM_CONF": str(self.site.slurm_conf),
+                "LANG": "C", "TZ": os.environ.get("TZ", "UTC")}
+
+    def slurm_env(self) -> dict[str, str]:
+        return {"SLURM_CONF": str(self.site.slurm_conf)}
+
+
+class MungeService(_HpcDaemon):
+    """munged as user munge, on a private socket in the site's runtime dir."""
+
+    name = "hpc-munge"
+    daemon = "munge"
+    start_timeout = 20.0
+
+    def port(self) -> int:       # a unix socket, no TCP port
+        return 0
+
+    def url(self) -> str | None:
+        return f"unix://{self.site.munge_socket}"
+
+    def check_available(self) -> None:
+        _require("/usr/sbin/munged", "munge", "unmunge", "setpriv")
+        try:
+            pwd.getpwnam("munge")
+        except KeyError:
+            raise ServiceError("user 'munge' is missing: apt-get install --reinstall munge") from None
+
+    def command(self, port: int) -> tuple[Sequence[str], dict[str, str]]:
+        ensure_munge_key()
+        mw = pwd.getpwnam("munge")
+        d = self.site.munge_socket.parent
+        d.mkdir(parents=True, exist_ok=True)
+        os.chown(d, mw.pw_uid, mw.pw_gid)
+        os.chmod(d, 0o755)
+        argv = [_which("setpriv"), "--reuid", "munge", "--regid", "munge", "--init-groups", "--",
+                "/usr/sbin/munged", "--foreground", "--force",
+                f"--socket={self.site.munge_socket}",
+                f"--pid-file={d / 'munged.pid'}",
+                f"--seed-file={d / 'munged.seed'}",
+                "--log-file=/dev/null",          # in the foreground it logs to stderr: our log
+                f"--key-file={MUNGE_KEY}"]
+        return argv, {MARKER_ENV: self.site.site_id}
+
+    def healthy(self) -> bool:
+        sock = str(self.site.munge_socket)
+        cred = _run(["munge", "-n", "-S", sock], timeout=5)
+        if cred.returncode != 0:
+            return False
+        return _run(["unmunge", "-S", sock], input=cred.stdout, timeout=5).returncode == 0
+
+    def extra(self) -> dict[str, Any]:
+        return {"socket": str(self.site.munge_socket)}
+
+
+class SlurmctldService(_HpcDaemon):
+    name = "hpc-slurmctld"
+    daemon = "slurmctld"
+    start_timeout = 30.0
+
+    def url(self) -> str | None:
+        port = self.current_port()
+        return f"slurm://{LOOPBACK}:{port}" if port else None
+
+    def check_available(self) -> None:
+        _require("/usr/sbin/slurmctld", "scontrol")
+
+    def command(self, port: int) -> tuple[Sequence[str], dict[str, str]]:
+        self.site.state_dir.mkdir(parents=True, exist_ok=True)
+        env = self.daemon_env()
+        env.update(preload_env(self.ws))
+        return ["/usr/sbin/slurmctld", "-D", "-f", str(self.site.slurm_conf)], env
+
+    def after_start(self) -> None:
+        # slurmctld's jobcomp/filetxt resets JobCompLoc to 0644 when it opens it: hand the group
+        # write bit back, so `sacct --completion` works for the site user (see ensure_runtime)
+        try:
+            os.chmod(self.site.jobcomp_file, 0o664)
+        except FileNotFoundError:
+            pass
+
+    def healthy(self) -> bool:
+        proc = _run(["scontrol", "ping"], env=self.slurm_env(), timeout=10)
+        return proc.returncode == 0 and b"is UP" in proc.stdout
+
+    def extra(self) -> dict[str, Any]:
+        return {"port": self.current_port(), "slurm_conf": str(self.site.slurm_conf),
+                "cluster": CLUSTER}
+
+
+class SlurmdService(_HpcDaemon):
+    name = "hpc-slurmd"
+    daemon = "slurmd"
+    start_timeout = 30.0
+    READY = {"idle", "mixed", "allocated", "completing", "mix", "alloc", "comp"}
+
+    def url(self) -> str | None:
+        port = self.current_port()
+        return f"slurm://{LOOPBACK}:{port}" if port else None
+
+    def check_available(self) -> None:
+        _require("/usr/sbin/slurmd", "sinfo")
+
+    def command(self, port: int) -> tuple[Sequence[str], dict[str, str]]:
+        spool = self.site.spool_dir
+        spool.mkdir(parents=True, exist_ok=True)
+        os.chmod(spool, 0o755)
+        self.resume_if_down()
+        env = self.daemon_env()
+        env.update(preload_env(self.ws))
+        return ["/usr/sbin/slurmd", "-D", "-f", str(self.site.slurm_conf), "-N", self.site.node], env
+
+    def node_state(self) -> str:
+        proc = _run(["sinfo", "-h", "-N", "-n", self.site.node, "-o", "%T"],
+                    env=self.slurm_env(), timeout=10)
+        lines = proc.stdout.decode().split()
+        return lines[0] if proc.returncode == 0 and lines else "unknown"
+
+    def resume_if_down(self) -> None:
+        """A node left DOWN/DRAIN by an earlier run is put back in service before slurmd registers."""
+        try:
+            state = self.node_state().rstrip("*~#!%$@^-").lower()
+        except Exception:
+            return
+        if state.startswith(("down", "drain", "fail")):
+            _run(["scontrol", "update", f"nodename={self.site.node}", "state=resume"],
+                 env=self.slurm_env(), timeout=10)
+
+    def healthy(self) -> bool:
+        state = self.node_state().lower()
+        return state in self.READY      # a trailing '*' (not responding) does not count
+
+    def extra(self) -> dict[str, Any]:
+        try:
+            state = self.node_state()
+        except Exception:
+            state = "unknown"
+        return {"port": self.current_port(), "node": self.site.node, "node_state": state}
+
+
+class SshdService(_HpcDaemon):
+    name = "hpc-sshd"
+    daemon = "sshd"
+    start_timeout = 20.0
+
+    @property
+    def config_file(self) -> Path:
+        return self.dir / "sshd_config"
+
+    @property
+    def host_key(self) -> Path:
+        return self.dir / "ssh_host_ed25519_key"
+
+    def url(self) -> str | None:
+        port = self.current_port()
+        return f"ssh://{self.site.user}@{LOOPBACK}:{port}" if port else None
+
+    def check_available(self) -> None:
+        _require("/usr/sbin/sshd", "ssh", "ssh-keygen")
+
+    def command(self, port: int) -> tuple[Sequence[str], dict[str, str]]:
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)   # privilege separation dir
+        self.site.write_sshd_config(port)
+        check = _run(["/usr/sbin/sshd", "-t", "-f", str(self.config_file)], timeout=10)
+        if check.returncode != 0:
+            raise ServiceError(f"sshd rejects {self.config_file}: "
+                               f"{check.stderr.decode(errors='replace').strip()}")
+        return (["/usr/sbin/sshd", "-D", "-f", str(self.config_file), "-E", str(self.log_file)],
+                {MARKER_ENV: self.site.site_id})
+
+    def healthy(self) -> bool:
+        port = self.current_port()
+        if not port:
+            return False
+        with socket.create_connection((LOOPBACK, int(port)), timeout=2) as s:
+            s.settimeout(2)
+            return s.recv(64).startswith(b"SSH-2.0-")
+
+    def extra(self) -> dict[str, Any]:
+        return {"port": self.current_port(), "user": self.site.user,
+                "identity_file": str(self.site.identity_file),
+                "known_hosts": str(self.site.known_hosts), "ssh_config": str(self.site.ssh_config)}
+
+
+# ---------------------------------------------------------------------------------------------
+# the site
+# ---------------------------------------------------------------------------------------------
+class LoopbackHpc:
+    """The four daemons, their shared configuration and the dedicated user, for one workspace."""
+
+    def __init__(self, ws: Workspace, user: str | None = None):
+        self.ws = ws
+        self.root = ws.path("hpc")
+        recorded = ws.read_json("hpc", "site.json", default={}) or {}
+        self.site_id = recorded.get("site_id") or hashlib.sha256(
+            str(ws.root).encode()).hexdigest()[:12]
+        self.user = user or recorded.get("user") or os.environ.get(USER_ENV) or DEFAULT_USER
+        self.node = recorded.get("node") or socket.gethostname().split(".")[0]
+        runtime_root = os.environ.get(RUNTIME_ENV) or DEFAULT_RUNTIME_ROOT
+        self.runtime = Path(recorded.get("runtime") or Path(runtime_root) / f"hpc-{self.site_id}")
+        self.munge = MungeService(self)
+        self.slurmctld = SlurmctldService(self)
+        self.slurmd = SlurmdService(self)
+        self.sshd = SshdService(self)
+
+    # -- paths ------------------------------------------------------------------------------------
+    @property
+    def services(self) -> list[_HpcDaemon]:
+        """In start order; stopped in reverse."""
+        return [self.munge, self.slurmctld, self.slurmd, self.sshd]
+
+    @property
+    def identity_file(self) -> Path:
+        return self.root / "id_ed25519"
+
+    @property
+    def known_hosts(self) -> Path:
+        return self.root / "known_hosts"
+
+    @property
+    def ssh_config(self) -> Path:
+        return self.root / "ssh_config"
+
+    @property
+    def slurm_conf(self) -> Path:
+        return self.runtime / "slurm.conf"
+
+    @property
+    def munge_socket(self) -> Path:
+        return self.runtime / "munge" / "munge.socket.2"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.runtime / "slurmd"
+
+    @property
+    def jobcomp_file(self) -> Path:
+        return self.runtime / "jobcomp.txt"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / "slurmctld" / "state"
+
+    def home(self) -> Path | None:
+        try:
+            return Path(pwd.getpwnam(self.user).pw_dir)
+        except KeyError:
+            return None
+
+    # -- availability -------------------------------------------------------------------------
+    def check_available(self) -> None:
+        if os.geteuid() != 0:
+            raise ServiceError("the loopback HPC site needs root: it creates the site user "
+                               f"'{self.user}' and runs sshd, munged and slurmd")
+        _require("useradd", "usermod")
+        for svc in self.services:
+            svc.check_available()
+
+    # -- preparation --------------------------------------------------------------------------
+    def ensure_user(self) -> pwd.struct_passwd:
+        try:
+            pw = pwd.getpwnam(self.user)
+        except KeyError:
+            _run(["useradd", "--create-home", "--shell", "/bin/bash", "--user-group",
+                  "--comment", "maelflow loopback HPC site", self.user], check=True)
+            pw = pwd.getpwnam(self.user)
+        # useradd leaves the password '!' (locked); sshd with UsePAM no refuses locked accounts
+        # even for key logins. '*' means "no password can match" but is not locked.
+        if _shadow_password(self.user).startswith("!"):
+            _run(["usermod", "-p", "*", self.user], check=True)
+        home = Path(pw.pw_dir)
+        if not home.is_dir():
+            home.mkdir(mode=0o755, parents=True)
+            os.chown(home, pw.pw_uid, pw.pw_gid)
+        return pw
+
+    def ensure_keys(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.root, 0o700)
+        if not self.identity_file.exists():
+            _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C",
+                  f"maelflow-hpc-{self.site_id}", "-f", str(self.identity_file)], check=True)
+        os.chmod(self.identity_file, 0o600)
+        host_key = self.sshd.host_key
+        if not host_key.exists():
+            host_key.parent.mkdir(parents=True, exist_ok=True)
+            _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C",
+                  f"maelflow-hpc-host-{self.site_id}", "-f", str(host_key)], check=True)
+        os.chmod(host_key, 0o600)
+
+    def install_key(self, pw: pwd.struct_passwd) -> bool:
+        """Put this workspace's key in the user's authorized_keys once, carrying SLURM_CONF."""
+        ktype, blob = Path(f"{self.identity_file}.pub").read_text().split()[:2]
+        line = (f'environment="SLURM_CONF={self.slurm_conf}" {ktype} {blob} '
+                f"maelflow-hpc-{self.site_id}")
+        ssh_dir = Path(pw.pw_dir) / ".ssh"
+        ssh_dir.mkdir(mode=0o700, exist_ok=True)
+        os.chown(ssh_dir, pw.pw_uid, pw.pw_gid)
+        os.chmod(ssh_dir, 0o700)
+        ak = ssh_dir / "authorized_keys"
+        lock_path = ssh_dir / ".maelflow.lock"
+        with open(lock_path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                old = ak.read_text().splitlines()
+            except FileNotFoundError:
+                old = []
+            same = [ln for ln in old if f" {blob}" in ln]
+            if same == [line]:
+                changed = False
+            else:
+                new = [ln for ln in old if f" {blob}" not in ln] + [line]
+                fd, tmp = tempfile.mkstemp(prefix=".authorized_keys.", dir=ssh_dir)
+                with os.fdopen(fd, "w") as fh:
+                    fh.write("\n".join(new) + "\n")
+                os.chmod(tmp, 0o600)
+                os.chown(tmp, pw.pw_uid, pw.pw_gid)
+                os.replace(tmp, ak)
+                changed = True
+        os.chown(lock_path, pw.pw_uid, pw.pw_gid)
+        return changed
+
+    def ensure_runtime(self, pw: pwd.struct_passwd) -> None:
+        for d in (self.runtime.parent, self.runtime):
+            d.mkdir(parents=True, exist_ok=True)
+            os.chmod(d, 0o755)
+        # sacct --completion opens JobCompLoc for appending (the jobcomp/filetxt plugin's init does)
+        # even to read it, so the site user's group must be able to write it.
+        self.jobcomp_file.touch(exist_ok=True)
+        os.chown(self.jobcomp_file, 0, pw.pw_gid)
+        os.chmod(self.jobcomp_file, 0o664)
+
+    def slurm_conf_text(self, ctld_port: int, slurmd_port: int) -> str:
+        cpus = os.cpu_count() or 1
+        mem = max(256, int(_memory_mb() * 0.9))
+        nodes = self.node
+        lines = [
+            f"# Generated by maelflow for workspace {self.ws.root} -- rewritten at every 'up'.",
+            f"ClusterName={CLUSTER}",
+            f"SlurmctldHost={self.node}({LOOPBACK})",
+            f"SlurmctldPort={ctld_port}",
+            f"SlurmdPort={slurmd_port}",
+            "SlurmUser=root",
+            "SlurmdUser=root",
+            "AuthType=auth/munge",
+            "CredType=cred/munge",
+            f"AuthInfo=socket={self.munge_socket}",
+            f"StateSaveLocation={self.state_dir}",
+            f"SlurmdSpoolDir={self.spool_dir}",
+            f"SlurmctldPidFile={self.slurmctld.dir / 'slurmctld.pid'}",
+            f"SlurmdPidFile={self.slurmd.dir / 'slurmd.pid'}",
+            "ProctrackType=proctrack/linuxproc",
+            "TaskPlugin=task/none",
+            "MpiDefault=none",
+            "MailProg=/bin/true",
+            "SelectType=select/cons_tres",
+            "SelectTypeParameters=CR_CPU",
+            "SchedulerType=sched/backfill",
+            # batch jobs start at submit time instead of up to 3 s later (the default delay)
+            "SchedulerParameters=batch_sched_delay=0",
+            "SlurmdParameters=config_overrides",
+            "AccountingStorageType=accounting_storage/none",
+            "JobAcctGatherType=jobacct_gather/none",
+            "JobCompType=jobcomp/filetxt",
+            f"JobCompLoc={self.jobcomp_file}",
+            f"MinJobAge={MIN_JOB_AGE}",
+            f"KillWait={KILL_WAIT}",
+            "ReturnToService=2",
+            "InactiveLimit=0",
+            "Waittime=0",
+            "MessageTimeout=10",
+            "SlurmctldTimeout=120",
+            "SlurmdTimeout=300",
+            "SlurmctldDebug=info",
+            "SlurmdDebug=info",
+            f"NodeName={self.node} NodeAddr={LOOPBACK} NodeHostname={self.node} CPUs={cpus} "
+            f"RealMemory={mem} State=UNKNOWN",
+        ]
+        for part in PARTITIONS:
+            default = "YES" if part == DEFAULT_PARTITION else "NO"
+            lines.append(f"PartitionName={part} Nodes={nodes} Default={default} "
+                         "MaxTime=INFINITE State=UP")
+        return "\n".join(lines) + "\n"
+
+    def write_sshd_config(self, port: int) -> bool:
+        text = "\n".join([
+            f"# Generated by maelflow for workspace {self.ws.root}",
+            f"Port {port}",
+            f"ListenAddress {LOOPBACK}",
+            "AddressFamily inet",
+            f"HostKey {self.sshd.host_key}",
+            f"PidFile {self.sshd.dir / 'sshd.pid'}",
+            "AuthorizedKeysFile .ssh/authorized_keys",
+            "PubkeyAuthentication yes",
+            "PasswordAuthentication no",
+            "KbdInteractiveAuthentication no",
+            "PermitEmptyPasswords no",
+            "PermitRootLogin no",
+            f"AllowUsers {self.user}",
+            "UsePAM no",
+            "PermitUserEnvironment SLURM_CONF",
+            "X11Forwarding no",
+            "PrintMotd no",
+            "MaxStartups 64:30:128",
+            "MaxSessions 64",
+            "Subsystem sftp internal-sftp",
+            "",
+        ])
+        return _write_if_changed(self.sshd.config_file, text, 0o600)
+
+    def write_client_files(self, port: int) -> None:
+        ktype, blob = Path(f"{self.sshd.host_key}.pub").read_text().split()[:2]
+        _write_if_changed(self.known_hosts, f"[{LOOPBACK}]:{port} {ktype} {blob}\n", 0o644)
+        _write_if_changed(self.ssh_config, "\n".join([
+            f"# maelflow loopback HPC site of workspace {self.ws.root}",
+            f"# use: ssh -F {self.ssh_config} {HOST_ALIAS}",
+            f"Host {HOST_ALIAS}",
+            f"  HostName {LOOPBACK}",
+            f"  Port {port}",
+            f"  User {self.user}",
+            f"  IdentityFile {self.identity_file}",
+            "  IdentitiesOnly yes",
+            f"  UserKnownHostsFile {self.known_hosts}",
+            "  GlobalKnownHostsFile /dev/null",
+            "  StrictHostKeyChecking yes",
+            "  BatchMode yes",
+            "  ConnectTimeout 10",
+            "",
+        ]), 0o644)
+
+    def _record(self) -> None:
+        data = {"site_id": self.site_id, "user": self.user, "node": self.node,
+                "runtime": str(self.runtime), "cluster": CLUSTER}
+        if (self.ws.read_json("hpc", "site.json", default={}) or {}) != data:
+            self.ws.write_json(data, "hpc", "site.json")
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def up(self) -> dict[str, ServiceInfo]:
+        """Bring the site up (idempotent): user, keys, configs, then munge → slurmctld → slurmd → sshd."""
+        self.check_available()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._record()
+        pw = self.ensure_user()
+        self.ensure_keys()
+        self.ensure_runtime(pw)
+
+        ctld_port = self.slurmctld.planned_port()
+        slurmd_port = self.slurmd.planned_port()
+        conf = self.slurm_conf_text(ctld_port, slurmd_port)
+        try:
+            conf_changed = self.slurm_conf.read_text() != conf
+        except FileNotFoundError:
+            conf_changed = True
+        if conf_changed:
+            # a running daemon would keep the old ports/paths: restart the SLURM side with the new file
+            self.slurmd.down()
+            self.slurmctld.down()
+            _write_if_changed(self.slurm_conf, conf, 0o644)
+        ssh_port = self.sshd.planned_port()
+        if self.write_sshd_config(ssh_port) and self.sshd.running():
+            self.sshd.down()
+        self.write_client_files(ssh_port)
+        self.install_key(pw)
+
+        infos: dict[str, ServiceInfo] = {}
+        for svc in self.services:
+            infos[svc.name] = svc.up()
+        return infos
+
+    def status(self) -> dict[str, ServiceInfo]:
+        return {svc.name: svc.status() for svc in self.services}
+
+    def down(self, cancel_jobs: bool = True) -> dict[str, ServiceInfo]:
+        """Stop sshd → slurmd → slurmctld → munge. Jobs still queued or running are cancelled first
+        (their slurmstepd would otherwise outlive slurmd)."""
+        if cancel_jobs and self.slurmctld.running() and self.munge.running():
+            self._cancel_all_jobs()
+        infos: dict[str, ServiceInfo] = {}
+        for svc in reversed(self.services):
+            infos[svc.name] = svc.down()
+        self._sweep_strays()
+        return {svc.name: infos[svc.name] for svc in self.services}
+
+    def _cancel_all_jobs(self, timeout: float = KILL_WAIT + 10.0) -> None:
+        env = {"SLURM_CONF": str(self.slurm_conf)}
+        try:
+            _run(["scancel", "--full", f"--user={self.user}"], env=env, timeout=15)
+
+            def drained() -> bool:
+                proc = _run(["squeue", "-h", "-o", "%i", "-t", "PD,R,CG,S,CF,RQ,SE"],
+                            env=env, timeout=10)
+                return proc.returncode == 0 and not proc.stdout.strip()
+
+            wait_until(drained, timeout, interval=0.3)
+        except (subprocess.TimeoutExpired, OSError):
+            pass
+
+    def _sweep_strays(self, grace: float = 5.0) -> list[int]:
+        """Processes started by our daemons that outlived them (an orphaned slurmstepd, an sshd
+        connection handler) carry our marker in their environment: stop those, by PID."""
+        marker = f"{MARKER_ENV}={self.site_id}".encode()
+        me = os.getpid()
+        found = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == me:
+                continue
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as fh:
+                    env = fh.read().split(b"\0")
+            except OSError:
+                continue
+            if marker in env:
+                found.append(int(entry))
+        for pid in found:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace
+        for pid in found:
+            while pid_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if pid_alive(pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        return found
+
+    def connection_info(self) -> dict[str, Any]:
+        """How to reach the site, for site configs and tests (the port is None before the first up)."""
+        home = self.home()
+        port = self.sshd.current_port()
+        return {
+            "host": LOOPBACK,
+            "port": int(port) if port else None,
+            "user": self.user,
+            "identity_file": str(self.identity_file),
+            "known_hosts": str(self.known_hosts),
+            "ssh_config": str(self.ssh_config),
+            "host_alias": HOST_ALIAS,
+            "slurm_conf": str(self.slurm_conf),
+            "home": str(home) if home else None,
+            "cluster": CLUSTER,
+            "partition": DEFAULT_PARTITION,
+            "partitions": list(PARTITIONS),
+            "node": self.node,
+            "jobcomp_file": str(self.jobcomp_file),
+            "ssh_options": self.ssh_options(),
+        }
+
+    def ssh_options(self) -> list[str]:
+        port = self.sshd.current_port()
+        opts = ["-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
+                "-o", f"UserKnownHostsFile={self.known_hosts}",
+                "-o", "GlobalKnownHostsFile=/dev/null",
+                "-o", "StrictHostKeyChecking=yes",
+                "-i", str(self.identity_file)]
+        if port:
+            opts += ["-p", str(port)]
+        return opts
+
+    def ssh_argv(self, *remote: str) -> list[str]:
+        """``ssh ... user@127.0.0.1 REMOTE...`` as an argv list."""
+        return ["ssh", *self.ssh_options(), f"{self.user}@{LOOPBACK}", *remote]
+
+
+def _shadow_password(user: str) -> str:
+    try:
+        with open("/etc/shadow") as fh:
+            for line in fh:
+                parts = line.split(":")
+                if parts[0] == user:
+                    return parts[1]
+    except OSError:
+        pass
+    return ""
+
+
+def ensure_munge_key() -> None:
+    """/etc/munge/munge.key must exist, owned by munge, mode 0400/0600."""
+    if MUNGE_KEY.exists():
+        return
+    MUNGE_KEY.parent.mkdir(parents=True, exist_ok=True)
+    if _which("mungekey"):
+        _run([_which("mungekey"), "--create", f"--keyfile={MUNGE_KEY}"], check=True)
+    else:
+        with open("/dev/urandom", "rb") as src:
+            fd = os.open(MUNGE_KEY, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as dst:
+                dst.write(src.read(1024))
+    mw = pwd.getpwnam("munge")
+    os.chown(MUNGE_KEY.parent, mw.pw_uid, mw.pw_gid)
+    os.chmod(MUNGE_KEY.parent, 0o700)
+    os.chown(MUNGE_KEY, mw.pw_uid, mw.pw_gid)
+    os.chmod(MUNGE_KEY, 0o600)
+
+
+# ---------------------------------------------------------------------------------------------
+# module-level entry points (what `maelflow services up --with-hpc` calls)
+# ---------------------------------------------------------------------------------------------
+def check_available(ws: Workspace | None = None) -> None:
+    LoopbackHpc(ws or Workspace.resolve()).check_available()
+
+
+def up(ws: Workspace, user: str | None = None) -> dict[str, ServiceInfo]:
+    return LoopbackHpc(ws, user).up()
+
+
+def status(ws: Workspace) -> dict[str, ServiceInfo]:
+    return LoopbackHpc(ws).status()
+
+
+def down(ws: Workspace, cancel_jobs: bool = True) -> dict[str, ServiceInfo]:
+    return LoopbackHpc(ws).down(cancel_jobs=cancel_jobs)
+
+
+def connection_info(ws: Workspace) -> dict[str, Any]:
+    return LoopbackHpc(ws).connection_info()

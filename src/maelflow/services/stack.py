@@ -1,0 +1,124 @@
+"""The embedded stack: which services exist, in which order they start, and how callers find them.
+
+Order matters: later services may use earlier ones (the catalogue stores into S3), so ``up`` goes
+down the list and ``down`` goes back up it. Entries are "module:Class" strings so that listing or
+stopping the stack never imports a service module (and its dependencies) that is not needed.
+
+An entry is built with the workspace and offers ``up()``, ``status()`` and ``down()``. Each returns
+a ServiceInfo (a ManagedService) or a dict of them (a group of daemons, such as the loopback HPC
+site); the stack flattens groups into one dict keyed by the members' names.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable, Iterable
+
+from maelflow.services.base import ServiceError, ServiceInfo
+from maelflow.workspace import Workspace
+
+# Registration is one line here. A class with ``optional = True`` starts only when named.
+SERVICES: dict[str, str] = {
+    "ecflow": "maelflow.services.ecflow:EcflowService",
+    "s3": "maelflow.services.s3:S3Service",
+    "mlflow": "maelflow.services.mlflow:MlflowService",
+}
+
+Infos = dict[str, ServiceInfo]
+
+
+def service_class(name: str) -> type:
+    try:
+        target: Any = SERVICES[name]
+    except KeyError:
+        raise ServiceError(f"unknown service '{name}'; known: {', '.join(SERVICES)}") from None
+    if not isinstance(target, str):
+        return target
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def service(ws: Workspace, name: str) -> Any:
+    return service_class(name)(ws)
+
+
+def _optional(name: str) -> bool:
+    return bool(getattr(service_class(name), "optional", False))
+
+
+def _flat(name: str, result: ServiceInfo | Infos) -> Infos:
+    return dict(result) if isinstance(result, dict) else {name: result}
+
+
+def selected(names: Iterable[str] | None = None, extra: Iterable[str] = ()) -> list[str]:
+    """The names to act on, in stack order: the given ones, or every non-optional one, plus ``extra``."""
+    wanted = set(names) if names is not None else {n for n in SERVICES if not _optional(n)}
+    wanted |= set(extra)
+    for name in wanted:
+        service_class(name)  # unknown names fail before anything starts
+    return [n for n in SERVICES if n in wanted]
+
+
+def up(ws: Workspace, names: Iterable[str] | None = None, extra: Iterable[str] = (),
+       on_start: Callable[[str], None] | None = None) -> Infos:
+    """Start what is not running; leave what is running alone (same PIDs, same ports).
+
+    Stops at the first failure, leaving the earlier services up: a second ``up`` carries on.
+    """
+    ws.ensure()
+    infos: Infos = {}
+    for name in selected(names, extra):
+        if on_start:
+            on_start(name)
+        infos.update(_flat(name, service(ws, name).up()))
+    return infos
+
+
+def status(ws: Workspace, names: Iterable[str] | None = None) -> Infos:
+    """Every default service, plus optional ones that run in this workspace."""
+    infos: Infos = {}
+    for name in selected(names if names is not None else list(SERVICES)):
+        current = _flat(name, service(ws, name).status())
+        if names is None and _optional(name) and not any(i.running for i in current.values()):
+            continue
+        infos.update(current)
+    return infos
+
+
+def down(ws: Workspace, names: Iterable[str] | None = None) -> Infos:
+    """Stop in reverse order; each info's ``detail`` says what was done, for the CLI to print."""
+    infos: Infos = {}
+    for name in reversed(selected(names if names is not None else list(SERVICES))):
+        svc = service(ws, name)
+        before = _flat(name, svc.status())
+        after = _flat(name, svc.down())
+        for member, info in after.items():
+            pid = before[member].pid if member in before and before[member].running else None
+            if pid is None:
+                info.detail = "was not running"
+            elif info.running:
+                info.detail = f"process {pid} is still running; see {info.log}"
+            else:
+                info.detail = f"stopped (pid {pid})"
+            infos[member] = info
+    return infos
+
+
+def discover(ws: Workspace, name: str) -> ServiceInfo:
+    """A healthy service's connection details, or a ServiceError saying how to start it.
+
+    For a group, every member must be healthy; the group's info lists them under ``extra``.
+    """
+    result = service(ws, name).status()
+    if isinstance(result, dict):
+        members = result
+        info = ServiceInfo(name=name, healthy=all(i.healthy for i in members.values()),
+                           running=any(i.running for i in members.values()),
+                           extra={m: i.to_json() for m, i in members.items()})
+    else:
+        info = result
+    if not info.healthy:
+        state = "runs but is not healthy" if info.running else "is not running"
+        raise ServiceError(f"{name} {state} in workspace {ws.root}: run 'maelflow services up' "
+                           f"(with --workspace {ws.root} if that is not your default)")
+    return info

@@ -1,0 +1,53 @@
+"""The ECF_JOB_CMD / ECF_KILL_CMD / ECF_STATUS_CMD entry points, whatever the site.
+
+ecFlow calls ``maelflow job submit|kill|status`` with the job file; this module picks the site's
+runner (connection x scheduler) and keeps a small record beside the job file (``<job>.sub``) so kill
+and status find the job again even after the server restarted.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from maelflow.config.loader import ResolvedExperiment
+from maelflow.sites.runner import JobHandle, runner_for
+from maelflow.workspace import write_atomic
+
+
+@dataclass
+class JobRequest:
+    job: Path
+    jobout: Path
+    site: str
+
+
+def record_path(job: Path) -> Path:
+    return job.with_name(job.name + ".sub")
+
+
+def load_record(job: Path) -> JobHandle | None:
+    try:
+        return JobHandle(**json.loads(record_path(job).read_text()))
+    except (FileNotFoundError, ValueError, TypeError):
+        return None
+
+
+def submit(rx: ResolvedExperiment, site: str, job: Path, jobout: Path, dry_run: bool = False) -> JobHandle:
+    runner = runner_for(rx, site, dry_run=dry_run)
+    handle = runner.submit(job, jobout)
+    if not dry_run:
+        write_atomic(record_path(job), json.dumps(handle.__dict__) + "\n")
+    return handle
+
+
+def kill(rx: ResolvedExperiment, site: str, job: Path, rid: str | None, child_env: dict[str, str] | None = None,
+         dry_run: bool = False) -> str:
+    handle = load_record(job) or JobHandle(site=site, job_id=rid or "", kind="unknown")
+    return runner_for(rx, site, dry_run=dry_run).kill(handle, rid, child_env or {})
+
+
+def status(rx: ResolvedExperiment, site: str, job: Path, rid: str | None, dry_run: bool = False) -> tuple[bool, str]:
+    handle = load_record(job) or JobHandle(site=site, job_id=rid or "", kind="unknown")
+    return runner_for(rx, site, dry_run=dry_run).status(handle, rid)

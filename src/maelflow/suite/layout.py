@@ -1,0 +1,103 @@
+"""What the suite of one experiment is made of: families, tasks and their ecFlow attributes.
+
+Kept apart from the ecFlow API calls (builder.py) so the shape of the suite reads in one place:
+publish once per dataset, then per site data -> train -> register joined by triggers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from maelflow.config.loader import ResolvedExperiment
+from maelflow.config.names import node_name
+
+
+@dataclass
+class TaskSpec:
+    name: str
+    script: str
+    variables: dict[str, str] = field(default_factory=dict)
+    meters: list[tuple[str, int, int]] = field(default_factory=list)
+    labels: list[tuple[str, str]] = field(default_factory=list)
+    events: list[str] = field(default_factory=list)
+    trigger: str | None = None
+    inlimits: list[str] = field(default_factory=list)
+
+
+@dataclass
+class FamilySpec:
+    name: str
+    variables: dict[str, str] = field(default_factory=dict)
+    children: list["FamilySpec | TaskSpec"] = field(default_factory=list)
+    trigger: str | None = None
+    inlimits: list[str] = field(default_factory=list)
+    labels: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class SuiteSpec:
+    name: str
+    variables: dict[str, str]
+    limits: list[tuple[str, int]]
+    children: list[FamilySpec | TaskSpec]
+    labels: list[tuple[str, str]] = field(default_factory=list)
+
+
+def jobs_limit(site: str) -> str:
+    return f"{node_name(site)}_jobs"
+
+
+def transfers_limit(site: str) -> str:
+    return f"{node_name(site)}_transfers"
+
+
+def suite_layout(rx: ResolvedExperiment, variables: dict[str, str]) -> SuiteSpec:
+    suite = node_name(rx.name)
+    limits: list[tuple[str, int]] = []
+    children: list[FamilySpec | TaskSpec] = [
+        TaskSpec("provenance", "provenance", labels=[("info", "")]),
+    ]
+
+    publish = FamilySpec("publish", labels=[("info", "publish datasets to the European Weather Cloud")])
+    for ds in rx.experiment.datasets:
+        publish.children.append(FamilySpec(
+            node_name(ds), variables={"DATASET": ds},
+            children=[TaskSpec("publish", "publish", meters=[("progress", 0, 100)],
+                               labels=[("info", ""), ("rate", "")], events=["manifest"])]))
+    if publish.children:
+        children.append(publish)
+
+    for site_name in rx.experiment.sites:
+        site = rx.sites[site_name]
+        sn = node_name(site_name)
+        limits.append((jobs_limit(site_name), site.limits.jobs))
+        limits.append((transfers_limit(site_name), site.limits.transfers))
+        fam = FamilySpec(sn, variables={"SITE": site_name}, inlimits=[jobs_limit(site_name)],
+                         labels=[("info", f"{site.description or site_name} ({site.scheduler}, {site.reporting})")])
+        stages: list[FamilySpec | TaskSpec] = []
+        for ds in rx.experiment.datasets:
+            stages.append(FamilySpec(node_name(ds), variables={"DATASET": ds}, children=[
+                TaskSpec("stage", "stage", meters=[("progress", 0, 100)], labels=[("info", ""), ("rate", "")],
+                         events=["verified"], inlimits=[transfers_limit(site_name)],
+                         trigger=f"/{suite}/publish/{node_name(ds)}/publish == complete")]))
+        previous = None
+        if stages:
+            fam.children.append(FamilySpec("data", children=stages))
+            previous = "data"
+        if rx.experiment.trainings:
+            train = FamilySpec("train", trigger=f"{previous} == complete" if previous else None)
+            register = FamilySpec("register", trigger="train == complete")
+            for tname in rx.experiment.trainings:
+                training = rx.trainings[tname]
+                max_epochs = int(training.config.get("max_epochs", 1) or 1)
+                train.children.append(FamilySpec(node_name(tname), variables={"TRAINING": tname}, children=[
+                    TaskSpec("train", "train", meters=[("epoch", 0, max_epochs), ("resubmits", 0, max(training.max_resubmissions, 1))],
+                             labels=[("info", ""), ("mlflow", ""), ("checkpoint", "")],
+                             events=["checkpoint", "timeout"])]))
+                register.children.append(FamilySpec(node_name(tname), variables={"TRAINING": tname}, children=[
+                    TaskSpec("register", "register", labels=[("info", "")])]))
+            fam.children.extend([train, register])
+        children.append(fam)
+
+    return SuiteSpec(suite, variables, limits, children,
+                     labels=[("info", rx.experiment.description or rx.name)])

@@ -1,0 +1,113 @@
+"""Deploying suites to an ecFlow server and reading them back as a tree.
+
+``deploy`` loads a new suite or replaces an existing one, then begins it; ``tree`` turns the
+server's view into plain data (path, state, labels, meters, events, children), which both the
+terminal view and ``maelflow status --json`` render.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from maelflow.config.loader import ResolvedExperiment
+from maelflow.suite.builder import BuiltSuite, build_suite
+from maelflow.workspace import Workspace
+
+
+class SuiteError(RuntimeError):
+    pass
+
+
+def deploy(rx: ResolvedExperiment, ws: Workspace, client, out_dir: Path | None = None) -> BuiltSuite:
+    built = build_suite(rx, out_dir or ws.suites_dir / rx.name, ws)
+    (built.out_dir / "jobs").mkdir(exist_ok=True)
+    client.sync_local()
+    defs = client.get_defs()
+    exists = defs is not None and defs.find_suite(built.name) is not None
+    if exists:
+        client.replace(f"/{built.name}", str(built.def_file), True, True)
+    else:
+        client.load(str(built.def_file))
+    client.begin_suite(built.name, True)
+    return built
+
+
+def suites(client) -> list[str]:
+    client.sync_local()
+    defs = client.get_defs()
+    return [s.name() for s in defs.suites] if defs else []
+
+
+def _node(node) -> dict[str, Any]:
+    import ecflow
+
+    data: dict[str, Any] = {
+        "path": node.get_abs_node_path(),
+        "name": node.name(),
+        "kind": "suite" if isinstance(node, ecflow.Suite) else "family" if isinstance(node, ecflow.Family) else "task",
+        "state": str(node.get_state()),
+        "labels": {lab.name(): lab.new_value() or lab.value() for lab in node.labels},
+        "meters": {m.name(): {"value": m.value(), "min": m.min(), "max": m.max()} for m in node.meters},
+        "events": {e.name(): e.value() for e in node.events},
+    }
+    if node.get_defstatus() and str(node.get_defstatus()) not in ("queued",):
+        data["defstatus"] = str(node.get_defstatus())
+    if node.get_trigger() is not None:
+        data["trigger"] = node.get_trigger().get_expression()
+    if isinstance(node, ecflow.Task):
+        data["try_no"] = node.get_try_no()
+        data["aborted_reason"] = node.get_aborted_reason()
+        data["rid"] = node.get_process_or_remote_id()
+    if isinstance(node, ecflow.Suite):
+        data["limits"] = {lim.name(): {"value": lim.value(), "limit": lim.limit()} for lim in node.limits}
+    if node.is_suspended():
+        data["suspended"] = True
+    if not isinstance(node, ecflow.Task):
+        data["children"] = [_node(c) for c in node.nodes]
+    return data
+
+
+def tree(client, suite: str | None = None) -> dict[str, Any]:
+    client.sync_local()
+    defs = client.get_defs()
+    out: dict[str, Any] = {"server_state": str(defs.get_server_state()) if defs else "unknown", "suites": []}
+    if defs is None:
+        return out
+    for s in defs.suites:
+        if suite is None or s.name() == suite.strip("/"):
+            out["suites"].append(_node(s))
+    if suite and not out["suites"]:
+        raise SuiteError(f"no suite {suite!r} on the server (have: {', '.join(x.name() for x in defs.suites) or 'none'})")
+    return out
+
+
+def find(tree_data: dict[str, Any], path: str) -> dict[str, Any] | None:
+    stack = list(tree_data.get("suites", []))
+    while stack:
+        n = stack.pop()
+        if n["path"] == path:
+            return n
+        stack.extend(n.get("children", []))
+    return None
+
+
+def control(client, action: str, path: str) -> None:
+    """suspend, resume, requeue or kill a node, with the server's error turned into SuiteError."""
+    client.sync_local()
+    defs = client.get_defs()
+    if defs is None or defs.find_abs_node(path) is None:
+        raise SuiteError(f"no node {path!r} on the server")
+    try:
+        if action == "suspend":
+            client.suspend(path)
+        elif action == "resume":
+            client.resume(path)
+        elif action == "requeue":
+            client.requeue(path)
+        elif action == "kill":
+            client.kill(path)
+        else:
+            raise SuiteError(f"unknown action {action!r}")
+    except RuntimeError as exc:
+        raise SuiteError(f"{action} {path}: {str(exc).strip()}") from None

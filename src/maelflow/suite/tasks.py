@@ -1,0 +1,165 @@
+"""The bodies of the suite's tasks, called from the job scripts as ``maelflow task NAME``.
+
+Each task reads the resolved experiment the suite was built from (MAELFLOW_CONFIG), reports
+progress through the job's reporter, and on a failure it understands leaves a one-line reason that
+becomes the abort reason in ecFlow UI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from maelflow.config.loader import ResolvedExperiment
+from maelflow.reporting import Reporter
+from maelflow.workspace import Workspace, write_atomic
+
+EWC_BUCKET = "ewc"
+
+
+class TaskFailed(RuntimeError):
+    """A task failed for a reason an operator can act on."""
+
+
+@dataclass
+class TaskContext:
+    rx: ResolvedExperiment
+    ws: Workspace
+    reporter: Reporter
+    config_file: Path
+
+    @classmethod
+    def from_env(cls, config: str | None = None, workspace: str | None = None) -> "TaskContext":
+        path = Path(config or os.environ.get("MAELFLOW_CONFIG", ""))
+        if not path.is_file():
+            raise TaskFailed(f"resolved experiment config not found: {path} (set MAELFLOW_CONFIG or --config)")
+        rx = ResolvedExperiment.from_json(json.loads(path.read_text()))
+        return cls(rx, Workspace.resolve(workspace), Reporter(), path)
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.config_file.parent / "runs"
+
+
+def _rate_label(reporter: Reporter, done: int, total: int, objects: int, n_objects: int, t0: float) -> None:
+    import time
+
+    elapsed = max(time.monotonic() - t0, 1e-6)
+    rate = done / elapsed
+    eta = (total - done) / rate if rate > 0 else 0
+    reporter.throttled("meter", "progress", int(100 * done / total) if total else 100, every=1.0)
+    reporter.throttled("label", "rate", f"{objects}/{n_objects} objects, {done / 2**20:.1f}/{total / 2**20:.1f} MiB, "
+                       f"{rate / 2**20:.1f} MiB/s, ETA {eta:.0f}s", every=1.0)
+
+
+def _summary(res) -> str:
+    rate = res.bytes_copied / max(res.seconds, 1e-6) / 2**20
+    return f"{res.objects}/{res.objects} objects, {res.bytes_copied / 2**20:.1f} MiB copied at {rate:.1f} MiB/s"
+
+
+def provenance(ctx: TaskContext) -> Path:
+    from maelflow.provenance import record
+
+    rec = record(ctx.rx.to_json(), {"suite": ctx.rx.name, "ecf_name": os.environ.get("ECF_NAME")})
+    path = ctx.runs_dir / "provenance.json"
+    write_atomic(path, json.dumps(rec, indent=2, sort_keys=True) + "\n")
+    ctx.reporter.label("info", f"maelflow {rec['maelflow'].get('version')} {rec['maelflow'].get('commit', '')[:10]} "
+                       f"config {rec['config_sha256'][:12]}")
+    return path
+
+
+def publish(ctx: TaskContext, dataset: str) -> None:
+    import time
+
+    from maelflow.s3 import s3_client_for_workspace
+    from maelflow_transfer.errors import TransferError
+    from maelflow_transfer.s3copy import publish as do_publish
+
+    ds = ctx.rx.datasets[dataset]
+    if not ds.source:
+        raise TaskFailed(f"dataset {dataset!r} has no source to publish from")
+    t0 = time.monotonic()
+    s3 = s3_client_for_workspace(ctx.ws, max_pool_connections=16)
+    ctx.reporter.label("info", f"publishing {ds.source} to s3://{EWC_BUCKET}/{ds.key_prefix}")
+    try:
+        res = do_publish(Path(ds.source), dataset, s3, EWC_BUCKET, ds.key_prefix,
+                         progress=lambda b, tb, o, to: _rate_label(ctx.reporter, b, tb, o, to, t0),
+                         on_manifest=lambda m: ctx.reporter.event("manifest"))
+    except TransferError as exc:
+        raise TaskFailed(str(exc)) from None
+    ctx.reporter.meter("progress", 100)
+    ctx.reporter.label("rate", _summary(res))
+    ctx.reporter.label("info", f"published {res.objects} objects ({res.copied} uploaded, "
+                       f"{res.bytes_copied / 2**20:.1f} MiB) in {res.seconds:.1f}s")
+
+
+def stage(ctx: TaskContext, dataset: str, site: str) -> None:
+    import time
+
+    from maelflow.s3 import s3_client_for_workspace
+    from maelflow.training.launch import dataset_path
+    from maelflow_transfer.errors import TransferError
+    from maelflow_transfer.s3copy import stage as do_stage
+
+    ds = ctx.rx.datasets[dataset]
+    dest = dataset_path(ctx.rx, site, dataset)
+    t0 = time.monotonic()
+    s3 = s3_client_for_workspace(ctx.ws, max_pool_connections=16)
+    ctx.reporter.label("info", f"staging s3://{EWC_BUCKET}/{ds.key_prefix} to {dest}")
+    try:
+        res = do_stage(dataset, s3, EWC_BUCKET, ds.key_prefix, dest,
+                       progress=lambda b, tb, o, to: _rate_label(ctx.reporter, b, tb, o, to, t0))
+    except TransferError as exc:
+        raise TaskFailed(str(exc)) from None
+    ctx.reporter.meter("progress", 100)
+    ctx.reporter.label("rate", _summary(res))
+    ctx.reporter.event("verified")
+    ctx.reporter.label("info", f"{res.objects} objects verified at {dest} ({res.copied} copied, "
+                       f"{res.bytes_copied / 2**20:.1f} MiB in {res.seconds:.1f}s)")
+
+
+def train(ctx: TaskContext, training: str, site: str) -> None:
+    from maelflow.services.base import ServiceError
+    from maelflow.services.stack import discover
+    from maelflow.training.launch import TrainingError, train as do_train
+
+    try:
+        tracking_uri = discover(ctx.ws, "mlflow").url
+    except ServiceError:
+        tracking_uri = None
+    try:
+        res = do_train(ctx.rx, training, site, ctx.reporter, tracking_uri=tracking_uri)
+    except TrainingError as exc:
+        raise TaskFailed(str(exc)) from None
+    ctx.reporter.label("info", f"done: {res.epochs} epochs, {res.global_step} steps, "
+                       f"{len(res.checkpoints)} checkpoints in {res.run_dir}")
+
+
+def register(ctx: TaskContext, training: str, site: str) -> Path:
+    """Record the lineage of a finished training beside its outputs (the catalogue reads it)."""
+    from maelflow.training.launch import _dataset_uuid, dataset_path, run_dir
+    from maelflow_transfer.manifest import sha256_file
+
+    out = run_dir(ctx.rx, site, training)
+    state_file = out / "run.json"
+    if not state_file.exists():
+        raise TaskFailed(f"training {training!r} left no run record at {state_file}: did it run?")
+    state = json.loads(state_file.read_text())
+    checkpoints = [{"path": str(p), "size": p.stat().st_size, "sha256": sha256_file(p)}
+                   for p in sorted((out / "checkpoints").glob("*.ckpt"))]
+    if not checkpoints:
+        raise TaskFailed(f"training {training!r} wrote no checkpoint under {out / 'checkpoints'}")
+    t = ctx.rx.trainings[training]
+    lineage = {
+        "experiment": ctx.rx.name, "training": training, "site": site, "run_id": state.get("run_id"),
+        "tracking_uri": state.get("tracking_uri"), "application": t.application,
+        "datasets": [{"name": d, "path": str(dataset_path(ctx.rx, site, d)),
+                      "uuid": _dataset_uuid(dataset_path(ctx.rx, site, d))} for d in t.datasets],
+        "checkpoints": checkpoints, "config": t.model_dump(mode="json"),
+    }
+    path = out / "lineage.json"
+    write_atomic(path, json.dumps(lineage, indent=2, sort_keys=True) + "\n")
+    ctx.reporter.label("info", f"{len(checkpoints)} checkpoints of run {state.get('run_id')} recorded in {path}")
+    return path

@@ -1,0 +1,31 @@
+"""MLflow for suite trainings: which server, which run, and the link an operator clicks.
+
+A training keeps its MLflow run id in its output folder so a resubmitted job continues the same run.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from maelflow.config.models import Site, Training
+
+
+def choose_mode(training: Training, site: Site, tracking_uri: str | None) -> str:
+    mode = training.mlflow.mode
+    if mode == "auto":
+        mode = "online" if (site.internet.compute and tracking_uri) else "offline"
+    if mode == "online" and not tracking_uri:
+        mode = "offline"
+    return mode
+
+
+def offline_uri(run_dir: Path) -> str:
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    return (run_dir / "mlruns").resolve().as_uri()
+
+
+def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    if tracking_uri.startswith("http"):
+        return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{tracking_uri} run {run_id}"

@@ -1,0 +1,125 @@
+"""Run one training of an experiment on the site the job runs on.
+
+The application is a LightningModule given by import path, with its LightningDataModule; the
+datasets are read where they were staged on the site. A job that restarts (resubmitted after a time
+limit) continues from the last checkpoint and the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from maelflow.config.loader import ResolvedExperiment
+from maelflow.reporting import Reporter
+from maelflow.workspace import write_atomic
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainingResult:
+    run_dir: Path
+    run_id: str | None
+    tracking_uri: str | None
+    checkpoints: list[Path]
+    global_step: int
+    epochs: int
+
+
+def import_object(path: str) -> Any:
+    module, _, name = path.partition(":")
+    try:
+        obj = importlib.import_module(module)
+    except ImportError as exc:
+        raise TrainingError(f"cannot import module {module!r} of {path!r}: {exc}") from None
+    for part in name.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise TrainingError(f"module {module!r} has no {name!r} (from {path!r})") from None
+    return obj
+
+
+def dataset_path(rx: ResolvedExperiment, site: str, dataset: str) -> Path:
+    return Path(rx.sites[site].paths.datasets) / f"{dataset}.zarr"
+
+
+def run_dir(rx: ResolvedExperiment, site: str, training: str) -> Path:
+    return Path(rx.sites[site].paths.outputs) / rx.name / training
+
+
+def train(rx: ResolvedExperiment, training_name: str, site_name: str, reporter: Reporter,
+          tracking_uri: str | None = None) -> TrainingResult:
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import ModelCheckpoint
+    from pytorch_lightning.loggers import MLFlowLogger
+
+    from maelflow.provenance import record
+    from maelflow.tracking.mlflow_runs import choose_mode, offline_uri, run_link
+    from maelflow.training.progress import EcflowProgress
+
+    training = rx.trainings[training_name]
+    site = rx.sites[site_name]
+    if training.application == "anemoi":
+        raise TrainingError("anemoi-training applications are launched by the anemoi launcher, "
+                            "not available in this installation")
+    app = import_object(training.application)
+    if training.datamodule is None:
+        raise TrainingError(f"training {training_name!r}: 'datamodule' is needed with an application import path")
+    dm_cls = import_object(training.datamodule)
+    paths = [dataset_path(rx, site_name, d) for d in training.datasets]
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise TrainingError(f"training {training_name!r}: dataset not staged on {site_name}: {', '.join(missing)}")
+
+    out = run_dir(rx, site_name, training_name)
+    ckpt_dir = out / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    state_file = out / "run.json"
+    state = json.loads(state_file.read_text()) if state_file.exists() else {}
+
+    cfg = dict(training.config)
+    max_epochs = int(cfg.pop("max_epochs", 1))
+    dm = dm_cls(dataset_paths=[str(p) for p in paths], **cfg)
+    dm.setup("fit")
+    model = app(**cfg, **getattr(dm, "model_kwargs", {}))
+
+    mode = choose_mode(training, site, tracking_uri)
+    logger = None
+    uri = None
+    if mode != "off":
+        uri = tracking_uri if mode == "online" else offline_uri(out)
+        logger = MLFlowLogger(experiment_name=training.mlflow.experiment or rx.name, run_name=training_name,
+                              tracking_uri=uri, run_id=state.get("run_id"),
+                              tags={"maelflow.experiment": rx.name, "maelflow.site": site_name,
+                                    "maelflow.training": training_name, "maelflow.mode": mode})
+        run_id = logger.run_id
+        state.update(run_id=run_id, tracking_uri=uri, experiment_id=logger.experiment_id, mode=mode)
+        write_atomic(state_file, json.dumps(state, indent=2) + "\n")
+        reporter.label("mlflow", run_link(uri, logger.experiment_id, run_id))
+        prov = record(rx.to_json(), {"training": training_name, "site": site_name,
+                                     "datasets": {str(p): _dataset_uuid(p) for p in paths}})
+        logger.experiment.log_dict(run_id, prov, "provenance.json")
+
+    last = ckpt_dir / "last.ckpt"
+    trainer = pl.Trainer(
+        max_epochs=max_epochs, accelerator="gpu" if training.gpus_per_node else "cpu",
+        devices=training.gpus_per_node or 1, num_nodes=training.nodes, logger=logger if logger else False,
+        callbacks=[EcflowProgress(reporter), ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_epochs=1)],
+        default_root_dir=str(out), enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1)
+    trainer.fit(model, datamodule=dm, ckpt_path=str(last) if last.exists() else None)
+    checkpoints = sorted(ckpt_dir.glob("*.ckpt"))
+    return TrainingResult(out, state.get("run_id"), uri, checkpoints, trainer.global_step, trainer.current_epoch)
+
+
+def _dataset_uuid(path: Path) -> str | None:
+    try:
+        return json.loads((path / ".zattrs").read_text()).get("uuid")
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,47 @@
+"""A Lightning callback that shows training progress in ecFlow: epoch meter, loss/ETA label, events."""
+
+from __future__ import annotations
+
+import time
+
+import pytorch_lightning as pl
+
+from maelflow.reporting import Reporter
+
+
+class EcflowProgress(pl.Callback):
+    def __init__(self, reporter: Reporter):
+        self.reporter = reporter
+        self.t0 = time.monotonic()
+        self.start_epoch = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.t0 = time.monotonic()
+        self.start_epoch = trainer.current_epoch
+        self.reporter.meter("epoch", trainer.current_epoch)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = trainer.callback_metrics.get("train_loss_step")
+        if loss is not None:
+            self.reporter.throttled("label", "info", f"epoch {trainer.current_epoch} step {trainer.global_step} "
+                                    f"loss {float(loss):.4g}", every=2.0)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        done = trainer.current_epoch + 1
+        self.reporter.meter("epoch", done)
+        elapsed = time.monotonic() - self.t0
+        per_epoch = elapsed / max(done - (self.start_epoch or 0), 1)
+        eta = per_epoch * max(trainer.max_epochs - done, 0) if trainer.max_epochs else 0
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.endswith("epoch") or k == "val_loss"}
+        loss = metrics.get("train_loss_epoch")
+        val = metrics.get("val_loss")
+        text = f"epoch {done}/{trainer.max_epochs} step {trainer.global_step}"
+        if loss is not None:
+            text += f" loss {loss:.4g}"
+        if val is not None:
+            text += f" val {val:.4g}"
+        self.reporter.label("info", f"{text} ETA {eta:.0f}s")
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        self.reporter.event("checkpoint")
+        self.reporter.label("checkpoint", f"epoch {trainer.current_epoch} step {trainer.global_step}")

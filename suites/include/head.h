@@ -1,0 +1,47 @@
+#!/bin/bash
+# ---- maelflow job header (suites/include/head.h) --------------------------------------------
+# Every maelflow task starts here. It tells ecFlow the job has started (init), and turns any
+# failure or signal into an abort whose reason an operator can read in ecFlow UI ("Why?").
+set -eu -o pipefail
+export ECF_PORT=%ECF_PORT% ECF_HOST=%MAELFLOW_ECF_HOST% ECF_NAME=%ECF_NAME% ECF_PASS=%ECF_PASS%
+export ECF_TRYNO=%ECF_TRYNO% ECF_RID=${SLURM_JOB_ID:-$$} ECF_TIMEOUT=%MAELFLOW_CHILD_TIMEOUT:86400%
+export MAELFLOW_REPORT=%MAELFLOW_REPORT% MAELFLOW_SPOOL=%MAELFLOW_SPOOL:%
+export MAELFLOW_CONFIG=%MAELFLOW_CONFIG% MAELFLOW_WORKSPACE=%MAELFLOW_WORKSPACE%
+export MAELFLOW_SITE=%SITE:% MAELFLOW_SUITE=%SUITE%
+MAELFLOW="%MAELFLOW_SITE_CMD%"
+
+# Child commands go straight to the server (direct) or to the site's spool, replayed by maelflow (relay).
+ecf() {
+  if [ "$MAELFLOW_REPORT" = relay ]; then $MAELFLOW report "$@"; else ecflow_client "$@"; fi
+}
+ecf --init="$ECF_RID"
+
+abort_job() {
+  set +eu
+  local why="$1"
+  [ "$why" = signal ] && { kill $(jobs -p) 2>/dev/null; why="killed by a signal (ecFlow kill, scancel or time limit)"; }
+  [ "$why" = exit ] && why="${MAELFLOW_ABORT_REASON:-a command failed (exit status $2); see the job output}"
+  wait
+  ecf --abort="$why"
+  trap - 0
+  exit 0
+}
+trap 'abort_job exit $?' 0
+trap 'abort_job signal' 1 2 3 15
+
+# Steps write a one-line reason here before failing; the abort then shows it instead of an exit code.
+export MAELFLOW_ABORT_FILE="${TMPDIR:-/tmp}/maelflow-abort.$$"
+rm -f "$MAELFLOW_ABORT_FILE"
+# run: start one step in the background and wait, so a kill reaches it at once
+run() {
+  "$@" &
+  local rc=0
+  wait $! || rc=$?
+  if [ $rc -ne 0 ]; then
+    [ -s "$MAELFLOW_ABORT_FILE" ] && MAELFLOW_ABORT_REASON="$(head -c 400 "$MAELFLOW_ABORT_FILE")"
+    rm -f "$MAELFLOW_ABORT_FILE"
+    exit $rc
+  fi
+}
+%include <site.h>
+# ---- end of header ---------------------------------------------------------------------------

@@ -1,0 +1,150 @@
+"""The embedded stack against the real ecflow_server, rclone S3 and MLflow server."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import pytest
+from click.testing import CliRunner
+
+from maelflow.cli.main import cli
+from maelflow.ecf import client_for
+from maelflow.s3 import s3_client, s3_client_for_workspace
+from maelflow.services import stack as stack_mod
+from maelflow.services.base import ServiceError, pid_alive, port_is_free
+
+pytestmark = pytest.mark.integration
+
+DEFAULT = ("ecflow", "s3", "mlflow")
+
+
+def listeners(port: int) -> list[str]:
+    """Local addresses (hex, as in /proc/net/tcp*) of the sockets listening on ``port``."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = open(table).read().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            fields = line.split()
+            addr, hex_port = fields[1].rsplit(":", 1)
+            if fields[3] == "0A" and int(hex_port, 16) == port:  # 0A = LISTEN
+                found.append(addr)
+    return found
+
+
+def port_of(info) -> int:
+    return int(info.url.rsplit(":", 1)[1])
+
+
+def test_up_gives_healthy_services_on_loopback_only(stack):
+    ws, infos = stack
+    assert set(DEFAULT) <= set(infos)
+    for name in DEFAULT:
+        info = infos[name]
+        assert info.healthy and pid_alive(info.pid), (name, info)
+        addrs = listeners(port_of(info))
+        assert addrs == ["0100007F"], f"{name} listens on {addrs}, want 127.0.0.1 only"
+
+
+def test_up_twice_is_idempotent(stack):
+    ws, infos = stack
+    again = stack_mod.up(ws)
+    for name in DEFAULT:
+        assert (again[name].pid, again[name].url) == (infos[name].pid, infos[name].url)
+
+
+def test_s3_round_trip_and_wrong_key_refused(stack):
+    from botocore.exceptions import ClientError
+
+    ws, infos = stack
+    s3 = s3_client_for_workspace(ws)
+    bucket = infos["s3"].extra["bucket"]
+    key = f"tests/{uuid.uuid4().hex}/hello.txt"
+    s3.put_object(Bucket=bucket, Key=key, Body=b"hello ewc")
+    assert s3.get_object(Bucket=bucket, Key=key)["Body"].read() == b"hello ewc"
+    listed = s3.list_objects_v2(Bucket=bucket, Prefix=key.rsplit("/", 1)[0])
+    assert [o["Key"] for o in listed["Contents"]] == [key]
+
+    extra = infos["s3"].extra
+    intruder = s3_client(extra["endpoint_url"], extra["access_key"], "not-the-secret", max_attempts=1)
+    with pytest.raises(ClientError) as err:
+        intruder.get_object(Bucket=bucket, Key=key)
+    assert err.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+
+
+def test_mlflow_experiment_run_metric(stack):
+    from mlflow import MlflowClient
+
+    ws, infos = stack
+    client = MlflowClient(tracking_uri=infos["mlflow"].url)
+    exp_id = client.create_experiment(f"test-{uuid.uuid4().hex[:8]}")
+    run = client.create_run(exp_id)
+    client.log_metric(run.info.run_id, "loss", 0.25, step=1)
+    client.set_terminated(run.info.run_id)
+    assert client.get_run(run.info.run_id).data.metrics["loss"] == 0.25
+
+
+def test_status_json_through_cli(stack):
+    ws, infos = stack
+    result = CliRunner().invoke(cli, ["services", "status", "--workspace", str(ws.root), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    for name in DEFAULT:
+        assert {"url", "pid", "healthy"} <= set(data[name])
+        assert data[name]["healthy"] is True and data[name]["pid"] == infos[name].pid
+    assert data["s3"]["secret_key"] and data["s3"]["endpoint_url"] == infos["s3"].url
+
+
+def test_ecflow_client_for_workspace(stack):
+    ws, _ = stack
+    ci = client_for(ws)
+    ci.sync_local()
+    assert str(ci.get_defs().get_server_state()) == "RUNNING"
+
+
+def test_restart_keeps_suite_objects_and_credentials_then_down_stops_all(workspace, services):
+    import ecflow
+
+    first = services(workspace, "ecflow", "s3")
+    ci = client_for(workspace)
+    defs = ecflow.Defs()
+    defs.add_suite("keepme").add_task("t1")
+    ci.load(defs)
+    s3 = s3_client_for_workspace(workspace)
+    s3.put_object(Bucket="ewc", Key="kept.txt", Body=b"still here")
+
+    stopped = stack_mod.down(workspace)
+    for name in ("ecflow", "s3"):
+        assert stopped[name].detail == f"stopped (pid {first[name].pid})"
+        assert not pid_alive(first[name].pid)
+        assert port_is_free(port_of(first[name]))
+    with pytest.raises(ServiceError, match="maelflow services up"):
+        client_for(workspace)
+
+    second = services(workspace, "ecflow", "s3")
+    assert second["ecflow"].url == first["ecflow"].url  # same port, so the same checkpoint file
+    ci = client_for(workspace)
+    ci.sync_local()
+    server = ci.get_defs()
+    assert [s.name() for s in server.suites] == ["keepme"]
+    assert str(server.get_server_state()) == "RUNNING"
+    assert second["s3"].extra["secret_key"] == first["s3"].extra["secret_key"]
+    s3 = s3_client_for_workspace(workspace)
+    assert s3.get_object(Bucket="ewc", Key="kept.txt")["Body"].read() == b"still here"
+
+
+def test_down_through_cli_stops_every_pid(workspace, services):
+    started = services(workspace, *DEFAULT)
+    t0 = time.monotonic()
+    result = CliRunner().invoke(cli, ["services", "down", "--workspace", str(workspace.root)])
+    assert result.exit_code == 0, result.output
+    assert time.monotonic() - t0 < 30
+    for name in DEFAULT:
+        assert f"{name}: stopped (pid {started[name].pid})" in result.output
+        assert not pid_alive(started[name].pid)
+    status = stack_mod.status(workspace)
+    assert not any(info.running for info in status.values())
