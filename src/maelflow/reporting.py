@@ -26,7 +26,9 @@ class Reporter:
         self._send("meter", name, str(int(value)))
 
     def label(self, name: str, text: str) -> None:
-        self._send("label", name, " ".join(str(text).split()) or " ")
+        # one line, and no '#': ecFlow's definition format (used when a client syncs in full, and in
+        # checkpoints) reads it as the start of a comment and the rest of the label is lost
+        self._send("label", name, " ".join(str(text).replace("#", "%23").split()) or " ")
 
     def event(self, name: str, value: bool = True) -> None:
         self._send("event", name, "set" if value else "clear")

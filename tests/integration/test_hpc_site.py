@@ -42,7 +42,7 @@ def hpc_site(tmp_path_factory):
     finally:
         if hpc.status(ws)["hpc-sshd"].healthy:
             subprocess.run(ssh_argv(info, f"rm -rf {jobdir}"), capture_output=True, timeout=30)
-        hpc.down(ws)
+        hpc.forget(ws)      # down, and drop this workspace's key line and /run/maelflow/hpc-<id>
 
 
 def ssh_argv(info: dict, command: str, *extra: str) -> list[str]:

@@ -653,6 +653,39 @@ class LoopbackHpc:
         self._sweep_strays()
         return {svc.name: infos[svc.name] for svc in self.services}
 
+    def forget(self) -> dict[str, ServiceInfo]:
+        """``down``, then undo what ``up`` put outside the workspace: this workspace's line in the
+        user's authorized_keys and the runtime dir. The user and its home stay (shared by workspaces)."""
+        infos = self.down()
+        self.remove_key()
+        shutil.rmtree(self.runtime, ignore_errors=True)
+        return infos
+
+    def remove_key(self) -> bool:
+        pub = Path(f"{self.identity_file}.pub")
+        home = self.home()
+        if not pub.exists() or home is None:
+            return False
+        blob = pub.read_text().split()[1]
+        ak = home / ".ssh" / "authorized_keys"
+        with open(home / ".ssh" / ".maelflow.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                old = ak.read_text().splitlines()
+            except FileNotFoundError:
+                return False
+            new = [ln for ln in old if f" {blob}" not in ln]
+            if new == old:
+                return False
+            st = ak.stat()
+            fd, tmp = tempfile.mkstemp(prefix=".authorized_keys.", dir=ak.parent)
+            with os.fdopen(fd, "w") as fh:
+                fh.write("".join(ln + "\n" for ln in new))
+            os.chmod(tmp, 0o600)
+            os.chown(tmp, st.st_uid, st.st_gid)
+            os.replace(tmp, ak)
+        return True
+
     def _cancel_all_jobs(self, timeout: float = KILL_WAIT + 10.0) -> None:
         env = {"SLURM_CONF": str(self.slurm_conf)}
         try:
@@ -785,6 +818,10 @@ def status(ws: Workspace) -> dict[str, ServiceInfo]:
 
 def down(ws: Workspace, cancel_jobs: bool = True) -> dict[str, ServiceInfo]:
     return LoopbackHpc(ws).down(cancel_jobs=cancel_jobs)
+
+
+def forget(ws: Workspace) -> dict[str, ServiceInfo]:
+    return LoopbackHpc(ws).forget()
 
 
 def connection_info(ws: Workspace) -> dict[str, Any]:

@@ -135,8 +135,32 @@ def build_suite(rx: ResolvedExperiment, out_dir: Path, ws: Workspace, ecf_host: 
     if problems:
         raise BuildError(f"ecFlow rejected the suite definition:\n{problems}")
 
-    templates = templates_dir()
     stage = out_dir.with_name(f".{out_dir.name}.building")
+    try:
+        _write_files(rx, spec, defs, stage, out_dir)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    if out_dir.exists():
+        jobs = out_dir / "jobs"
+        if jobs.exists():  # keep the job files and outputs of earlier runs
+            jobs.rename(stage / "jobs")
+        old = out_dir.with_name(f".{out_dir.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        out_dir.rename(old)
+        stage.rename(out_dir)
+        shutil.rmtree(old)
+    else:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        stage.rename(out_dir)
+    return BuiltSuite(spec.name, out_dir, out_dir / f"{spec.name}.def", defs)
+
+
+def _write_files(rx: ResolvedExperiment, spec: SuiteSpec, defs: ecflow.Defs, stage: Path, out_dir: Path) -> None:
+    templates = templates_dir()
+    if not (templates / "include" / "head.h").is_file():
+        raise BuildError(f"suite templates not found in {templates} (set {TEMPLATES_ENV})")
     if stage.exists():
         shutil.rmtree(stage)
     (stage / "include").mkdir(parents=True)
@@ -155,21 +179,6 @@ def build_suite(rx: ResolvedExperiment, out_dir: Path, ws: Workspace, ecf_host: 
 
     # job-creation check against the staged files, pointed at the final paths
     _check_job_creation(spec, stage, out_dir)
-
-    if out_dir.exists():
-        jobs = out_dir / "jobs"
-        if jobs.exists():  # keep the job files and outputs of earlier runs
-            jobs.rename(stage / "jobs")
-        old = out_dir.with_name(f".{out_dir.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        out_dir.rename(old)
-        stage.rename(out_dir)
-        shutil.rmtree(old)
-    else:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        stage.rename(out_dir)
-    return BuiltSuite(spec.name, out_dir, out_dir / f"{spec.name}.def", defs)
 
 
 def _check_job_creation(spec: SuiteSpec, stage: Path, final: Path) -> None:

@@ -56,7 +56,7 @@ def _node(node) -> dict[str, Any]:
     if node.get_trigger() is not None:
         data["trigger"] = node.get_trigger().get_expression()
     if isinstance(node, ecflow.Task):
-        data["try_no"] = node.get_try_no()
+        data["try_no"] = int(node.get_try_no() or 0)
         data["aborted_reason"] = node.get_aborted_reason()
         data["rid"] = node.get_process_or_remote_id()
     if isinstance(node, ecflow.Suite):

@@ -61,7 +61,7 @@ def train(rx: ResolvedExperiment, training_name: str, site_name: str, reporter: 
     from pytorch_lightning.loggers import MLFlowLogger
 
     from maelflow.provenance import record
-    from maelflow.tracking.mlflow_runs import choose_mode, offline_uri, run_link
+    from maelflow.tracking.mlflow_runs import choose_mode, offline_uri, run_label
     from maelflow.training.progress import EcflowProgress
 
     training = rx.trainings[training_name]
@@ -102,7 +102,7 @@ def train(rx: ResolvedExperiment, training_name: str, site_name: str, reporter: 
         run_id = logger.run_id
         state.update(run_id=run_id, tracking_uri=uri, experiment_id=logger.experiment_id, mode=mode)
         write_atomic(state_file, json.dumps(state, indent=2) + "\n")
-        reporter.label("mlflow", run_link(uri, logger.experiment_id, run_id))
+        reporter.label("mlflow", run_label(uri, logger.experiment_id, run_id))
         prov = record(rx.to_json(), {"training": training_name, "site": site_name,
                                      "datasets": {str(p): _dataset_uuid(p) for p in paths}})
         logger.experiment.log_dict(run_id, prov, "provenance.json")

@@ -1,0 +1,25 @@
+"""Shared test helpers: a private config root built from the project's own configs."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def config_root(tmp_path) -> Path:
+    """A copy of configs/ that a test may change without touching the project's files."""
+    root = tmp_path / "configs"
+    shutil.copytree(REPO / "configs", root)
+    return root

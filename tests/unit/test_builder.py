@@ -1,0 +1,87 @@
+"""Suite generation: structure, determinism, ecFlow's own checks, nothing written on failure."""
+
+from __future__ import annotations
+
+import filecmp
+
+import ecflow
+import pytest
+from click.testing import CliRunner
+
+from maelflow.cli.main import cli
+from maelflow.config.loader import load_experiment
+from maelflow.suite.builder import build_suite
+from maelflow.workspace import Workspace
+
+pytestmark = pytest.mark.unit
+
+
+def _build(config_root, tmp_path, out="out", overrides=()):
+    ws = Workspace(tmp_path / "ws")
+    rx = load_experiment("demo", list(overrides), config_root=config_root,
+                         placeholders={"workspace": str(ws.root)})
+    return build_suite(rx, tmp_path / out, ws)
+
+
+def test_structure_triggers_limits(config_root, tmp_path):
+    built = _build(config_root, tmp_path, overrides=["sites=[local,lumi]"])
+    defs = ecflow.Defs(str(built.def_file))
+    suite = defs.find_suite("demo")
+    assert {lim.name(): lim.limit() for lim in suite.limits} == {
+        "local_jobs": 2, "local_transfers": 2, "lumi_jobs": 8, "lumi_transfers": 4}
+    assert defs.find_abs_node("/demo/lumi/train").get_trigger().get_expression() == "data == complete"
+    assert defs.find_abs_node("/demo/lumi/register").get_trigger().get_expression() == "train == complete"
+    stage = defs.find_abs_node("/demo/lumi/data/synth_demo/stage")
+    assert stage.get_trigger().get_expression() == "/demo/publish/synth_demo/publish == complete"
+    assert [m.name() for m in stage.meters] == ["progress"]
+    train = defs.find_abs_node("/demo/local/train/tiny/train")
+    assert {e.name() for e in train.events} == {"checkpoint", "timeout"}
+    assert {lab.name() for lab in train.labels} == {"info", "mlflow", "checkpoint"}
+    assert defs.find_abs_node("/demo/lumi").find_variable("MAELFLOW_REPORT").value() == "relay"
+    assert defs.check() == ""
+
+
+def test_same_config_same_bytes(config_root, tmp_path):
+    a = _build(config_root, tmp_path, "a")
+    b1 = _build(config_root, tmp_path, "b")
+    first = b1.def_file.read_bytes()
+    b2 = _build(config_root, tmp_path, "b")
+    assert b2.def_file.read_bytes() == first
+    cmp = filecmp.dircmp(a.out_dir / "tasks", b2.out_dir / "tasks")
+    assert not cmp.diff_files and not cmp.left_only and not cmp.right_only
+    assert (a.out_dir / "experiment.json").read_bytes() == (b2.out_dir / "experiment.json").read_bytes()
+
+
+def test_job_creation_resolves_site_include(config_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("MAELFLOW_KEEP_JOBCHECK", "1")
+    built = _build(config_root, tmp_path, overrides=["sites=[lumi]", "datasets=[]", "trainings=[]"])
+    assert built.def_file.exists()
+    built = _build(config_root, tmp_path, overrides=["sites=[lumi]"])
+    job = next((built.out_dir / ".jobcheck").rglob("stage.job*")).read_text()
+    assert "module load LUMI/24.03 partition/G" in job
+    assert "%" not in job.replace("%%", "")
+    assert "task stage --dataset synth-demo --site lumi" in job
+
+
+def test_invalid_config_writes_nothing(config_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("MAELFLOW_CONFIG_DIR", str(config_root))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["build", "demo", "site.local.limits.jobs=0", "-o", str(out),
+                                      "--workspace", str(tmp_path / "ws")])
+    assert result.exit_code == 2
+    assert not out.exists()
+    assert not list(tmp_path.glob(".out*"))
+
+
+def test_failed_rebuild_keeps_previous_suite(config_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("MAELFLOW_CONFIG_DIR", str(config_root))
+    out = tmp_path / "out"
+    runner = CliRunner()
+    ok = runner.invoke(cli, ["build", "demo", "-o", str(out), "--workspace", str(tmp_path / "ws")])
+    assert ok.exit_code == 0, ok.output
+    before = (out / "demo.def").read_bytes()
+    (config_root / "tasks_broken").mkdir()
+    monkeypatch.setenv("MAELFLOW_SUITES_DIR", str(tmp_path / "nosuchtemplates"))
+    bad = runner.invoke(cli, ["build", "demo", "-o", str(out), "--workspace", str(tmp_path / "ws")])
+    assert bad.exit_code != 0
+    assert (out / "demo.def").read_bytes() == before
