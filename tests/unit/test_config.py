@@ -116,3 +116,11 @@ def test_yaml_syntax_error_names_the_file(config_root):
     with pytest.raises(ConfigError) as info:
         load_experiment("demo", config_root=config_root)
     assert info.value.problems[0].file.endswith("sites/local.yaml")
+
+
+def test_defaults_list_composes_with_hydra(config_root):
+    write_yaml(config_root / "experiments" / "child.yaml",
+               {"defaults": ["demo", "_self_"], "name": "child", "description": "inherits the demo"})
+    rx = load_experiment("child", ["sites=[lumi]"], config_root=config_root)
+    assert rx.name == "child" and rx.experiment.description == "inherits the demo"
+    assert list(rx.sites) == ["lumi"] and list(rx.trainings) == ["tiny"]

@@ -16,7 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from pydantic import ValidationError
 
 from maelflow.config.errors import ConfigError, ConfigProblem, problems_from_validation
@@ -114,12 +114,57 @@ def split_overrides(overrides: list[str] | tuple[str, ...]) -> tuple[list[str], 
 
 
 def compose_file(path: Path, overrides: list[str]) -> dict[str, Any]:
-    """Compose one YAML file with Hydra (defaults lists, interpolation, key=value overrides)."""
+    """Compose one YAML file with Hydra's semantics (defaults lists, interpolation, overrides).
+
+    A file without a ``defaults`` list needs none of Hydra's config search: it is loaded with
+    OmegaConf and the overrides are parsed and applied by Hydra's own override parser, which gives
+    the same result as ``hydra.compose`` about 30 times faster (building 100 suites is a benchmark).
+    Files with a ``defaults`` list go through the full ``hydra.compose``.
+    """
+    path = path.resolve()
+    cfg = OmegaConf.load(path)
+    if not isinstance(cfg, DictConfig):
+        raise ValueError(f"{path} must hold a mapping, not a {type(cfg).__name__}")
+    if "defaults" in cfg:
+        return _hydra_compose(path, overrides)
+    if overrides:
+        from hydra._internal.config_loader_impl import ConfigLoaderImpl
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        parser = OverridesParser.create()
+        OmegaConf.set_struct(cfg, True)
+        for text in overrides:
+            key, _, value = text.partition("=")
+            try:
+                ConfigLoaderImpl._apply_overrides_to_config(parser.parse_overrides([text]), cfg)
+            except Exception as exc:  # noqa: BLE001 - Hydra/OmegaConf errors, reported per override
+                reason = _first_line(exc)
+                if "not in struct" in str(exc) or "Could not override" in reason:
+                    reason = f"no such field to override; write +{key.lstrip('+')}=... to add one"
+                raise OverrideError(key.lstrip("+~"), value, reason) from None
+        OmegaConf.set_struct(cfg, False)
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+class OverrideError(ValueError):
+    def __init__(self, key: str, value: str, reason: str):
+        super().__init__(reason)
+        self.key, self.value, self.reason = key, value, reason
+
+
+def _first_line(exc: BaseException) -> str:
+    while not str(exc).strip() and (exc.__cause__ or exc.__context__):
+        exc = exc.__cause__ or exc.__context__
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def _hydra_compose(path: Path, overrides: list[str]) -> dict[str, Any]:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(path.parent.resolve()), version_base=None):
+    with initialize_config_dir(config_dir=str(path.parent), version_base=None):
         cfg = compose(config_name=path.stem, overrides=list(overrides))
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
@@ -176,7 +221,9 @@ def load_experiment(ref: str, overrides: list[str] | tuple[str, ...] = (), *, co
     exp_overrides, part_overrides, problems = split_overrides(overrides)
     try:
         raw = compose_file(path, exp_overrides)
-    except Exception as exc:  # Hydra/OmegaConf: bad override or bad YAML
+    except OverrideError as exc:
+        raise ConfigError(problems + [ConfigProblem(str(path), exc.key, exc.value, exc.reason)]) from None
+    except Exception as exc:  # Hydra/OmegaConf: bad YAML, bad interpolation
         raise ConfigError(problems + [_hydra_problem(str(path), exc)]) from None
     raw.setdefault("name", path.stem)
     try:
