@@ -9,7 +9,6 @@ by hand) the reporter does nothing, so library code can report unconditionally.
 from __future__ import annotations
 
 import os
-import subprocess
 import time
 
 
@@ -53,8 +52,9 @@ class Reporter:
         if not self.active:
             return
         if self.mode == "relay":
-            cmd = self.env.get("MAELFLOW_RELAY_CMD", "maelflow").split() + ["report", f"--{kind}", name, value]
-            subprocess.run(cmd, env=self.env, check=False)
+            from maelflow.sites.spool import append, from_env
+
+            append(self.env["MAELFLOW_SPOOL"], from_env(kind, (name, value), self.env))
             return
         client = self._direct_client()
         if kind == "meter":
@@ -79,9 +79,13 @@ class Reporter:
 
 
 def child_abort(env: dict[str, str], reason: str) -> None:
-    """Abort a task on its behalf (its process is gone and cannot say so itself)."""
+    """Abort a task on its behalf (its process is gone and cannot say so itself).
+
+    Runs where the ecFlow server is reachable (the kill or status command), so it always talks to
+    the server directly, whatever the site's reporting mode.
+    """
     if not (env.get("ECF_NAME") and env.get("ECF_PASS")):
         return
-    r = Reporter(env)
+    r = Reporter({**env, "MAELFLOW_REPORT": "direct"})
     client = r._direct_client()
-    client.child_abort(reason)
+    client.child_abort(" ".join(reason.replace("#", "%23").split()))

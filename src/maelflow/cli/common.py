@@ -31,7 +31,9 @@ def print_problems(err: ConfigError, as_json: bool = False) -> None:
 
 def load_or_exit(experiment: str, overrides: tuple[str, ...], ws: Workspace, as_json: bool = False) -> ResolvedExperiment:
     try:
-        return load_experiment(experiment, list(overrides), placeholders={"workspace": str(ws.root)})
+        from maelflow.placeholders import placeholders_for
+
+        return load_experiment(experiment, list(overrides), placeholders=placeholders_for(ws))
     except ConfigError as err:
         print_problems(err, as_json)
         sys.exit(2)

@@ -27,6 +27,8 @@ COMMANDS: dict[str, str] = {
     "services": "services",
     "job": "job",
     "task": "task",
+    "report": "report",
+    "relay": "relay",
 }
 
 

@@ -11,6 +11,7 @@ so a user fixes a config in one pass.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -213,10 +214,28 @@ def _expand(value: Any, placeholders: dict[str, str]) -> Any:
     return value
 
 
+_PLACEHOLDER = re.compile(r"\{([a-z_]+)\}")
+
+
+def _unresolved(value: Any, path: str = "") -> list[tuple[str, str]]:
+    if isinstance(value, str):
+        return [(path, m) for m in _PLACEHOLDER.findall(value)]
+    if isinstance(value, dict):
+        return [x for k, v in value.items() for x in _unresolved(v, f"{path}.{k}" if path else str(k))]
+    if isinstance(value, list):
+        return [x for i, v in enumerate(value) for x in _unresolved(v, f"{path}[{i}]")]
+    return []
+
+
 def load_experiment(ref: str, overrides: list[str] | tuple[str, ...] = (), *, config_root: Path | None = None,
                     placeholders: dict[str, str] | None = None) -> ResolvedExperiment:
     """Compose, resolve and validate; raise ConfigError listing every problem found."""
-    placeholders = dict(placeholders or {})
+    if placeholders is None:
+        from maelflow.placeholders import placeholders_for
+        from maelflow.workspace import Workspace
+
+        placeholders = placeholders_for(Workspace.resolve())
+    placeholders = dict(placeholders)
     path, root = locate_experiment(ref, config_root)
     exp_overrides, part_overrides, problems = split_overrides(overrides)
     try:
@@ -256,8 +275,16 @@ def load_experiment(ref: str, overrides: list[str] | tuple[str, ...] = (), *, co
                 problems.append(ConfigProblem(str(part_file), "name", data["name"],
                                               f"must match the file name {name!r}"))
                 continue
+            expanded = _expand(data, placeholders)
+            unknown = _unresolved(expanded)
+            if unknown:
+                from maelflow.placeholders import hint
+
+                for field_path, ph in unknown:
+                    problems.append(ConfigProblem(str(part_file), field_path, "{" + ph + "}", hint(ph)))
+                continue
             try:
-                resolved[kind][name] = model.model_validate(_expand(data, placeholders))
+                resolved[kind][name] = model.model_validate(expanded)
             except ValidationError as err:
                 problems.extend(problems_from_validation(err, str(part_file)))
     for (kind, name), ovs in part_overrides.items():

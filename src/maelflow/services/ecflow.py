@@ -20,8 +20,9 @@ from maelflow.services.loopback import preload_env
 
 SERVER_PATHS = ("/usr/sbin/ecflow_server",)
 CHECKPOINT_INTERVAL_S = 10  # a crash loses at most this much state (server default: 120 s)
-# ecflow_server refuses ports above 49151; below 32768 the kernel never hands the port to an
-# outgoing connection, so a port chosen here stays free for the next restart
+# ecflow_server refuses ports above 49151. Linux hands out 32768-60999 to outgoing connections by
+# default (ip_local_port_range), so a port below that is far more likely to be free at the next
+# restart, when the same port must be reused to find the checkpoint
 PORT_RANGE = (20000, 32767)
 
 
@@ -116,7 +117,9 @@ class EcflowService(ManagedService):
         return f"ecflow://{LOOPBACK}:{port}" if port else None
 
     def extra(self) -> dict[str, Any]:
-        return {"host": LOOPBACK, "port": self._port(), "ecf_home": str(self.ecf_home)}
+        port = self._port()
+        return {"host": LOOPBACK, "port": port, "ecf_home": str(self.ecf_home),
+                "server_log": str(self.ecf_home / f"{socket.gethostname()}.{port}.ecf.log")}
 
     def after_start(self) -> None:
         """The server comes up HALTED even after loading a checkpoint: restart it so jobs run."""
@@ -134,3 +137,8 @@ class EcflowService(ManagedService):
         ci.checkpt()
         ci.terminate_server()
         wait_until(lambda: not pid_alive(pid), 10.0, interval=0.05)
+
+    def _terminate(self, pid: int, grace: float = 3.0) -> None:
+        """Only reached when the server did not answer: ecflow_server treats SIGTERM as "write a
+        checkpoint" and keeps running, so give it a moment to write, then the base class kills it."""
+        super()._terminate(pid, grace=grace)

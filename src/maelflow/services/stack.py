@@ -11,8 +11,10 @@ site); the stack flattens groups into one dict keyed by the members' names.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from maelflow.services.base import ServiceError, ServiceInfo
 from maelflow.workspace import Workspace
@@ -22,6 +24,7 @@ SERVICES: dict[str, str] = {
     "ecflow": "maelflow.services.ecflow:EcflowService",
     "s3": "maelflow.services.s3:S3Service",
     "mlflow": "maelflow.services.mlflow:MlflowService",
+    "relay": "maelflow.services.relay:RelayService",
 }
 
 Infos = dict[str, ServiceInfo]
@@ -50,6 +53,17 @@ def _flat(name: str, result: ServiceInfo | Infos) -> Infos:
     return dict(result) if isinstance(result, dict) else {name: result}
 
 
+@contextlib.contextmanager
+def _locked(ws: Workspace) -> Iterator[None]:
+    """Serialise up/down per workspace: two concurrent ``up`` calls must not start two servers."""
+    with open(ws.ensure() / ".services.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def selected(names: Iterable[str] | None = None, extra: Iterable[str] = ()) -> list[str]:
     """The names to act on, in stack order: the given ones, or every non-optional one, plus ``extra``."""
     wanted = set(names) if names is not None else {n for n in SERVICES if not _optional(n)}
@@ -65,12 +79,13 @@ def up(ws: Workspace, names: Iterable[str] | None = None, extra: Iterable[str] =
 
     Stops at the first failure, leaving the earlier services up: a second ``up`` carries on.
     """
-    ws.ensure()
     infos: Infos = {}
-    for name in selected(names, extra):
-        if on_start:
-            on_start(name)
-        infos.update(_flat(name, service(ws, name).up()))
+    chosen = selected(names, extra)
+    with _locked(ws):
+        for name in chosen:
+            if on_start:
+                on_start(name)
+            infos.update(_flat(name, service(ws, name).up()))
     return infos
 
 
@@ -88,19 +103,25 @@ def status(ws: Workspace, names: Iterable[str] | None = None) -> Infos:
 def down(ws: Workspace, names: Iterable[str] | None = None) -> Infos:
     """Stop in reverse order; each info's ``detail`` says what was done, for the CLI to print."""
     infos: Infos = {}
-    for name in reversed(selected(names if names is not None else list(SERVICES))):
-        svc = service(ws, name)
-        before = _flat(name, svc.status())
-        after = _flat(name, svc.down())
-        for member, info in after.items():
-            pid = before[member].pid if member in before and before[member].running else None
-            if pid is None:
-                info.detail = "was not running"
-            elif info.running:
-                info.detail = f"process {pid} is still running; see {info.log}"
-            else:
-                info.detail = f"stopped (pid {pid})"
-            infos[member] = info
+    chosen = selected(names if names is not None else list(SERVICES))
+    if not ws.root.is_dir():  # nothing was ever started here; don't create the folder to say so
+        infos = status(ws, chosen)
+        for info in infos.values():
+            info.detail = "was not running"
+        return dict(reversed(infos.items()))
+    with _locked(ws):
+        for name in reversed(chosen):
+            svc = service(ws, name)
+            before = _flat(name, svc.status())
+            for member, info in _flat(name, svc.down()).items():
+                pid = before[member].pid if member in before and before[member].running else None
+                if pid is None:
+                    info.detail = "was not running"
+                elif info.running:
+                    info.detail = f"process {pid} is still running; see {info.log}"
+                else:
+                    info.detail = f"stopped (pid {pid})"
+                infos[member] = info
     return infos
 
 

@@ -22,6 +22,8 @@ class JobHandle:
     site: str
     job_id: str
     kind: str  # "process" or "slurm"
+    remote_job: str | None = None   # the job file on the site (remote sites only)
+    remote_out: str | None = None   # its output file on the site, tailed into ECF_JOBOUT
 
 
 class Runner(Protocol):
@@ -131,5 +133,9 @@ def runner_for(rx: ResolvedExperiment, site: str, dry_run: bool = False) -> Runn
         raise KeyError(f"site {site!r} is not part of experiment {rx.name!r} ({', '.join(rx.sites)})")
     if s.connection.type == "local" and s.scheduler == "local":
         return LocalProcessRunner(site, dry_run=dry_run)
+    if s.connection.type == "ssh" and s.scheduler == "slurm":
+        from maelflow.sites.slurm_runner import SshSlurmRunner
+
+        return SshSlurmRunner(site, s, dry_run=dry_run)
     raise NotImplementedError(f"site {site!r}: {s.connection.type} connection with {s.scheduler} scheduler "
                               "is not supported yet")

@@ -55,6 +55,14 @@ def site_command(rx: ResolvedExperiment, site: str) -> str:
     return maelflow_command() if s.connection.type == "local" else s.maelflow_command
 
 
+def site_config_path(rx: ResolvedExperiment, site: str) -> str:
+    return f"{rx.sites[site].paths.root.rstrip('/')}/suites/{rx.name}/{CONFIG_FILE}"
+
+
+def spool_dir(rx: ResolvedExperiment, site: str) -> str:
+    return f"{rx.sites[site].paths.root.rstrip('/')}/spool/{rx.name}"
+
+
 def suite_variables(rx: ResolvedExperiment, ws: Workspace, out_dir: Path, ecf_host: str) -> dict[str, str]:
     mf = maelflow_command()
     return {
@@ -62,12 +70,14 @@ def suite_variables(rx: ResolvedExperiment, ws: Workspace, out_dir: Path, ecf_ho
         "ECF_FILES": str(out_dir / "tasks"),
         "ECF_INCLUDE": str(out_dir / "include"),
         "ECF_TRIES": "1",
-        "ECF_JOB_CMD": f"{mf} job submit --site %SITE:local% --config %MAELFLOW_CONFIG% %ECF_JOB% %ECF_JOBOUT%",
-        "ECF_KILL_CMD": (f"{mf} job kill --site %SITE:local% --config %MAELFLOW_CONFIG% "
-                         "--ecf-name %ECF_NAME% --ecf-pass %ECF_PASS% --ecf-tryno %ECF_TRYNO% --ecf-port %ECF_PORT% %ECF_JOB% %ECF_RID%"),
-        "ECF_STATUS_CMD": f"{mf} job status --site %SITE:local% --config %MAELFLOW_CONFIG% %ECF_JOB% %ECF_RID%",
+        "ECF_JOB_CMD": f"{mf} job submit --site %SITE:local% --config %MAELFLOW_SUITE_CONFIG% %ECF_JOB% %ECF_JOBOUT%",
+        "ECF_KILL_CMD": (f"{mf} job kill --site %SITE:local% --config %MAELFLOW_SUITE_CONFIG% "
+                         "--ecf-name %ECF_NAME% --ecf-pass %ECF_PASS% --ecf-tryno %ECF_TRYNO% --ecf-port %ECF_PORT% "
+                         "%ECF_JOB% %ECF_RID%"),
+        "ECF_STATUS_CMD": f"{mf} job status --site %SITE:local% --config %MAELFLOW_SUITE_CONFIG% %ECF_JOB% %ECF_RID%",
         "MAELFLOW": mf,
         "MAELFLOW_SITE_CMD": mf,
+        "MAELFLOW_SUITE_CONFIG": str(out_dir / CONFIG_FILE),
         "MAELFLOW_CONFIG": str(out_dir / CONFIG_FILE),
         "MAELFLOW_WORKSPACE": str(ws.root),
         "MAELFLOW_ECF_HOST": ecf_host,
@@ -131,6 +141,11 @@ def build_suite(rx: ResolvedExperiment, out_dir: Path, ws: Workspace, ecf_host: 
         fam.variables["ECF_INCLUDE"] = f"{out_dir / 'include' / site}:{out_dir / 'include'}"
         fam.variables["MAELFLOW_SITE_CMD"] = site_command(rx, site)
         fam.variables["MAELFLOW_REPORT"] = rx.sites[site].reporting
+        if rx.sites[site].connection.type != "local":
+            # the job reads the config where the runner copies it on the site
+            fam.variables["MAELFLOW_CONFIG"] = site_config_path(rx, site)
+        if rx.sites[site].reporting == "relay":
+            fam.variables["MAELFLOW_SPOOL"] = spool_dir(rx, site)
     defs = make_defs(spec)
     problems = defs.check()
     if problems:
