@@ -19,7 +19,14 @@ ecf --init="$ECF_RID"
 abort_job() {
   set +eu
   local why="$1"
-  [ "$why" = signal ] && { kill $(jobs -p) 2>/dev/null; why="killed by a signal (ecFlow kill, scancel or time limit)"; }
+  if [ "$why" = signal ]; then
+    kill $(jobs -p) 2>/dev/null
+    if [ -n "${MAELFLOW_TIME_LIMIT:-}" ]; then
+      why="TIMEOUT: the SLURM time limit of job ${SLURM_JOB_ID:-?} was reached"
+    else
+      why="killed by a signal (ecFlow kill or scancel)"
+    fi
+  fi
   [ "$why" = exit ] && why="${MAELFLOW_ABORT_REASON:-a command failed (exit status $2); see the job output}"
   wait
   ecf --abort="$why"
@@ -28,6 +35,9 @@ abort_job() {
 }
 trap 'abort_job exit $?' 0
 trap 'abort_job signal' 1 2 3 15
+# SLURM warns the batch shell before the time limit (sbatch --signal=B:USR1@SECONDS): remember it,
+# so the SIGTERM that follows is reported as TIMEOUT, which the suite resubmits from a checkpoint
+trap 'MAELFLOW_TIME_LIMIT=1; echo "maelflow: SLURM time limit approaching"' USR1
 
 # Steps write a one-line reason here before failing; the abort then shows it instead of an exit code.
 export MAELFLOW_ABORT_FILE="${TMPDIR:-/tmp}/maelflow-abort.$$"
@@ -35,8 +45,14 @@ rm -f "$MAELFLOW_ABORT_FILE"
 # run: start one step in the background and wait, so a kill reaches it at once
 run() {
   "$@" &
-  local rc=0
-  wait $! || rc=$?
+  local pid=$! rc=0
+  while :; do
+    rc=0
+    wait $pid || rc=$?
+    # a trapped signal (USR1) interrupts wait while the step runs on: wait again
+    if [ $rc -gt 128 ] && kill -0 $pid 2>/dev/null; then continue; fi
+    break
+  done
   if [ $rc -ne 0 ]; then
     [ -s "$MAELFLOW_ABORT_FILE" ] && MAELFLOW_ABORT_REASON="$(head -c 400 "$MAELFLOW_ABORT_FILE")"
     rm -f "$MAELFLOW_ABORT_FILE"

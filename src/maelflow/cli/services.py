@@ -39,7 +39,7 @@ def _run(action):
 
 @click.group(name="services")
 def command() -> None:
-    """Start, inspect and stop the embedded services (ecFlow, S3, MLflow) on 127.0.0.1."""
+    """Start, inspect and stop the embedded services (ecFlow, S3, MLflow, relay; loopback HPC) on 127.0.0.1."""
 
 
 @command.command()
@@ -47,9 +47,12 @@ def command() -> None:
 @json_option
 @click.option("--with", "extra", multiple=True, metavar="NAME",
               help="Also start an optional service (repeatable), e.g. --with hpc.")
-def up(workspace: str | None, as_json: bool, extra: tuple[str, ...]) -> None:
+@click.option("--with-hpc", "with_hpc", is_flag=True,
+              help="Also start the loopback HPC site (sshd + single-node SLURM) for trying sites.")
+def up(workspace: str | None, as_json: bool, extra: tuple[str, ...], with_hpc: bool) -> None:
     """Start every service that is not running (idempotent)."""
     ws = resolve_workspace(workspace)
+    extra = extra + (("hpc",) if with_hpc else ())
     progress = None if as_json else (lambda name: click.echo(f"starting {name} ...", err=True))
     infos = _run(lambda: stack.up(ws, extra=extra, on_start=progress))
     _print(infos, as_json, f"services in {ws.root}")

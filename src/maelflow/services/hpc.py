@@ -360,6 +360,8 @@ class SshdService(_HpcDaemon):
 class LoopbackHpc:
     """The four daemons, their shared configuration and the dedicated user, for one workspace."""
 
+    optional = True  # started by `maelflow services up --with-hpc`, not by default
+
     def __init__(self, ws: Workspace, user: str | None = None):
         self.ws = ws
         self.root = ws.path("hpc")

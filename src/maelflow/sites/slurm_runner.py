@@ -151,8 +151,11 @@ class SshSlurmRunner:
             # troika's abort_on_ecflow: a job that never started cannot report its own end
             from maelflow.reporting import child_abort
 
-            child_abort(child_env, "cancelled before it started (scancel)")
-            text += "; task aborted on its behalf"
+            if child_env.get("ECF_NAME"):
+                child_abort(child_env, "cancelled before it started (scancel)")
+                text += f"; {child_env['ECF_NAME']} aborted on its behalf"
+            else:
+                text += "; it never started, and no ECF_NAME was given to abort the task on its behalf"
         return text
 
     def status(self, handle: JobHandle, rid: str | None) -> tuple[bool, str]:

@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# Makes docs/images/ecflow-ui-demo.png again: the demo suite in ecFlow UI, on a virtual X display.
+#
+#   docs/images/make-ecflow-ui-picture.sh [WORKSPACE]
+#
+# WORKSPACE defaults to a new temporary folder. The script
+#   1. runs `maelflow demo` once (starts ecflow_server, S3 and MLflow, makes the synthetic dataset),
+#   2. deploys a second suite, /broken, whose dataset source does not exist: its publish task aborts,
+#   3. deploys /demo again with 400 epochs (outputs in WORKSPACE/picture-outputs, so the training
+#      starts from epoch 0 even in a workspace that has trained before),
+#   4. opens ecflow_ui on a private Xvfb display, expands the tree with xdotool, waits until the
+#      training is well under way, refreshes (F5) and takes the picture with ImageMagick's import,
+#   5. kills the training, stops ecflow_ui and Xvfb (by PID) and runs `maelflow services down`.
+# Needs the Debian packages xvfb, xdotool, imagemagick and ecflow-client (scripts/install.sh).
+set -euo pipefail
+
+here="$(cd "$(dirname "$0")" && pwd)"
+root="$(cd "$here/../.." && pwd)"
+MAELFLOW="${MAELFLOW:-$root/.venv/bin/maelflow}"
+PYTHON="${PYTHON:-$root/.venv/bin/python}"
+ws="${1:-$(mktemp -d)/ws}"
+out="$here/ecflow-ui-demo.png"
+scratch="$(mktemp -d)"
+screen_w=1600 screen_h=1000   # Xvfb screen; the window is sized to it for the clicks
+pic_w=1280                    # the picture keeps the left part, where the tree is
+xvfb_pid="" ui_pid="" services_started=0
+
+for tool in Xvfb xdotool import convert ecflow_ui; do
+  command -v "$tool" >/dev/null || { echo "make-ecflow-ui-picture: $tool not found (apt-get install xvfb xdotool imagemagick ecflow-client)" >&2; exit 1; }
+done
+
+mf() { "$MAELFLOW" "$@" --workspace "$ws"; }
+say() { echo "make-ecflow-ui-picture: $*"; }
+
+cleanup() {
+  set +e
+  if [ -n "$ui_pid" ]; then kill -- "-$ui_pid" 2>/dev/null; fi   # ecflow_ui (a shell wrapper) and ecflow_ui.x: own process group
+  if [ -n "$xvfb_pid" ]; then kill "$xvfb_pid" 2>/dev/null; wait "$xvfb_pid" 2>/dev/null; fi
+  if [ "$services_started" = 1 ]; then
+    # a running job outlives the server (it waits for it to come back): kill it first
+    if mf status demo --json 2>/dev/null | grep -q '"state": "active"'; then
+      mf kill /demo/local/train >/dev/null 2>&1
+      for _ in $(seq 30); do
+        mf status demo --json 2>/dev/null | grep -q '"state": "active"\|"state": "submitted"' || break
+        sleep 1
+      done
+    fi
+    mf services down
+  fi
+  rm -rf "$scratch"
+}
+trap cleanup EXIT
+
+# ---- the suites ---------------------------------------------------------------------------------
+say "workspace $ws"
+services_started=1
+mf demo
+# expected to abort: exit status 1
+mf deploy demo name=broken 'description=demo whose dataset source is missing' 'trainings=[]' \
+   dataset.synth-demo.source=/nonexistent/synth-demo.zarr --wait --timeout 120 || true
+rm -rf "$ws/picture-outputs"
+mf deploy demo training.tiny.config.max_epochs=400 "site.local.paths.outputs=$ws/picture-outputs"
+port="$(mf services status --json | "$PYTHON" -c 'import json, sys; print(json.load(sys.stdin)["ecflow"]["port"])')"
+say "ecflow_server on 127.0.0.1:$port"
+
+# ---- ecFlow UI on a private display -------------------------------------------------------------
+# -displayfd: Xvfb picks a free display number itself and writes it to fd 5
+Xvfb -displayfd 5 -screen 0 "${screen_w}x${screen_h}x24" -nolisten tcp 5>"$scratch/display" 2>"$scratch/xvfb.log" &
+xvfb_pid=$!
+for _ in $(seq 100); do [ -s "$scratch/display" ] && break; sleep 0.1; done
+[ -s "$scratch/display" ] || { echo "Xvfb did not start: $(cat "$scratch/xvfb.log")" >&2; exit 1; }
+export DISPLAY=":$(head -1 "$scratch/display")"
+say "Xvfb on display $DISPLAY (pid $xvfb_pid)"
+
+mkdir -p "$scratch/home" "$scratch/tmp"
+# throwaway HOME (ecflow_ui keeps its settings in ~/.ecflow_ui_v5) and TMPDIR; -ts: a temporary session, no dialogs
+HOME="$scratch/home" TMPDIR="$scratch/tmp" QT_X11_NO_MITSHM=1 \
+  setsid ecflow_ui -ts 127.0.0.1 "$port" >"$scratch/ui.log" 2>&1 </dev/null &
+ui_pid=$!
+win="$(timeout 60 xdotool search --sync --onlyvisible --name 'ecFlowUI.*session' | head -1)"
+sleep 5   # let the UI load the server's tree
+xdotool windowmove "$win" 0 0 windowsize "$win" "$screen_w" "$screen_h"
+sleep 2
+
+key() { xdotool key "$@"; sleep 0.4; }
+xdotool mousemove $((screen_w - 57)) 64 click 1; sleep 1   # "Maximise" of the tree panel
+xdotool mousemove 85 87 click 1; sleep 0.5                 # the server node
+# Rows are nodes and their attributes (labels, meters, events, limits, triggers), one per line.
+key Right                    # server: shows the suites demo and broken
+key Down Down                # broken (demo is still collapsed)
+key Right                    # broken, one level: info, 2 limits, provenance, publish, local
+key Down Down Down Down Down # broken/publish
+key asterisk                 # expand everything under it, down to the aborted task
+key Up Up Up Up Up Up        # back to demo
+key asterisk                 # expand all of demo
+key Down Down Down Down Down Down  # demo/publish: complete and like stage below, so
+key Left                     # collapse it to make room for /broken
+key Up Up Up Up Up Up        # leave demo selected
+
+# ---- wait until the training shows a meter well under way, then take the picture -------------
+say "waiting for the training to pass epoch 100"
+for _ in $(seq 300); do
+  epoch="$(mf status demo --json | "$PYTHON" -c '
+import json, sys
+def walk(n):
+    if n["path"] == "/demo/local/train/tiny/train":
+        print(n["meters"]["epoch"]["value"] if n["state"] == "active" else -1); return True
+    return any(walk(c) for c in n.get("children", []))
+walk(json.load(sys.stdin)["suites"][0])')"
+  [ "$epoch" -ge 100 ] && break
+  sleep 1
+done
+[ "$epoch" -ge 100 ] || { echo "the training did not reach epoch 100 (last: $epoch)" >&2; exit 1; }
+key F5                       # refresh now (the UI polls every 60 s)
+sleep 3
+xdotool windowsize "$win" "$pic_w" "$screen_h"; sleep 2
+import -window root "$scratch/shot.png"
+convert "$scratch/shot.png" -crop "${pic_w}x${screen_h}+0+0" +repage -strip -colors 256 "$out"
+say "wrote $out ($(stat -c %s "$out") bytes)"

@@ -1,0 +1,349 @@
+"""SSH sessions and SLURM jobs against the loopback HPC site (real sshd, real single-node SLURM).
+
+Needs root and openssh-server, munge, slurm-wlm (scripts/install.sh). One site for the module.
+Credential failures must be CredentialErrors ending with the renew hint within seconds, and a
+connection dropped right after sbatch must never leave two jobs.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+
+import paramiko
+import pytest
+
+from maelflow.config.loader import compose_file
+from maelflow.config.models import Site, SitePaths, SshSettings
+from maelflow.services import hpc
+from maelflow.services.base import ServiceError
+from maelflow.sites import ssh as ssh_mod
+from maelflow.sites.runner import JobHandle, runner_for  # noqa: F401 - runner_for: registered there
+from maelflow.sites.slurm_runner import SshSlurmRunner, submission_token
+from maelflow.sites.ssh import CredentialError, HostKeyError, SshSession, session_for
+from maelflow.workspace import Workspace
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.integration
+
+HINT = "run 'maelflow services up --with-hpc' to start the loopback site and (re)install its key"
+
+
+def _fill(value, placeholders):
+    if isinstance(value, str):
+        for k, v in placeholders.items():
+            value = value.replace("{" + k + "}", v)
+        return value
+    if isinstance(value, dict):
+        return {k: _fill(v, placeholders) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_fill(v, placeholders) for v in value]
+    return value
+
+
+@pytest.fixture(scope="module")
+def hpcsite(tmp_path_factory):
+    if os.geteuid() != 0:
+        pytest.skip("the loopback HPC site needs root")
+    ws = Workspace.resolve(tmp_path_factory.mktemp("ssh-slurm-ws"))
+    try:
+        hpc.check_available(ws)
+    except ServiceError as exc:
+        pytest.skip(str(exc))
+    root = None
+    try:
+        hpc.up(ws)
+        info = hpc.connection_info(ws)
+        root = f"{info['home']}/maelflow-test-{uuid.uuid4().hex[:8]}"
+        placeholders = {"hpc_port": str(info["port"]), "hpc_user": info["user"],
+                        "hpc_identity": info["identity_file"], "hpc_known_hosts": info["known_hosts"],
+                        "hpc_home": info["home"], "maelflow": "maelflow"}
+        site = Site.model_validate(_fill(compose_file(REPO / "configs" / "sites" / "localhpc.yaml", []),
+                                         placeholders))
+        site = site.model_copy(update={"paths": SitePaths(root=root, datasets=f"{root}/datasets",
+                                                          outputs=f"{root}/outputs")})
+        yield SimpleNamespace(ws=ws, info=info, site=site, settings=site.connection.ssh, root=root)
+    finally:
+        try:
+            if root:
+                SshSession("cleanup", site.connection.ssh).run(f"rm -rf {root}", check=False, timeout=30)
+        except Exception:  # noqa: BLE001 - the site may be the thing that failed
+            pass
+        ssh_mod.close_all()
+        hpc.down(ws)
+        hpc.forget(ws)
+
+
+def settings_with(base: SshSettings, **changes) -> SshSettings:
+    return base.model_copy(update=changes)
+
+
+def expect_credential_error(settings: SshSettings, *must_name: str, site: str = "localhpc") -> str:
+    t0 = time.monotonic()
+    with pytest.raises(CredentialError) as info:
+        SshSession(site, settings, control_path=None).run("true")
+    elapsed = time.monotonic() - t0
+    msg = str(info.value)
+    assert elapsed < 10, f"credential failure took {elapsed:.1f} s"
+    assert msg.endswith(settings.renew_hint), msg
+    assert f"site {site}" in msg
+    for text in must_name:
+        assert text in msg, msg
+    return msg
+
+
+# ------------------------------------------------------------------------------------- sessions
+def test_run_as_site_user_reuses_one_connection(hpcsite):
+    s = session_for("localhpc", hpcsite.settings)
+    assert session_for("localhpc", hpcsite.settings) is s
+    r = s.run("whoami; echo $SLURM_CONF; echo oops >&2; exit 3", check=False)
+    assert (r.rc, r.stdout.split(), r.stderr) == (3, [hpcsite.info["user"], hpcsite.info["slurm_conf"]], "oops\n")
+    transport = s._backend.client.get_transport()
+    assert s.run("cat | wc -c", input=b"x" * 300_000).stdout.strip() == "300000"
+    assert s._backend.client.get_transport() is transport
+    transport.close()                       # a dead transport is replaced transparently
+    assert s.run("echo again").stdout == "again\n"
+
+
+def test_put_text_is_atomic_and_readable_by_offset(hpcsite):
+    s = session_for("localhpc", hpcsite.settings)
+    path = f"{hpcsite.root}/files/deep/note.txt"
+    s.put_text(path, "first version\n", mode=0o640)
+    inode1 = s.run(f"stat -c '%i %a' {path}").stdout.split()
+    s.put_text(path, "second version\n")
+    inode2 = s.run(f"stat -c '%i' {path}").stdout.split()
+    assert inode1[1] == "640" and inode1[0] != inode2[0]        # replaced by rename, not rewritten
+    assert s.run(f"ls -A {hpcsite.root}/files/deep").stdout.split() == ["note.txt"]   # no .tmp left
+    assert s.read_bytes(path) == b"second version\n"
+    assert s.read_bytes(path, offset=7) == b"version\n"
+    assert s.exists(path) and not s.exists(f"{path}.nope")
+    with pytest.raises(FileNotFoundError):
+        s.read_bytes(f"{path}.nope")
+    local = Path(tempfile.mkdtemp()) / "blob"
+    local.write_bytes(os.urandom(200_000))
+    s.put_file(local, f"{hpcsite.root}/files/blob", mode=0o600)
+    assert s.read_bytes(f"{hpcsite.root}/files/blob") == local.read_bytes()
+    shutil.rmtree(local.parent)
+
+
+def test_key_not_authorized_is_a_credential_error(hpcsite, tmp_path):
+    key = tmp_path / "stranger"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    expect_credential_error(settings_with(hpcsite.settings, identity_file=str(key)), str(key), "refused")
+
+
+def test_missing_key_file_is_a_credential_error(hpcsite, tmp_path):
+    missing = str(tmp_path / "no-such-key")
+    expect_credential_error(settings_with(hpcsite.settings, identity_file=missing), missing, "missing")
+
+
+def _sign(tmp_path: Path, validity: str | None) -> tuple[Path, Path, Path]:
+    ca, user = tmp_path / "ca", tmp_path / "user"
+    for key in (ca, user):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    argv = ["ssh-keygen", "-q", "-s", str(ca), "-I", "maelflow-test", "-n", "maelhpc"]
+    if validity:
+        argv += ["-V", validity]
+    subprocess.run(argv + [f"{user}.pub"], check=True)
+    return ca, user, Path(f"{user}-cert.pub")
+
+
+def test_expired_certificate_is_a_credential_error(hpcsite, tmp_path):
+    _, key, cert = _sign(tmp_path, "-2h:-1h")
+    msg = expect_credential_error(settings_with(hpcsite.settings, auth="certificate", identity_file=str(key),
+                                                certificate_file=str(cert)), str(cert), "expired at")
+    assert "renew" not in msg.split("expired at")[0]
+
+
+def test_valid_certificate_logs_in(hpcsite, tmp_path):
+    """The site trusts a CA (a cert-authority line for the site user), and paramiko presents the cert."""
+    ca, key, cert = _sign(tmp_path, "-5m:+1h")
+    ak = Path(hpcsite.info["home"]) / ".ssh" / "authorized_keys"
+    tag = f"maelflow-test-ca-{uuid.uuid4().hex[:8]}"
+    line = f'cert-authority,principals="maelhpc" {" ".join(Path(f"{ca}.pub").read_text().split()[:2])} {tag}'
+    edit_authorized_keys(ak, lambda lines: lines + [line])
+    try:
+        settings = settings_with(hpcsite.settings, auth="certificate", identity_file=str(key),
+                                 certificate_file=str(cert))
+        assert SshSession("certsite", settings).run("whoami").stdout.strip() == "maelhpc"
+    finally:
+        edit_authorized_keys(ak, lambda lines: [ln for ln in lines if not ln.endswith(tag)])
+
+
+def edit_authorized_keys(ak: Path, change) -> None:
+    """Same lock as services/hpc.py uses, so concurrent workspaces never lose each other's lines."""
+    with open(ak.parent / ".maelflow.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        st = ak.stat()
+        new = change(ak.read_text().splitlines())
+        tmp = ak.with_name(f".authorized_keys.{uuid.uuid4().hex}")
+        tmp.write_text("".join(ln + "\n" for ln in new))
+        os.chmod(tmp, 0o600)
+        os.chown(tmp, st.st_uid, st.st_gid)
+        os.replace(tmp, ak)
+
+
+def test_unknown_host_key_is_refused(hpcsite, tmp_path):
+    other = tmp_path / "other_host"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    kh = tmp_path / "known_hosts"
+    kh.write_text(f"[127.0.0.1]:{hpcsite.info['port']} {' '.join(Path(f'{other}.pub').read_text().split()[:2])}\n")
+    t0 = time.monotonic()
+    with pytest.raises(HostKeyError):
+        SshSession("localhpc", settings_with(hpcsite.settings, known_hosts=str(kh))).run("true")
+    assert time.monotonic() - t0 < 10
+
+
+def test_2fa_without_live_master_fails_fast(hpcsite):
+    cm = tempfile.mkdtemp(prefix="mfcm", dir="/tmp")
+    try:
+        settings = settings_with(hpcsite.settings, auth="2fa", renew_hint="log in with 2FA and retry")
+        t0 = time.monotonic()
+        with pytest.raises(CredentialError) as info:
+            SshSession("twofa", settings, control_path=f"{cm}/%r@%h:%p").run("true")
+        assert time.monotonic() - t0 < 5
+        msg = str(info.value)
+        assert msg.endswith("log in with 2FA and retry") and "ssh -M -o ControlPersist=12h" in msg
+        assert f"{cm}/%r@%h:%p" in msg and "site twofa" in msg
+    finally:
+        shutil.rmtree(cm)
+
+
+def test_2fa_rides_a_live_master(hpcsite):
+    """The operator's master (here opened with the key, standing in for a 2FA login) carries it all."""
+    info = hpcsite.info
+    cm = tempfile.mkdtemp(prefix="mfcm", dir="/tmp")
+    cp = f"{cm}/%r@%h:%p"
+    base = ["ssh", "-o", f"ControlPath={cp}", "-p", str(info["port"]), "-l", info["user"]]
+    subprocess.run(["ssh", "-M", "-N", "-f", "-o", "ControlPersist=60", "-o", f"ControlPath={cp}",
+                    *info["ssh_options"], f"{info['user']}@{info['host']}"], check=True, timeout=30,
+                   stdin=subprocess.DEVNULL)
+    check = subprocess.run([*base, "-O", "check", info["host"]], capture_output=True, text=True)
+    pid = int(re.search(r"pid=(\d+)", check.stderr + check.stdout).group(1))
+    try:
+        s = SshSession("twofa", settings_with(hpcsite.settings, auth="2fa", identity_file=None),
+                       control_path=cp)
+        assert s.run("whoami").stdout.strip() == info["user"]
+        path = f"{hpcsite.root}/twofa/x.txt"
+        s.put_text(path, "over the master\n", mode=0o600)
+        assert s.read_bytes(path, offset=5) == b"the master\n"
+        assert s.exists(path) and not s.exists(path + "x")
+        with pytest.raises(FileNotFoundError):
+            s.read_bytes(path + "x")
+    finally:
+        subprocess.run([*base, "-O", "exit", info["host"]], capture_output=True, timeout=10)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}"):
+            time.sleep(0.05)
+        if os.path.exists(f"/proc/{pid}"):
+            os.kill(pid, 9)
+        shutil.rmtree(cm, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------- SLURM jobs
+def make_job(tmp_path: Path, name: str, body: str) -> tuple[Path, Path]:
+    d = tmp_path / "suite" / "jobs" / "demo" / "fam"
+    d.mkdir(parents=True, exist_ok=True)
+    job = d / f"{name}.job1"
+    job.write_text(f"#!/bin/bash\n# ECF_PASS={uuid.uuid4().hex}\n{body}\n")
+    return job, d / f"{name}.1"
+
+
+def wait_for(runner: SshSlurmRunner, handle: JobHandle, done, timeout: float = 30.0) -> tuple[bool, str]:
+    deadline = time.monotonic() + timeout
+    while True:
+        alive, text = runner.status(handle, None)
+        if done(alive, text) or time.monotonic() > deadline:
+            return alive, text
+        time.sleep(0.2)
+
+
+def test_job_completes_and_output_comes_back(hpcsite, tmp_path):
+    runner = SshSlurmRunner("localhpc", hpcsite.site)
+    job, jobout = make_job(tmp_path, "hello", 'echo "hello from $SLURM_JOB_ID in $(basename $PWD)"; sleep 1; echo done')
+    handle = runner.submit(job, jobout)
+    assert handle.kind == "slurm" and handle.job_id.isdigit()
+    assert handle.remote_job == f"{hpcsite.root}/jobs/demo/fam/hello.job1"
+    assert handle.remote_out == f"{hpcsite.root}/jobs/demo/fam/hello.1"
+    alive, text = wait_for(runner, handle, lambda alive, text: not alive)
+    assert not alive and "COMPLETED" in text, text
+    assert runner.fetch_output(handle, jobout) > 0
+    assert jobout.read_text() == f"hello from {handle.job_id} in fam\ndone\n"
+    assert runner.fetch_output(handle, jobout) == 0
+    remote = runner.session.read_bytes(handle.remote_job).decode()
+    assert remote.startswith("#!/bin/bash\n#SBATCH --job-name=demo.fam.hello\n")
+    assert "#SBATCH --partition=debug" in remote and "#SBATCH --comment=maelflow:" in remote
+
+
+def test_kill_running_job_cancels_it(hpcsite, tmp_path):
+    runner = SshSlurmRunner("localhpc", hpcsite.site)
+    job, jobout = make_job(tmp_path, "long", "echo started; sleep 60")
+    handle = runner.submit(job, jobout)
+    alive, text = wait_for(runner, handle, lambda alive, text: "RUNNING" in text)
+    assert alive and "RUNNING" in text, text
+    t0 = time.monotonic()
+    said = runner.kill(handle, None, {})
+    assert "was RUNNING" in said and "aborted" not in said
+    alive, text = wait_for(runner, handle, lambda alive, text: not alive, timeout=15)
+    assert not alive and "CANCELLED" in text, text
+    assert time.monotonic() - t0 < 10
+
+
+def test_kill_pending_job_aborts_on_its_behalf(hpcsite, tmp_path):
+    runner = SshSlurmRunner("localhpc", hpcsite.site)
+    job, jobout = make_job(tmp_path, "held", "#SBATCH --hold\necho never")
+    handle = runner.submit(job, jobout)
+    assert runner.status(handle, None)[0]
+    said = runner.kill(handle, None, {})        # no ECF_NAME: child_abort has nothing to tell
+    assert "was PENDING" in said and "on its behalf" in said
+    alive, text = wait_for(runner, handle, lambda alive, text: not alive, timeout=15)
+    assert "CANCELLED" in text
+
+
+def test_unknown_job_is_not_alive(hpcsite):
+    runner = SshSlurmRunner("localhpc", hpcsite.site)
+    alive, text = runner.status(JobHandle("localhpc", "987654", "slurm"), None)
+    assert not alive and "UNKNOWN" in text
+
+
+@pytest.mark.parametrize("delay", [0.0, 1.0], ids=["drop-at-once", "drop-after-sbatch"])
+def test_drop_during_sbatch_never_submits_twice(hpcsite, tmp_path, monkeypatch, delay):
+    """The connection dies after the server started sbatch and before its answer reached us."""
+    runner = SshSlurmRunner("localhpc", hpcsite.site, session=SshSession("localhpc", hpcsite.settings))
+    dropped = []
+    original = paramiko.Channel.exec_command
+
+    def exec_then_drop(chan, command):
+        original(chan, command)
+        if "sbatch" in command and not dropped:
+            dropped.append(command)
+            time.sleep(delay)
+            chan.get_transport().close()
+
+    monkeypatch.setattr(paramiko.Channel, "exec_command", exec_then_drop)
+    job, jobout = make_job(tmp_path, f"drop{int(delay)}", "echo once; sleep 2")
+    handle = runner.submit(job, jobout)
+    assert dropped, "the connection was never dropped"
+    token = submission_token("demo/fam/" + job.name, job.read_text())
+    listing = runner.session.run("squeue -h -t all -o '%i %k'").stdout
+    ids = [ln.split()[0] for ln in listing.splitlines() if ln.split()[1:] == [f"maelflow:{token}"]]
+    assert ids == [handle.job_id], listing
+    runner.kill(handle, None, {})
+    runner.session.close()
+
+
+def test_dry_run_touches_nothing(hpcsite, tmp_path, capsys):
+    runner = SshSlurmRunner("localhpc", hpcsite.site, dry_run=True)
+    job, jobout = make_job(tmp_path, "dry", "echo dry")
+    handle = runner.submit(job, jobout)
+    out = capsys.readouterr().out
+    assert f"sbatch {handle.remote_job}" in out and "#SBATCH --partition=debug" in out
+    assert not session_for("localhpc", hpcsite.settings).exists(handle.remote_job)
