@@ -3,14 +3,14 @@
 #
 #   docs/images/make-ecflow-ui-picture.sh [WORKSPACE]
 #
-# WORKSPACE defaults to a new temporary folder. The script
-#   1. runs `maelflow demo` once (starts ecflow_server, S3 and MLflow, makes the synthetic dataset),
+# WORKSPACE defaults to a new temporary folder; a given one must not have the suites /demo or /broken
+# loaded yet (the script refuses). The script
+#   1. starts `maelflow demo` in the background with 400 epochs instead of 3 (outputs in
+#      WORKSPACE/picture-outputs, so the training starts from epoch 0 even where one has run before),
 #   2. deploys a second suite, /broken, whose dataset source does not exist: its publish task aborts,
-#   3. deploys /demo again with 400 epochs (outputs in WORKSPACE/picture-outputs, so the training
-#      starts from epoch 0 even in a workspace that has trained before),
-#   4. opens ecflow_ui on a private Xvfb display, expands the tree with xdotool, waits until the
-#      training is well under way, refreshes (F5) and takes the picture with ImageMagick's import,
-#   5. kills the training, stops ecflow_ui and Xvfb (by PID) and runs `maelflow services down`.
+#   3. opens ecflow_ui on a private Xvfb display, expands the tree with xdotool, waits until the
+#      training is past epoch 100, refreshes (F5) and takes the picture with ImageMagick's import,
+#   4. lets the demo finish, stops ecflow_ui and Xvfb (by PID) and runs `maelflow services down`.
 # Needs the Debian packages xvfb, xdotool, imagemagick and ecflow-client (scripts/install.sh).
 set -euo pipefail
 
@@ -23,7 +23,7 @@ out="$here/ecflow-ui-demo.png"
 scratch="$(mktemp -d)"
 screen_w=1600 screen_h=1000   # Xvfb screen; the window is sized to it for the clicks
 pic_w=1280                    # the picture keeps the left part, where the tree is
-xvfb_pid="" ui_pid="" services_started=0
+xvfb_pid="" ui_pid="" demo_pid="" services_started=0
 
 for tool in Xvfb xdotool import convert ecflow_ui; do
   command -v "$tool" >/dev/null || { echo "make-ecflow-ui-picture: $tool not found (apt-get install xvfb xdotool imagemagick ecflow-client)" >&2; exit 1; }
@@ -36,17 +36,13 @@ cleanup() {
   set +e
   if [ -n "$ui_pid" ]; then kill -- "-$ui_pid" 2>/dev/null; fi   # ecflow_ui (a shell wrapper) and ecflow_ui.x: own process group
   if [ -n "$xvfb_pid" ]; then kill "$xvfb_pid" 2>/dev/null; wait "$xvfb_pid" 2>/dev/null; fi
-  if [ "$services_started" = 1 ]; then
-    # a running job outlives the server (it waits for it to come back): kill it first
-    if mf status demo --json 2>/dev/null | grep -q '"state": "active"'; then
-      mf kill /demo/local/train >/dev/null 2>&1
-      for _ in $(seq 30); do
-        mf status demo --json 2>/dev/null | grep -q '"state": "active"\|"state": "submitted"' || break
-        sleep 1
-      done
-    fi
-    mf services down
+  if [ -n "$demo_pid" ] && kill -0 "$demo_pid" 2>/dev/null; then
+    # stopped early: a running job outlives the server (it waits for it to come back), kill it first
+    mf kill /demo/local/train >/dev/null 2>&1
+    for _ in $(seq 60); do kill -0 "$demo_pid" 2>/dev/null || break; sleep 1; done
+    kill "$demo_pid" 2>/dev/null; wait "$demo_pid" 2>/dev/null
   fi
+  if [ "$services_started" = 1 ]; then mf services down; fi
   rm -rf "$scratch"
 }
 trap cleanup EXIT
@@ -54,12 +50,20 @@ trap cleanup EXIT
 # ---- the suites ---------------------------------------------------------------------------------
 say "workspace $ws"
 services_started=1
-mf demo
+mf services up >/dev/null
+# deploying over a loaded suite would replace it; this script wants fresh ones
+if mf status --json | grep -q '"path": "/\(demo\|broken\)"'; then
+  echo "make-ecflow-ui-picture: $ws already has the suite /demo or /broken: use a new workspace" >&2
+  exit 1
+fi
+rm -rf "$ws/picture-outputs"
+mf demo training.tiny.config.max_epochs=400 "site.local.paths.outputs=$ws/picture-outputs" --timeout 900 \
+  >"$scratch/demo.log" 2>&1 &
+demo_pid=$!
+for _ in $(seq 120); do mf status demo >/dev/null 2>&1 && break; sleep 1; done   # /demo loaded first
 # expected to abort: exit status 1
 mf deploy demo name=broken 'description=demo whose dataset source is missing' 'trainings=[]' \
    dataset.synth-demo.source=/nonexistent/synth-demo.zarr --wait --timeout 120 || true
-rm -rf "$ws/picture-outputs"
-mf deploy demo training.tiny.config.max_epochs=400 "site.local.paths.outputs=$ws/picture-outputs"
 port="$(mf services status --json | "$PYTHON" -c 'import json, sys; print(json.load(sys.stdin)["ecflow"]["port"])')"
 say "ecflow_server on 127.0.0.1:$port"
 
@@ -117,3 +121,7 @@ xdotool windowsize "$win" "$pic_w" "$screen_h"; sleep 2
 import -window root "$scratch/shot.png"
 convert "$scratch/shot.png" -crop "${pic_w}x${screen_h}+0+0" +repage -strip -colors 256 "$out"
 say "wrote $out ($(stat -c %s "$out") bytes)"
+say "letting the demo finish"
+wait "$demo_pid" || true
+demo_pid=""
+cat "$scratch/demo.log"

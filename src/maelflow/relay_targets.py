@@ -69,5 +69,52 @@ def targets(ws: Workspace) -> list[Target]:
             continue
         for site_name, site in rx.sites.items():
             if site.reporting == "relay":
-                out.append(Target(suite.name(), site_name, spool_dir(rx, site_name), source_for(rx, site_name), sender))
+                t = Target(suite.name(), site_name, spool_dir(rx, site_name), source_for(rx, site_name), sender)
+                if site.connection.type == "ssh":
+                    t.after_replay = _mirror(suite, rx, site_name)
+                out.append(t)
     return out
+
+
+_final: set[str] = set()
+
+
+def _mirror(suite, rx: ResolvedExperiment, site: str) -> Callable[[], None]:
+    """Copy what remote jobs printed into their local ECF_JOBOUT, so ecFlow UI shows job output
+    while a job runs and after; a finished job's output is fetched one last time, then left alone."""
+
+    def mirror() -> None:
+        import ecflow
+
+        from maelflow.sites.jobs import load_record
+        from maelflow.sites.runner import runner_for
+
+        ecf_home = Path(suite.find_variable("ECF_HOME").value())
+        from maelflow.config.names import node_name
+
+        family = suite.find_family(node_name(site))
+        if family is None:
+            return
+        nodes = family.get_all_nodes()
+        runners: dict[str, object] = {}
+        for node in nodes:
+            if not isinstance(node, ecflow.Task):
+                continue
+            state = str(node.get_state())
+            try_no = node.get_try_no()
+            if state in ("queued", "unknown") or not try_no:
+                continue
+            base = ecf_home / node.get_abs_node_path().lstrip("/")
+            job, jobout = Path(f"{base}.job{try_no}"), Path(f"{base}.{try_no}")
+            key = str(jobout)
+            if key in _final:
+                continue
+            handle = load_record(job)
+            if handle is None or not handle.remote_out:
+                continue
+            runner = runners.setdefault(handle.kind, runner_for(rx, site, where="site" if handle.kind == "slurm" else "login"))
+            added = runner.fetch_output(handle, jobout)
+            if state in ("complete", "aborted") and added == 0:
+                _final.add(key)
+
+    return mirror

@@ -26,8 +26,8 @@ from maelflow.config.models import Site, SitePaths, SshSettings
 from maelflow.services import hpc
 from maelflow.services.base import ServiceError
 from maelflow.sites import ssh as ssh_mod
-from maelflow.sites.runner import JobHandle, runner_for  # noqa: F401 - runner_for: registered there
-from maelflow.sites.slurm_runner import SshSlurmRunner, submission_token
+from maelflow.sites.runner import JobHandle
+from maelflow.sites.slurm_runner import SshSlurmRunner, SubmitError, submission_token
 from maelflow.sites.ssh import CredentialError, HostKeyError, SshSession, session_for
 from maelflow.workspace import Workspace
 from tests.conftest import REPO
@@ -113,6 +113,26 @@ def test_run_as_site_user_reuses_one_connection(hpcsite):
     assert s.run("echo again").stdout == "again\n"
 
 
+def test_drop_during_idempotent_run_is_retried(hpcsite, monkeypatch):
+    s = SshSession("localhpc", hpcsite.settings)
+    original = paramiko.Channel.exec_command
+    dropped = []
+
+    def exec_then_drop(chan, command):
+        original(chan, command)
+        if not dropped:
+            dropped.append(command)
+            chan.get_transport().close()
+
+    monkeypatch.setattr(paramiko.Channel, "exec_command", exec_then_drop)
+    assert s.run("echo retried").stdout == "retried\n" and dropped
+    dropped.clear()
+    with pytest.raises(ssh_mod.ConnectionLost) as info:
+        s.run("echo not-idempotent", retry=False)
+    assert info.value.sent
+    s.close()
+
+
 def test_put_text_is_atomic_and_readable_by_offset(hpcsite):
     s = session_for("localhpc", hpcsite.settings)
     path = f"{hpcsite.root}/files/deep/note.txt"
@@ -145,6 +165,31 @@ def test_missing_key_file_is_a_credential_error(hpcsite, tmp_path):
     expect_credential_error(settings_with(hpcsite.settings, identity_file=missing), missing, "missing")
 
 
+def test_passphrase_key_is_a_credential_error_not_a_prompt(hpcsite, tmp_path):
+    key = tmp_path / "locked"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "secret", "-f", str(key)], check=True)
+    expect_credential_error(settings_with(hpcsite.settings, identity_file=str(key)), str(key), "passphrase")
+
+
+def test_agent_auth(hpcsite, tmp_path, monkeypatch):
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+    settings = settings_with(hpcsite.settings, auth="agent", identity_file=None)
+    expect_credential_error(settings, "SSH_AUTH_SOCK")
+    sock = tmp_path / "agent.sock"
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 5
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        monkeypatch.setenv("SSH_AUTH_SOCK", str(sock))
+        subprocess.run(["ssh-add", "-q", hpcsite.info["identity_file"]], check=True, capture_output=True)
+        assert SshSession("agentsite", settings).run("whoami").stdout.strip() == hpcsite.info["user"]
+    finally:
+        agent.terminate()
+        agent.wait(timeout=5)
+
+
 def _sign(tmp_path: Path, validity: str | None) -> tuple[Path, Path, Path]:
     ca, user = tmp_path / "ca", tmp_path / "user"
     for key in (ca, user):
@@ -158,9 +203,8 @@ def _sign(tmp_path: Path, validity: str | None) -> tuple[Path, Path, Path]:
 
 def test_expired_certificate_is_a_credential_error(hpcsite, tmp_path):
     _, key, cert = _sign(tmp_path, "-2h:-1h")
-    msg = expect_credential_error(settings_with(hpcsite.settings, auth="certificate", identity_file=str(key),
-                                                certificate_file=str(cert)), str(cert), "expired at")
-    assert "renew" not in msg.split("expired at")[0]
+    expect_credential_error(settings_with(hpcsite.settings, auth="certificate", identity_file=str(key),
+                                          certificate_file=str(cert)), str(cert), "expired at")
 
 
 def test_valid_certificate_logs_in(hpcsite, tmp_path):
@@ -278,6 +322,9 @@ def test_job_completes_and_output_comes_back(hpcsite, tmp_path):
     assert runner.fetch_output(handle, jobout) > 0
     assert jobout.read_text() == f"hello from {handle.job_id} in fam\ndone\n"
     assert runner.fetch_output(handle, jobout) == 0
+    # once squeue has forgotten the job (MinJobAge), the status falls back to sacct
+    no_squeue = runner.session.run("squeue() { :; }; " + runner.slurm.status_command(handle.job_id))
+    assert no_squeue.stdout.split()[:2] == [handle.job_id, "COMPLETED"], no_squeue
     remote = runner.session.read_bytes(handle.remote_job).decode()
     assert remote.startswith("#!/bin/bash\n#SBATCH --job-name=demo.fam.hello\n")
     assert "#SBATCH --partition=debug" in remote and "#SBATCH --comment=maelflow:" in remote
@@ -308,15 +355,29 @@ def test_kill_pending_job_aborts_on_its_behalf(hpcsite, tmp_path):
     assert "CANCELLED" in text
 
 
+def test_sbatch_refusal_is_reported_and_can_be_retried(hpcsite, tmp_path):
+    slurm = hpcsite.site.slurm.model_copy(update={"partition": "nosuchpartition"})
+    runner = SshSlurmRunner("localhpc", hpcsite.site.model_copy(update={"slurm": slurm}))
+    job, jobout = make_job(tmp_path, "refused", "echo never")
+    with pytest.raises(SubmitError, match="invalid partition"):
+        runner.submit(job, jobout)
+    left = runner.session.run(f"ls -A {hpcsite.root}/jobs/demo/fam").stdout.split()
+    assert "refused.job1" in left and not [n for n in left if n.startswith(".refused.job1.")], left
+    with pytest.raises(SubmitError, match="invalid partition"):    # so sbatch runs again, not a replay
+        runner.submit(job, jobout)
+
+
 def test_unknown_job_is_not_alive(hpcsite):
     runner = SshSlurmRunner("localhpc", hpcsite.site)
     alive, text = runner.status(JobHandle("localhpc", "987654", "slurm"), None)
     assert not alive and "UNKNOWN" in text
 
 
-@pytest.mark.parametrize("delay", [0.0, 1.0], ids=["drop-at-once", "drop-after-sbatch"])
+@pytest.mark.parametrize("delay", [0.0, 1.0], ids=["drop-at-once", "drop-then-wait"])
 def test_drop_during_sbatch_never_submits_twice(hpcsite, tmp_path, monkeypatch, delay):
-    """The connection dies after the server started sbatch and before its answer reached us."""
+    """The connection dies after the server started sbatch and before its answer reached us: at once
+    (sbatch may still be running when we look again) or with time for sbatch to finish first (the
+    job is found in squeue by its comment token)."""
     runner = SshSlurmRunner("localhpc", hpcsite.site, session=SshSession("localhpc", hpcsite.settings))
     dropped = []
     original = paramiko.Channel.exec_command
@@ -325,10 +386,13 @@ def test_drop_during_sbatch_never_submits_twice(hpcsite, tmp_path, monkeypatch, 
         original(chan, command)
         if "sbatch" in command and not dropped:
             dropped.append(command)
-            time.sleep(delay)
             chan.get_transport().close()
+            time.sleep(delay)
 
     monkeypatch.setattr(paramiko.Channel, "exec_command", exec_then_drop)
+    found = []
+    real_find = runner.find
+    monkeypatch.setattr(runner, "find", lambda token: found.append(real_find(token)) or found[-1])
     job, jobout = make_job(tmp_path, f"drop{int(delay)}", "echo once; sleep 2")
     handle = runner.submit(job, jobout)
     assert dropped, "the connection was never dropped"
@@ -336,7 +400,24 @@ def test_drop_during_sbatch_never_submits_twice(hpcsite, tmp_path, monkeypatch, 
     listing = runner.session.run("squeue -h -t all -o '%i %k'").stdout
     ids = [ln.split()[0] for ln in listing.splitlines() if ln.split()[1:] == [f"maelflow:{token}"]]
     assert ids == [handle.job_id], listing
+    assert len(found) == 1                          # the recovery looked before submitting again
+    if delay:
+        assert found == [handle.job_id]             # sbatch had finished: squeue knew the token
     runner.kill(handle, None, {})
+    runner.session.close()
+
+
+def test_repeated_guarded_sbatch_reports_the_first_job(hpcsite, tmp_path):
+    """The retry after a drop re-sends the same command: it must answer, not submit again."""
+    runner = SshSlurmRunner("localhpc", hpcsite.site, session=SshSession("localhpc", hpcsite.settings))
+    job, jobout = make_job(tmp_path, "again", "echo once")
+    handle = runner.submit(job, jobout)
+    token = submission_token("demo/fam/" + job.name, job.read_text())
+    cmd = runner._guarded_sbatch(str(Path(handle.remote_job).parent), job.name, token)
+    again = runner.session.run(cmd)
+    assert runner.slurm.parse_job_id(again.stdout) == handle.job_id
+    listing = runner.session.run("squeue -h -t all -o '%i %k'").stdout
+    assert [ln.split()[0] for ln in listing.splitlines() if f"maelflow:{token}" in ln] == [handle.job_id]
     runner.session.close()
 
 

@@ -135,3 +135,23 @@ def test_server_restart_mid_suite_resumes_from_checkpoint(services, tmp_path, co
     wait_for(client, "/t_restart", {"complete"}, timeout=240)
     train = find(tree(client, "t_restart"), "/t_restart/local/train/tiny/train")
     assert train["meters"]["epoch"]["value"] == 150 and train["try_no"] == 1
+
+
+def test_offline_training_synced_by_the_suite_twice_without_duplicates(stack, config_root):
+    ws, infos = stack
+    exp = _experiment(config_root, "t_offline")
+    rx = load_experiment(exp, ["training.tiny.mlflow.mode=offline"], placeholders={"workspace": str(ws.root)})
+    prepare_datasets(rx)
+    client = client_for(ws)
+    deploy(rx, ws, client)
+    wait_for(client, "/t_offline", {"complete"}, timeout=240)
+    sync = find(tree(client, "t_offline"), "/t_offline/local/train/tiny/sync")
+    assert "1 new" in sync["labels"]["info"], sync["labels"]
+    run_id = sync["labels"]["mlflow"].split()[1]
+    server = mlflow.MlflowClient(infos["mlflow"].url)
+    assert len(server.get_metric_history(run_id, "train_loss_epoch")) == 3
+    control(client, "requeue", "/t_offline/local/train/tiny/sync")
+    time.sleep(1)
+    node = wait_for(client, "/t_offline/local/train/tiny/sync", {"complete"}, timeout=120)
+    assert "0 new, 0 metric points, 0 artifacts" in node["labels"]["info"], node["labels"]
+    assert len(server.get_metric_history(run_id, "train_loss_epoch")) == 3

@@ -114,7 +114,8 @@ def test_account_qos_and_extra_directives_when_set():
 
 
 def test_resources_from_job_script():
-    text = "#!/bin/bash\n# maelflow nodes=2\n# maelflow gpus_per_node=4\n# maelflow time=02:00:00\n# maelflow colour=red\necho\n"
+    text = ("#!/bin/bash\n# maelflow nodes=2\n# maelflow gpus_per_node=4\n# maelflow time=02:00:00\n"
+            "# maelflow colour=red\necho\n")
     assert TaskResources.from_script(text) == TaskResources(nodes=2, gpus_per_node=4, time="02:00:00")
     assert TaskResources.from_script("#!/bin/bash\n# maelflow builds this\n") == TaskResources()
 

@@ -73,3 +73,12 @@ def register(training: str, site: str) -> None:
     """Record what TRAINING produced on SITE."""
     from maelflow.suite import tasks
     _run(tasks.register, training, site)
+
+
+@command.command("sync")
+@click.option("--training", required=True)
+@click.option("--site", required=True)
+def sync(training: str, site: str) -> None:
+    """Sync the offline MLflow run of TRAINING on SITE to the tracking server."""
+    from maelflow.suite import tasks
+    _run(tasks.sync, training, site)

@@ -34,8 +34,13 @@ def load_record(job: Path) -> JobHandle | None:
         return None
 
 
-def submit(rx: ResolvedExperiment, site: str, job: Path, jobout: Path, dry_run: bool = False) -> JobHandle:
-    runner = runner_for(rx, site, dry_run=dry_run)
+def _runner(rx: ResolvedExperiment, site: str, dry_run: bool, runner: str):
+    return runner_for(rx, site, dry_run=dry_run, where=runner)
+
+
+def submit(rx: ResolvedExperiment, site: str, job: Path, jobout: Path, dry_run: bool = False,
+           runner: str = "site") -> JobHandle:
+    runner = _runner(rx, site, dry_run, runner)
     handle = runner.submit(job, jobout)
     if not dry_run:
         write_atomic(record_path(job), json.dumps(handle.__dict__) + "\n")
@@ -43,11 +48,12 @@ def submit(rx: ResolvedExperiment, site: str, job: Path, jobout: Path, dry_run: 
 
 
 def kill(rx: ResolvedExperiment, site: str, job: Path, rid: str | None, child_env: dict[str, str] | None = None,
-         dry_run: bool = False) -> str:
+         dry_run: bool = False, runner: str = "site") -> str:
     handle = load_record(job) or JobHandle(site=site, job_id=rid or "", kind="unknown")
-    return runner_for(rx, site, dry_run=dry_run).kill(handle, rid, child_env or {})
+    return _runner(rx, site, dry_run, runner).kill(handle, rid, child_env or {})
 
 
-def status(rx: ResolvedExperiment, site: str, job: Path, rid: str | None, dry_run: bool = False) -> tuple[bool, str]:
+def status(rx: ResolvedExperiment, site: str, job: Path, rid: str | None, dry_run: bool = False,
+           runner: str = "site") -> tuple[bool, str]:
     handle = load_record(job) or JobHandle(site=site, job_id=rid or "", kind="unknown")
-    return runner_for(rx, site, dry_run=dry_run).status(handle, rid)
+    return _runner(rx, site, dry_run, runner).status(handle, rid)

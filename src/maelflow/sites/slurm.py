@@ -71,6 +71,13 @@ def _cap_time(wanted: str, limit: str) -> str:
     return wanted if parse_slurm_time(wanted) <= parse_slurm_time(limit) else limit
 
 
+def warning_seconds(time_limit: str) -> int:
+    """Seconds before the time limit at which SLURM sends USR1: a tenth of it, 30 s to 5 min."""
+    from maelflow.config.models import parse_slurm_time
+
+    return max(30, min(300, parse_slurm_time(time_limit) // 10))
+
+
 def directives(site: Site, task: TaskResources, *, job_name: str = "maelflow", output: str | None = None,
                token: str | None = None) -> list[str]:
     """``#SBATCH`` lines for ``task`` on ``site``. One output file (stderr joins stdout, which is
@@ -90,7 +97,10 @@ def directives(site: Site, task: TaskResources, *, job_name: str = "maelflow", o
             lines.append(f"--gpus-per-node={task.gpus_per_node}")
     if task.cpus_per_task:
         lines.append(f"--cpus-per-task={task.cpus_per_task}")
-    lines.append(f"--time={_cap_time(task.time, slurm.max_time)}")
+    time_limit = _cap_time(task.time, slurm.max_time)
+    lines.append(f"--time={time_limit}")
+    # warn the batch shell before the limit, so the job reports TIMEOUT (suites/include/head.h)
+    lines.append(f"--signal=B:USR1@{warning_seconds(time_limit)}")
     if slurm.account:
         lines.append(f"--account={slurm.account}")
     partition = (slurm.gpu_partition or slurm.partition) if task.gpus_per_node else slurm.partition

@@ -23,6 +23,7 @@ from maelflow.sites.slurm import ALIVE, PENDING, Slurm, TaskResources, directive
 from maelflow.sites.ssh import ConnectionLost, SshSession, session_for, shell_path
 
 SUBMIT_WAIT_S = 60          # how long a retried submission waits for the first sbatch to answer
+UNANSWERED = 75             # exit code of the guarded submit when that wait ran out
 _TRY_SUFFIX_RE = re.compile(r"\.job\d+$")
 
 
@@ -110,17 +111,28 @@ class SshSlurmRunner:
             result = self.session.run(cmd, retry=True, check=False, timeout=SUBMIT_WAIT_S + 60)
         answer = (result.stdout + result.stderr).strip()
         job_id = self.slurm.parse_job_id(answer)
+        if result.rc == UNANSWERED:
+            raise SubmitError(f"sbatch {remote_job} on {self.site_name} gave no answer within {SUBMIT_WAIT_S} s; "
+                              f"the job may exist: look for comment maelflow:{token} in squeue before retrying")
         if result.rc != 0 or not job_id:
+            # nothing was queued: drop the marker so that submitting this file again really submits
+            self.session.run(f"rm -rf {shell_path(self._marker(remote_dir, remote_job, token))}", check=False)
             raise SubmitError(f"sbatch {remote_job} on {self.site_name} failed (rc {result.rc}): {answer}")
         return JobHandle(self.site_name, job_id, "slurm", remote_job=remote_job, remote_out=remote_out)
 
+    @staticmethod
+    def _marker(remote_dir: str, remote_job: str, token: str) -> str:
+        return f"{remote_dir}/.{PurePosixPath(remote_job).name}.{token}.sbatch"
+
     def _guarded_sbatch(self, remote_dir: str, name: str, token: str) -> str:
+        """sbatch at most once per token: ``mkdir`` of the marker is atomic, and a repeat of this
+        command waits for the first one's answer (kept in the marker) instead of submitting."""
         mark = shell_path(f".{name}.{token}.sbatch")
         submit = self.slurm.submit_command(name)
         return (f"cd {shell_path(remote_dir)} || exit 1; "
                 f"if mkdir {mark} 2>/dev/null; then {submit} >{mark}/out 2>&1; echo $? >{mark}/rc; fi; "
                 f"i=0; while [ ! -s {mark}/rc ] && [ $i -lt {SUBMIT_WAIT_S * 10} ]; do sleep 0.1; i=$((i+1)); done; "
-                f"cat {mark}/out 2>/dev/null; exit $(cat {mark}/rc 2>/dev/null || echo 75)")
+                f"cat {mark}/out 2>/dev/null; exit $(cat {mark}/rc 2>/dev/null || echo {UNANSWERED})")
 
     def find(self, token: str) -> str | None:
         """The job already submitted with this token, if SLURM still knows it."""

@@ -203,7 +203,8 @@ class _ParamikoBackend(_Backend):
                     f"certificate is not valid before {window[0]:%Y-%m-%d %H:%M:%S %Z}", cert)
         try:
             pkey = paramiko.PKey.from_path(path)
-        except paramiko.PasswordRequiredException:
+        except (paramiko.PasswordRequiredException, TypeError):
+            # TypeError: cryptography's OpenSSH-format loader asking for the missing passphrase
             raise self.s.credential_error("private key is passphrase-protected: load it in an agent and "
                                           "use auth: agent", path) from None
         except (paramiko.SSHException, ValueError, OSError) as exc:
@@ -314,9 +315,12 @@ class _ParamikoBackend(_Backend):
                 while chan.recv_stderr_ready():
                     err += chan.recv_stderr(65536)
                     got = True
-                if chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
-                    return chan.recv_exit_status(), bytes(out), bytes(err)
-                if not transport.is_active() or (chan.closed and not chan.exit_status_ready()):
+                # exit_status_ready() is also true for a channel closed by a dying transport, which
+                # never sent a status (exit_status stays -1): a lost connection, not an exit code
+                finished = chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready()
+                if finished and (chan.exit_status != -1 or transport.is_active()):
+                    return chan.exit_status, bytes(out), bytes(err)   # -1: killed by a signal
+                if not transport.is_active():
                     raise ConnectionLost(f"{self.s.target}: connection dropped while running a command",
                                          sent=True)
                 if time.monotonic() > deadline:

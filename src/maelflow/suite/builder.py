@@ -70,11 +70,14 @@ def suite_variables(rx: ResolvedExperiment, ws: Workspace, out_dir: Path, ecf_ho
         "ECF_FILES": str(out_dir / "tasks"),
         "ECF_INCLUDE": str(out_dir / "include"),
         "ECF_TRIES": "1",
-        "ECF_JOB_CMD": f"{mf} job submit --site %SITE:local% --config %MAELFLOW_SUITE_CONFIG% %ECF_JOB% %ECF_JOBOUT%",
-        "ECF_KILL_CMD": (f"{mf} job kill --site %SITE:local% --config %MAELFLOW_SUITE_CONFIG% "
-                         "--ecf-name %ECF_NAME% --ecf-pass %ECF_PASS% --ecf-tryno %ECF_TRYNO% --ecf-port %ECF_PORT% "
-                         "%ECF_JOB% %ECF_RID%"),
-        "ECF_STATUS_CMD": f"{mf} job status --site %SITE:local% --config %MAELFLOW_SUITE_CONFIG% %ECF_JOB% %ECF_RID%",
+        "ECF_JOB_CMD": (f"{mf} job submit --site %SITE:local% --runner %MAELFLOW_RUNNER:site% "
+                        "--config %MAELFLOW_SUITE_CONFIG% --ecf-name %ECF_NAME% --ecf-pass %ECF_PASS% "
+                        "--ecf-tryno %ECF_TRYNO% --ecf-port %ECF_PORT% %ECF_JOB% %ECF_JOBOUT%"),
+        "ECF_KILL_CMD": (f"{mf} job kill --site %SITE:local% --runner %MAELFLOW_RUNNER:site% "
+                         "--config %MAELFLOW_SUITE_CONFIG% --ecf-name %ECF_NAME% --ecf-pass %ECF_PASS% "
+                         "--ecf-tryno %ECF_TRYNO% --ecf-port %ECF_PORT% %ECF_JOB% %ECF_RID%"),
+        "ECF_STATUS_CMD": (f"{mf} job status --site %SITE:local% --runner %MAELFLOW_RUNNER:site% "
+                           "--config %MAELFLOW_SUITE_CONFIG% %ECF_JOB% %ECF_RID%"),
         "MAELFLOW": mf,
         "MAELFLOW_SITE_CMD": mf,
         "MAELFLOW_SUITE_CONFIG": str(out_dir / CONFIG_FILE),
@@ -82,6 +85,7 @@ def suite_variables(rx: ResolvedExperiment, ws: Workspace, out_dir: Path, ecf_ho
         "MAELFLOW_WORKSPACE": str(ws.root),
         "MAELFLOW_ECF_HOST": ecf_host,
         "MAELFLOW_REPORT": "direct",
+        "MAELFLOW_RUNNER": "local",  # tasks outside a site family run beside the server
         "SUITE": rx.name,
     }
 
@@ -99,17 +103,29 @@ def _add_attrs(node, spec) -> None:
         node.add_trigger(spec.trigger)
 
 
-def _add_children(parent, children, suite_name: str) -> None:
+def server_task_variables(suite_vars: dict[str, str]) -> dict[str, str]:
+    """A server-side task inside a site family runs here, reports directly, reads the local config."""
+    return {"MAELFLOW_RUNNER": "local", "MAELFLOW_REPORT": "direct",
+            "MAELFLOW_CONFIG": suite_vars["MAELFLOW_SUITE_CONFIG"], "MAELFLOW_SITE_CMD": suite_vars["MAELFLOW"],
+            "ECF_INCLUDE": suite_vars["ECF_INCLUDE"]}
+
+
+def _add_children(parent, children, suite_name: str, server_vars: dict[str, str]) -> None:
     for child in children:
         if isinstance(child, TaskSpec):
             node = parent.add_task(child.name)
+            if child.runs_on == "server":
+                for k, v in server_vars.items():
+                    node.add_variable(k, v)
+            elif child.runs_on == "login":
+                node.add_variable("MAELFLOW_RUNNER", "login")
         else:
             node = parent.add_family(child.name)
         _add_attrs(node, child)
         for limit in child.inlimits:
             node.add_inlimit(limit, f"/{suite_name}")
         if isinstance(child, FamilySpec):
-            _add_children(node, child.children, suite_name)
+            _add_children(node, child.children, suite_name, server_vars)
 
 
 def make_defs(spec: SuiteSpec) -> ecflow.Defs:
@@ -121,7 +137,7 @@ def make_defs(spec: SuiteSpec) -> ecflow.Defs:
         suite.add_label(name, value)
     for name, n in spec.limits:
         suite.add_limit(name, n)
-    _add_children(suite, spec.children, spec.name)
+    _add_children(suite, spec.children, spec.name, server_task_variables(spec.variables))
     return defs
 
 
@@ -141,6 +157,7 @@ def build_suite(rx: ResolvedExperiment, out_dir: Path, ws: Workspace, ecf_host: 
         fam.variables["ECF_INCLUDE"] = f"{out_dir / 'include' / site}:{out_dir / 'include'}"
         fam.variables["MAELFLOW_SITE_CMD"] = site_command(rx, site)
         fam.variables["MAELFLOW_REPORT"] = rx.sites[site].reporting
+        fam.variables["MAELFLOW_RUNNER"] = "site"
         if rx.sites[site].connection.type != "local":
             # the job reads the config where the runner copies it on the site
             fam.variables["MAELFLOW_CONFIG"] = site_config_path(rx, site)
@@ -209,11 +226,11 @@ def _check_job_creation(spec: SuiteSpec, stage: Path, final: Path) -> None:
         staged_vars[key] = staged_vars[key].replace(str(final), str(stage))
     check_spec = SuiteSpec(spec.name, staged_vars, spec.limits, _pruned(spec.children, "", set()), spec.labels)
     defs = make_defs(check_spec)
-    for fam in defs.find_suite(spec.name).nodes:
-        inc = fam.find_variable("ECF_INCLUDE")
-        if not inc.empty():
-            fam.delete_variable("ECF_INCLUDE")
-            fam.add_variable("ECF_INCLUDE", inc.value().replace(str(final), str(stage)))
+    for node in defs.get_all_nodes():
+        inc = node.find_variable("ECF_INCLUDE")
+        if not inc.empty() and not isinstance(node, ecflow.Suite):
+            node.delete_variable("ECF_INCLUDE")
+            node.add_variable("ECF_INCLUDE", inc.value().replace(str(final), str(stage)))
     for node in defs.get_all_nodes():  # triggers may name tasks pruned away
         if node.get_trigger() is not None:
             node.delete_trigger()

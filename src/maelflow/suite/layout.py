@@ -22,6 +22,10 @@ class TaskSpec:
     events: list[str] = field(default_factory=list)
     trigger: str | None = None
     inlimits: list[str] = field(default_factory=list)
+    # "site": the job runs on the site's scheduler; "login": as a process on the site's login node
+    # (it has the internet, compute nodes do not); "server": beside the ecFlow server, for work that
+    # needs what the site lacks (syncing offline runs to MLflow, pushing to a site without internet)
+    runs_on: str = "site"
 
 
 @dataclass
@@ -79,7 +83,8 @@ def suite_layout(rx: ResolvedExperiment, variables: dict[str, str]) -> SuiteSpec
             stages.append(FamilySpec(node_name(ds), variables={"DATASET": ds}, children=[
                 TaskSpec("stage", "stage", meters=[("progress", 0, 100)], labels=[("info", ""), ("rate", "")],
                          events=["verified"], inlimits=[transfers_limit(site_name)],
-                         trigger=f"/{suite}/publish/{node_name(ds)}/publish == complete")]))
+                         trigger=f"/{suite}/publish/{node_name(ds)}/publish == complete",
+                         runs_on="login" if site.internet.login else "server")]))
         previous = None
         if stages:
             fam.children.append(FamilySpec("data", children=stages))
@@ -90,10 +95,17 @@ def suite_layout(rx: ResolvedExperiment, variables: dict[str, str]) -> SuiteSpec
             for tname in rx.experiment.trainings:
                 training = rx.trainings[tname]
                 max_epochs = int(training.config.get("max_epochs", 1) or 1)
-                train.children.append(FamilySpec(node_name(tname), variables={"TRAINING": tname}, children=[
-                    TaskSpec("train", "train", meters=[("epoch", 0, max_epochs), ("resubmits", 0, max(training.max_resubmissions, 1))],
-                             labels=[("info", ""), ("mlflow", ""), ("checkpoint", "")],
-                             events=["checkpoint", "timeout"])]))
+                tasks = [TaskSpec("train", "train",
+                                  meters=[("epoch", 0, max_epochs), ("resubmits", 0, max(training.max_resubmissions, 1))],
+                                  labels=[("info", ""), ("mlflow", ""), ("checkpoint", "")],
+                                  events=["checkpoint", "timeout"],
+                                  variables={"MAELFLOW_RESUBMIT_MAX": str(training.max_resubmissions),
+                                             "NODES": str(training.nodes),
+                                             "GPUS_PER_NODE": str(training.gpus_per_node),
+                                             "TIME_LIMIT": training.time_limit})]
+                tasks.append(TaskSpec("sync", "sync", labels=[("info", ""), ("mlflow", "")], trigger="train == complete",
+                                      runs_on="server"))
+                train.children.append(FamilySpec(node_name(tname), variables={"TRAINING": tname}, children=tasks))
                 register.children.append(FamilySpec(node_name(tname), variables={"TRAINING": tname}, children=[
                     TaskSpec("register", "register", labels=[("info", "")])]))
             fam.children.extend([train, register])

@@ -20,8 +20,13 @@ class SuiteError(RuntimeError):
 
 
 def deploy(rx: ResolvedExperiment, ws: Workspace, client, out_dir: Path | None = None) -> BuiltSuite:
+    from maelflow.sites.prepare import prepare_site
+    from maelflow.suite.builder import CONFIG_FILE
+
     built = build_suite(rx, out_dir or ws.suites_dir / rx.name, ws)
     (built.out_dir / "jobs").mkdir(exist_ok=True)
+    for site in rx.experiment.sites:
+        prepare_site(rx, site, built.out_dir / CONFIG_FILE, ws)
     client.sync_local()
     defs = client.get_defs()
     exists = defs is not None and defs.find_suite(built.name) is not None

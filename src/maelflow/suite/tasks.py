@@ -16,9 +16,6 @@ from maelflow.config.loader import ResolvedExperiment
 from maelflow.reporting import Reporter
 from maelflow.workspace import Workspace, write_atomic
 
-EWC_BUCKET = "ewc"
-
-
 class TaskFailed(RuntimeError):
     """A task failed for a reason an operator can act on."""
 
@@ -73,7 +70,7 @@ def provenance(ctx: TaskContext) -> Path:
 def publish(ctx: TaskContext, dataset: str) -> None:
     import time
 
-    from maelflow.s3 import s3_client_for_workspace
+    from maelflow import ewc
     from maelflow_transfer.errors import TransferError
     from maelflow_transfer.s3copy import publish as do_publish
 
@@ -81,10 +78,11 @@ def publish(ctx: TaskContext, dataset: str) -> None:
     if not ds.source:
         raise TaskFailed(f"dataset {dataset!r} has no source to publish from")
     t0 = time.monotonic()
-    s3 = s3_client_for_workspace(ctx.ws, max_pool_connections=16)
-    ctx.reporter.label("info", f"publishing {ds.source} to s3://{EWC_BUCKET}/{ds.key_prefix}")
+    settings = ewc.settings_for_job(ctx.ws, None)
+    s3, bucket = ewc.client(settings), settings["bucket"]
+    ctx.reporter.label("info", f"publishing {ds.source} to s3://{bucket}/{ds.key_prefix}")
     try:
-        res = do_publish(Path(ds.source), dataset, s3, EWC_BUCKET, ds.key_prefix,
+        res = do_publish(Path(ds.source), dataset, s3, bucket, ds.key_prefix,
                          progress=lambda b, tb, o, to: _rate_label(ctx.reporter, b, tb, o, to, t0),
                          on_manifest=lambda m: ctx.reporter.event("manifest"))
     except TransferError as exc:
@@ -98,7 +96,7 @@ def publish(ctx: TaskContext, dataset: str) -> None:
 def stage(ctx: TaskContext, dataset: str, site: str) -> None:
     import time
 
-    from maelflow.s3 import s3_client_for_workspace
+    from maelflow import ewc
     from maelflow.training.launch import dataset_path
     from maelflow_transfer.errors import TransferError
     from maelflow_transfer.s3copy import stage as do_stage
@@ -106,10 +104,11 @@ def stage(ctx: TaskContext, dataset: str, site: str) -> None:
     ds = ctx.rx.datasets[dataset]
     dest = dataset_path(ctx.rx, site, dataset)
     t0 = time.monotonic()
-    s3 = s3_client_for_workspace(ctx.ws, max_pool_connections=16)
-    ctx.reporter.label("info", f"staging s3://{EWC_BUCKET}/{ds.key_prefix} to {dest}")
+    settings = ewc.settings_for_job(ctx.ws, ctx.rx.sites[site].paths.root)
+    s3, bucket = ewc.client(settings), settings["bucket"]
+    ctx.reporter.label("info", f"staging s3://{bucket}/{ds.key_prefix} to {dest}")
     try:
-        res = do_stage(dataset, s3, EWC_BUCKET, ds.key_prefix, dest,
+        res = do_stage(dataset, s3, bucket, ds.key_prefix, dest,
                        progress=lambda b, tb, o, to: _rate_label(ctx.reporter, b, tb, o, to, t0))
     except TransferError as exc:
         raise TaskFailed(str(exc)) from None
@@ -125,10 +124,12 @@ def train(ctx: TaskContext, training: str, site: str) -> None:
     from maelflow.services.stack import discover
     from maelflow.training.launch import TrainingError, train as do_train
 
-    try:
-        tracking_uri = discover(ctx.ws, "mlflow").url
-    except ServiceError:
-        tracking_uri = None
+    tracking_uri = None
+    if ctx.rx.sites[site].internet.compute:  # else the node cannot reach the server: log offline
+        try:
+            tracking_uri = discover(ctx.ws, "mlflow").url
+        except (ServiceError, OSError):
+            tracking_uri = None
     try:
         res = do_train(ctx.rx, training, site, ctx.reporter, tracking_uri=tracking_uri)
     except TrainingError as exc:
@@ -163,3 +164,50 @@ def register(ctx: TaskContext, training: str, site: str) -> Path:
     write_atomic(path, json.dumps(lineage, indent=2, sort_keys=True) + "\n")
     ctx.reporter.label("info", f"{len(checkpoints)} checkpoints of run {state.get('run_id')} recorded in {path}")
     return path
+
+
+def sync(ctx: TaskContext, training: str, site: str) -> None:
+    """Copy an offline MLflow run from the site to the tracking server (twice adds nothing)."""
+    from maelflow.services.base import ServiceError
+    from maelflow.services.stack import discover
+    from maelflow.sites.files import SiteFiles
+    from maelflow.tracking.sync import sync_store
+    from maelflow.training.launch import run_dir
+
+    files = SiteFiles(ctx.rx, site)
+    remote_run = run_dir(ctx.rx, site, training)
+    raw = files.read_bytes(str(remote_run / "run.json"))
+    if raw is None:
+        raise TaskFailed(f"training {training!r} left no run record at {remote_run / 'run.json'} on {site}")
+    state = json.loads(raw)
+    if state.get("mode") != "offline":
+        ctx.reporter.label("info", f"nothing to sync: the run logged {state.get('mode', 'nowhere')} "
+                           f"to {state.get('tracking_uri')}")
+        return
+    try:
+        tracking_uri = discover(ctx.ws, "mlflow").url
+    except ServiceError as exc:
+        raise TaskFailed(f"cannot sync: {exc}") from None
+    store = state["tracking_uri"].removeprefix("file://")
+    local = ctx.ws.path("mlflow-offline", ctx.rx.name, site, training)
+    if files.local:
+        local_store = Path(store)
+    else:
+        n = files.fetch_tree(store, local)
+        ctx.reporter.label("info", f"fetched {n} files of the offline run from {site}")
+        local_store = local
+    res = sync_store(local_store.as_uri(), tracking_uri, run_ids=[state["run_id"]] if state.get("run_id") else None)
+    dest = res.mapping.get(state.get("run_id", ""), "")
+    from maelflow.tracking.mlflow_runs import run_label
+
+    if dest:
+        exp = _experiment_id(tracking_uri, dest)
+        ctx.reporter.label("mlflow", run_label(tracking_uri, exp, dest))
+    ctx.reporter.label("info", f"synced {res.runs} run(s): {res.created} new, {res.metrics_added} metric points, "
+                       f"{res.artifacts_added} artifacts added")
+
+
+def _experiment_id(tracking_uri: str, run_id: str) -> str:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri).get_run(run_id).info.experiment_id

@@ -67,8 +67,9 @@ def train(rx: ResolvedExperiment, training_name: str, site_name: str, reporter: 
     training = rx.trainings[training_name]
     site = rx.sites[site_name]
     if training.application == "anemoi":
-        raise TrainingError("anemoi-training applications are launched by the anemoi launcher, "
-                            "not available in this installation")
+        from maelflow.training.anemoi_app import train_anemoi
+
+        return train_anemoi(rx, training_name, site_name, reporter, tracking_uri)
     app = import_object(training.application)
     if training.datamodule is None:
         raise TrainingError(f"training {training_name!r}: 'datamodule' is needed with an application import path")

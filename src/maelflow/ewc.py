@@ -1,0 +1,47 @@
+"""Where the European Weather Cloud object store is, for code on the server side or on a site.
+
+Beside the server, the EWC is the workspace's S3 service (or, in production, its configured
+endpoint). A job on a site cannot read the server's workspace, so deploy leaves the endpoint and
+keys in a file only the site user can read (``<site root>/.maelflow/ewc.json``, mode 0600), and the
+job reads them there: the same convention a user follows on a real site with their own EWC keys.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from maelflow.workspace import Workspace
+
+DEFAULT_BUCKET = "ewc"
+
+
+def site_credentials_path(site_root: str) -> str:
+    return f"{site_root.rstrip('/')}/.maelflow/ewc.json"
+
+
+def workspace_settings(ws: Workspace) -> dict[str, Any]:
+    from maelflow.services.stack import discover
+
+    extra = discover(ws, "s3").extra
+    return {"endpoint_url": extra["endpoint_url"], "access_key": extra["access_key"],
+            "secret_key": extra["secret_key"], "region": extra.get("region", "us-east-1"),
+            "bucket": extra.get("bucket", DEFAULT_BUCKET)}
+
+
+def settings_for_job(ws: Workspace, site_root: str | None) -> dict[str, Any]:
+    """The site's credentials file when the job has one, else the workspace's S3 service."""
+    if site_root:
+        path = Path(site_credentials_path(site_root))
+        if path.is_file() and os.access(path, os.R_OK):
+            return json.loads(path.read_text())
+    return workspace_settings(ws)
+
+
+def client(settings: dict[str, Any], max_pool_connections: int = 16):
+    from maelflow.s3 import s3_client
+
+    return s3_client(settings["endpoint_url"], settings["access_key"], settings["secret_key"],
+                     region=settings.get("region", "us-east-1"), max_pool_connections=max_pool_connections)

@@ -1,0 +1,57 @@
+"""Reading a site's files from the server side: locally for the local site, over SSH otherwise.
+
+Server-side tasks (syncing offline MLflow runs, registering checkpoints) read what a job left on
+the site's filesystem without caring where the site is.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+from maelflow.config.loader import ResolvedExperiment
+
+
+class SiteFiles:
+    def __init__(self, rx: ResolvedExperiment, site: str):
+        self.site = rx.sites[site]
+        self.name = site
+        self._session = None
+
+    @property
+    def local(self) -> bool:
+        return self.site.connection.type == "local"
+
+    def session(self):
+        if self._session is None:
+            from maelflow.sites.ssh import session_for
+
+            self._session = session_for(self.name, self.site.connection.ssh)
+        return self._session
+
+    def read_bytes(self, path: str) -> bytes | None:
+        if self.local:
+            p = Path(path)
+            return p.read_bytes() if p.is_file() else None
+        s = self.session()
+        return s.read_bytes(path) if s.exists(path) else None
+
+    def files_under(self, path: str) -> list[str]:
+        """Relative paths of the files under ``path`` (empty when it does not exist)."""
+        if self.local:
+            root = Path(path)
+            return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+        res = self.session().run(f"find {shlex.quote(path)} -type f -printf '%P\\n' 2>/dev/null || true", timeout=60)
+        return sorted(line for line in res.stdout.splitlines() if line)
+
+    def fetch_tree(self, path: str, dest: Path) -> int:
+        """Copy the tree at ``path`` into ``dest`` (same relative layout); returns the file count."""
+        files = self.files_under(path)
+        for rel in files:
+            data = self.read_bytes(f"{path.rstrip('/')}/{rel}")
+            if data is None:
+                continue
+            target = dest / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        return len(files)

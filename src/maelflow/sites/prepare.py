@@ -1,0 +1,44 @@
+"""Get a site ready for a suite at deploy time: folders, the resolved config, EWC credentials.
+
+Done once per deploy rather than in every job submission, and over the same SSH session the jobs
+use, so a site that cannot be reached fails the deploy with the credential message, before any
+task is queued.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from maelflow.config.loader import ResolvedExperiment
+from maelflow.workspace import Workspace
+
+
+def prepare_site(rx: ResolvedExperiment, site: str, config_file: Path, ws: Workspace) -> str:
+    from maelflow.ewc import site_credentials_path, workspace_settings
+    from maelflow.suite.builder import site_config_path, spool_dir
+
+    s = rx.sites[site]
+    root = s.paths.root.rstrip("/")
+    folders = [f"{root}/jobs", spool_dir(rx, site), f"{root}/suites/{rx.name}", s.paths.datasets, s.paths.outputs]
+    if s.connection.type == "local":
+        for f in folders:
+            Path(f).mkdir(parents=True, exist_ok=True)
+        return f"{site}: folders ready under {root}"
+    from maelflow.services.base import ServiceError
+    from maelflow.sites.ssh import session_for
+
+    session = session_for(site, s.connection.ssh)
+    for f in folders:
+        session.makedirs(f)
+    session.put_text(site_config_path(rx, site), config_file.read_text(), mode=0o644)
+    note = ""
+    try:
+        creds = workspace_settings(ws)
+    except ServiceError:
+        creds = None
+    if creds is not None:
+        session.makedirs(f"{root}/.maelflow")
+        session.put_text(site_credentials_path(root), json.dumps(creds), mode=0o600)
+        note = ", EWC credentials"
+    return f"{site}: folders, config{note} ready under {root} on {s.connection.ssh.host}"

@@ -1,0 +1,425 @@
+"""Run anemoi-training (0.10) for a training whose ``application`` is ``anemoi``, inside this process.
+
+The configuration is composed with Hydra from three layers, each over the one before:
+
+1. maelflow's base config ``anemoi_configs/maelflow-base.yaml`` (a tiny CPU model), whose defaults
+   list takes the groups (data, dataloader, model, graph...) from anemoi-training's own packaged
+   configs, ``pkg://anemoi.training/config``;
+2. the training's ``config`` mapping, merged as nested keys (a ``defaults`` list in it replaces
+   ``[maelflow-base, _self_]``);
+3. the training's ``overrides``, Hydra overrides (``model=graphtransformer``, ``training.max_steps=100``).
+
+Then maelflow sets what only it knows: the staged dataset, the run folder, the hardware, MLflow,
+resume and fork. The composed files are kept in ``<run dir>/config/`` (``maelflow-training.yaml``,
+what was composed, and ``anemoi.yaml``, the full config anemoi received).
+
+A job that starts again (resubmitted after its time limit) finds ``run.json`` and
+``checkpoint/<run_id>/last.ckpt`` in the run folder and resumes with ``training.run_id``: the
+step count continues and, with ``diagnostics.log.mlflow.on_resume_create_child: False`` (maelflow's
+default), anemoi logs into the same MLflow run.
+
+Single device on the node is what this launcher is made for; several GPUs or nodes need one
+process per GPU started by ``srun`` (SLURM), each of which runs this same code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from datetime import datetime, timedelta
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from maelflow.training.launch import TrainingError, TrainingResult, dataset_path, run_dir
+from maelflow.training.progress import EcflowProgress
+from maelflow.workspace import write_atomic
+
+if TYPE_CHECKING:  # pragma: no cover
+    from omegaconf import DictConfig
+
+    from maelflow.config.loader import ResolvedExperiment
+    from maelflow.config.models import Training
+    from maelflow.reporting import Reporter
+
+BASE_CONFIG_DIR = Path(__file__).resolve().parent / "anemoi_configs"
+BASE_CONFIG_NAME = "maelflow-base"
+PRIMARY_NAME = "maelflow-training"
+TRAIN_FRACTION = 0.8
+
+
+# ------------------------------------------------------------------------------------ progress
+class AnemoiProgress(EcflowProgress):
+    """maelflow's ecFlow progress, reading anemoi's metric names (``train_<name>_loss_step``...).
+
+    Meter ``epoch``; label ``info`` with step, loss and an ETA from the step rate (anemoi trains
+    to ``max_steps`` more often than to ``max_epochs``); event ``checkpoint`` on every save. It
+    also keeps the Lightning trainer, whose step count the launcher returns.
+    """
+
+    def __init__(self, reporter: "Reporter"):
+        super().__init__(reporter)
+        self.trainer = None
+        self.step0 = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.trainer = trainer
+        self.step0 = trainer.global_step
+        super().on_train_start(trainer, pl_module)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self.trainer = trainer
+
+    @staticmethod
+    def _metric(trainer, prefix: str, suffix: str) -> float | None:
+        metrics = trainer.callback_metrics
+        for key in (f"{prefix}_loss{suffix}", f"{prefix}_multi_dataset_loss{suffix}"):
+            if key in metrics:
+                return float(metrics[key])
+        for key, value in metrics.items():
+            if key.startswith(f"{prefix}_") and key.endswith(f"_loss{suffix}"):
+                return float(value)
+        return None
+
+    def _total_steps(self, trainer) -> int | None:
+        limits = []
+        if trainer.max_steps and trainer.max_steps > 0:
+            limits.append(trainer.max_steps)
+        batches = trainer.num_training_batches
+        if trainer.max_epochs and trainer.max_epochs > 0 and isinstance(batches, int | float) \
+                and batches != float("inf"):
+            accum = max(int(trainer.accumulate_grad_batches or 1), 1)
+            limits.append(int(trainer.max_epochs * batches // accum))
+        return min(limits) if limits else None
+
+    def _text(self, trainer, loss: float | None, val: float | None = None) -> str:
+        total = self._total_steps(trainer)
+        step = trainer.global_step
+        text = f"epoch {trainer.current_epoch} step {step}" + (f"/{total}" if total else "")
+        if loss is not None:
+            text += f" loss {loss:.4g}"
+        if val is not None:
+            text += f" val {val:.4g}"
+        done = step - self.step0
+        if total and done > 0:
+            rate = done / max(time.monotonic() - self.t0, 1e-6)
+            text += f" {rate:.2f} steps/s ETA {max(total - step, 0) / rate:.0f}s"
+        return text
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = self._metric(trainer, "train", "_step")
+        self.reporter.throttled("label", "info", self._text(trainer, loss), every=2.0)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.reporter.meter("epoch", trainer.current_epoch + 1)
+        loss = self._metric(trainer, "train", "_epoch")
+        val = self._metric(trainer, "val", "_epoch")
+        self.reporter.label("info", self._text(trainer, loss, val))
+
+
+# ----------------------------------------------------------------------------------- config
+def _first_line(exc: BaseException) -> str:
+    while not str(exc).strip() and (exc.__cause__ or exc.__context__):
+        exc = exc.__cause__ or exc.__context__
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def compose_config(training: "Training", config_dir: Path) -> "DictConfig":
+    """Base config, then ``training.config``, then ``training.overrides``; not yet resolved.
+
+    Writes the primary config it composes from to ``config_dir/maelflow-training.yaml``.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    body = dict(training.config)
+    primary: dict[str, Any] = {
+        "defaults": body.pop("defaults", [BASE_CONFIG_NAME, "_self_"]),
+        "hydra": {"searchpath": [BASE_CONFIG_DIR.as_uri(), "pkg://anemoi.training/config"]},
+        **body,
+    }
+    config_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(config_dir / f"{PRIMARY_NAME}.yaml",
+                 "# composed by maelflow: base config, then the training's config; overrides: "
+                 + json.dumps(list(training.overrides)) + "\n" + OmegaConf.to_yaml(OmegaConf.create(primary)))
+    GlobalHydra.instance().clear()
+    try:
+        # anemoi's Hydra search-path plugin puts the CWD (or CWD/config) first: make that ours
+        with contextlib.chdir(config_dir.parent), \
+                initialize_config_dir(config_dir=str(config_dir), version_base=None):
+            cfg = compose(config_name=PRIMARY_NAME, overrides=list(training.overrides))
+    except Exception as exc:  # noqa: BLE001 - Hydra wraps YAML, override and missing-group errors
+        raise TrainingError(f"training {training.name!r}: cannot compose the anemoi config: "
+                            f"{_first_line(exc)}") from None
+    finally:
+        GlobalHydra.instance().clear()
+    OmegaConf.set_struct(cfg, False)
+    return cfg
+
+
+def _dataset_dates(path: Path) -> list[datetime] | None:
+    try:
+        attrs = json.loads((path / ".zattrs").read_text())
+        start = datetime.fromisoformat(str(attrs["start_date"]))
+        end = datetime.fromisoformat(str(attrs["end_date"]))
+        freq = str(attrs.get("frequency", "6h"))
+    except (OSError, ValueError, KeyError):
+        return None
+    unit = {"h": 3600, "m": 60, "d": 86400, "s": 1}.get(freq[-1:])
+    if unit is None or not freq[:-1].isdigit() or int(freq[:-1]) <= 0:
+        return None
+    step = timedelta(seconds=int(freq[:-1]) * unit)
+    n = int((end - start) / step) + 1
+    return [start + i * step for i in range(n)]
+
+
+def split_dates(cfg: "DictConfig", dataset: Path) -> None:
+    """Fill null dataloader start/end dates: the first 80% of the dataset's dates train, the rest
+    validate and test. Dates a config sets are left alone."""
+    from omegaconf import OmegaConf
+
+    dates = _dataset_dates(dataset)
+    if not dates or len(dates) < 8:
+        return
+    cut = int(len(dates) * TRAIN_FRACTION)
+    ranges = {"training": (dates[0], dates[cut - 1]), "validation": (dates[cut], dates[-1]),
+              "test": (dates[cut], dates[-1])}
+    for split, (start, end) in ranges.items():
+        node = OmegaConf.select(cfg, f"dataloader.{split}.datasets", default=None)
+        if node is None:
+            continue
+        for name in node:
+            for key, value in (("start", start), ("end", end)):
+                if OmegaConf.select(cfg, f"dataloader.{split}.datasets.{name}.{key}", default=None) is None:
+                    OmegaConf.update(cfg, f"dataloader.{split}.datasets.{name}.{key}",
+                                     value.isoformat(timespec="seconds"), force_add=True)
+
+
+def _find_checkpoint(rx: "ResolvedExperiment", site_name: str, out: Path, run_id: str) -> Path | None:
+    """``checkpoint/<run_id>/last.ckpt`` in this run folder, else in another run folder of the site."""
+    own = out / "checkpoint" / run_id / "last.ckpt"
+    if own.exists():
+        return own
+    outputs = Path(rx.sites[site_name].paths.outputs)
+    found = sorted(outputs.glob(f"*/*/checkpoint/{run_id}/last.ckpt"))
+    return found[0] if found else None
+
+
+def _world_size(training: "Training") -> int:
+    return max(training.gpus_per_node, 1) * training.nodes
+
+
+def _rank() -> int:
+    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+# ------------------------------------------------------------------------------------ trainer
+def _trainer_class():
+    from anemoi.training.diagnostics.callbacks import get_callbacks
+    from anemoi.training.train.train import AnemoiTrainer
+
+    class MaelflowAnemoiTrainer(AnemoiTrainer):
+        """AnemoiTrainer with maelflow's ecFlow progress among its Lightning callbacks."""
+
+        def __init__(self, config, progress: AnemoiProgress):
+            self.maelflow_progress = progress
+            super().__init__(config)
+
+        @cached_property
+        def callbacks(self):
+            return [*get_callbacks(self.config), self.maelflow_progress]
+
+    return MaelflowAnemoiTrainer
+
+
+def _validation_message(exc: Exception) -> str:
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        try:
+            items = errors()
+            if items:
+                first = items[0]
+                loc = ".".join(str(p) for p in first.get("loc", ()))
+                more = f" (and {len(items) - 1} more)" if len(items) > 1 else ""
+                return f"{loc}: {first.get('msg')}{more}"
+        except Exception:  # noqa: BLE001 - fall back to the text
+            pass
+    return _first_line(exc)
+
+
+def train_anemoi(rx: "ResolvedExperiment", training_name: str, site_name: str, reporter: "Reporter",
+                 tracking_uri: str | None) -> TrainingResult:
+    from omegaconf import OmegaConf
+
+    from maelflow.tracking.mlflow_runs import choose_mode, offline_uri, run_label
+
+    training = rx.trainings[training_name]
+    site = rx.sites[site_name]
+    if training.application != "anemoi":
+        raise TrainingError(f"training {training_name!r} is not an anemoi training")
+    if not training.datasets:
+        raise TrainingError(f"training {training_name!r}: anemoi needs a dataset ('datasets' is empty)")
+    ds_path = dataset_path(rx, site_name, training.datasets[0])
+    if not ds_path.exists():
+        raise TrainingError(f"training {training_name!r}: dataset not staged on {site_name}: {ds_path}")
+    world = _world_size(training)
+    if world > 1 and not os.environ.get("SLURM_PROCID"):
+        raise TrainingError(f"training {training_name!r}: {world} devices need one process per GPU started by "
+                            "srun; this launcher runs one device in-process")
+    rank0 = _rank() == 0
+
+    out = run_dir(rx, site_name, training_name).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    state_file = out / "run.json"
+    state: dict[str, Any] = json.loads(state_file.read_text()) if state_file.exists() else {}
+
+    mode = choose_mode(training, site, tracking_uri)
+    uri = None
+    save_dir = out / "mlruns"
+    if mode == "online":
+        uri = tracking_uri
+    elif mode == "offline":
+        uri = offline_uri(out)  # also lets MLflow 3 write a file store (MLFLOW_ALLOW_FILE_STORE)
+
+    # resume (a previous start of this training left a checkpoint), fork, or a fresh start
+    settings: dict[str, Any] = {}
+    previous = state.get("run_id")
+    last = out / "checkpoint" / previous / "last.ckpt" if previous else None
+    resumed = forked = None
+    if previous and last is not None and last.exists():
+        if state.get("mode", mode) == mode and state.get("tracking_uri") == uri:
+            settings["training.run_id"] = previous
+            resumed = previous
+        else:  # the tracking server changed: continue from the checkpoint in a new run
+            settings["system.input.warm_start"] = str(last)
+            resumed = previous
+    elif training.fork_from and not state:
+        parent = _find_checkpoint(rx, site_name, out, training.fork_from)
+        if parent is None:
+            raise TrainingError(f"training {training_name!r}: no checkpoint of run {training.fork_from} to fork from "
+                                f"(looked for checkpoint/{training.fork_from}/last.ckpt under {out} and "
+                                f"{site.paths.outputs}/*/*)")
+        if mode == "online":
+            settings["training.fork_run_id"] = training.fork_from  # anemoi tags forkedRun/forkedRunId
+        if mode != "online" or parent.parent.parent != out / "checkpoint":
+            settings["system.input.warm_start"] = str(parent)
+        forked = training.fork_from
+
+    config_dir = out / "config"
+    cfg = compose_config(training, config_dir)
+    settings.update({
+        "system.input.dataset": str(ds_path),
+        "system.output.root": str(out),
+        "system.hardware.accelerator": "gpu" if training.gpus_per_node else "cpu",
+        "system.hardware.num_gpus_per_node": max(training.gpus_per_node, 1),
+        "system.hardware.num_nodes": training.nodes,
+        "diagnostics.log.mlflow.enabled": mode != "off",
+        "diagnostics.log.mlflow.offline": mode == "offline",
+        "diagnostics.log.mlflow.tracking_uri": uri if mode == "online" else str(save_dir),
+        "diagnostics.log.mlflow.save_dir": str(save_dir),
+        "diagnostics.log.mlflow.experiment_name": training.mlflow.experiment or rx.name,
+        "diagnostics.log.mlflow.run_name": training_name,
+    })
+    if OmegaConf.select(cfg, "system.input.graph", default=None) is None:
+        settings["system.input.graph"] = str(out / "graphs" / f"{training_name}.pt")
+    for key, value in settings.items():
+        OmegaConf.update(cfg, key, value, force_add=True)
+    split_dates(cfg, ds_path)
+    write_atomic(config_dir / "anemoi.yaml", OmegaConf.to_yaml(cfg))
+
+    progress = AnemoiProgress(reporter)
+    trainer_cls = _trainer_class()
+    env_cmd = os.environ.get("ANEMOI_TRAINING_CMD")
+    os.environ["ANEMOI_TRAINING_CMD"] = f"maelflow train {rx.name}/{training_name} on {site_name}"
+    try:
+        with contextlib.chdir(out):
+            try:
+                trainer = trainer_cls(cfg, progress)
+            except TrainingError:
+                raise
+            except Exception as exc:
+                from pydantic import ValidationError
+
+                if isinstance(exc, ValidationError):
+                    raise TrainingError(f"training {training_name!r}: invalid anemoi config: "
+                                        f"{_validation_message(exc)}") from None
+                raise
+            run_id = str(trainer.run_id) if trainer.run_id else None
+            mlflow_run_id = experiment_id = None
+            if mode != "off" and rank0:
+                logger = trainer.mlflow_logger
+                mlflow_run_id, experiment_id = logger.run_id, logger.experiment_id
+                _tag_run(logger, rx, training_name, site_name, mode, ds_path, resumed, forked)
+            if rank0:
+                state.update(run_id=run_id, mlflow_run_id=mlflow_run_id, tracking_uri=uri, mode=mode,
+                             experiment_id=experiment_id,
+                             experiment_name=training.mlflow.experiment or rx.name,
+                             checkpoint_dir=str(out / "checkpoint" / run_id) if run_id else None,
+                             dataset=str(ds_path), application="anemoi")
+                if forked:
+                    state["forked_from"] = forked
+                if resumed:
+                    state.setdefault("resumed", []).append(
+                        {"time": datetime.now().astimezone().isoformat(timespec="seconds"),
+                         "from": str(last), "mlflow_run_id": mlflow_run_id})
+                write_atomic(state_file, json.dumps(state, indent=2) + "\n")
+                if uri and mlflow_run_id:
+                    reporter.label("mlflow", run_label(uri, experiment_id, mlflow_run_id))
+            reporter.label("info", f"anemoi run {run_id}" + (f", resumed from {last.name}" if resumed else "")
+                           + (f", forked from {forked}" if forked else ""))
+            trainer.train()
+    finally:
+        if env_cmd is None:
+            os.environ.pop("ANEMOI_TRAINING_CMD", None)
+        else:
+            os.environ["ANEMOI_TRAINING_CMD"] = env_cmd
+
+    pl_trainer = progress.trainer
+    global_step = pl_trainer.global_step if pl_trainer is not None else _step_of(out, run_id)
+    epochs = pl_trainer.current_epoch if pl_trainer is not None else 0
+    checkpoints = sorted(out.rglob("*.ckpt"))
+    return TrainingResult(out, run_id, uri, checkpoints, int(global_step), int(epochs))
+
+
+def _tag_run(logger, rx, training_name: str, site_name: str, mode: str, ds_path: Path,
+             resumed: str | None, forked: str | None) -> None:
+    """maelflow's tags and provenance on the MLflow run (best effort: logging must not stop training)."""
+    from maelflow.provenance import record
+    from maelflow.training.launch import _dataset_uuid
+
+    try:
+        client, run_id = logger.experiment, logger.run_id
+        tags = {"maelflow.experiment": rx.name, "maelflow.site": site_name, "maelflow.training": training_name,
+                "maelflow.mode": mode, "maelflow.application": "anemoi"}
+        if resumed:
+            tags["maelflow.resumed_from"] = resumed
+        if forked:
+            tags["maelflow.forked_from"] = forked
+        for key, value in tags.items():
+            client.set_tag(run_id, key, value)
+        if not resumed:
+            prov = record(rx.to_json(), {"training": training_name, "site": site_name,
+                                         "datasets": {str(ds_path): _dataset_uuid(ds_path)}})
+            client.log_dict(run_id, prov, "provenance.json")
+    except Exception as exc:  # noqa: BLE001
+        import logging
+
+        logging.getLogger(__name__).warning("could not tag MLflow run: %s", _first_line(exc))
+
+
+def _step_of(out: Path, run_id: str | None) -> int:
+    if not run_id:
+        return 0
+    last = out / "checkpoint" / run_id / "last.ckpt"
+    if not last.exists():
+        return 0
+    import torch
+
+    return int(torch.load(last, map_location="cpu", weights_only=False).get("global_step", 0))
