@@ -19,13 +19,15 @@ def placeholders_for(ws: Workspace) -> dict[str, str]:
 
     values = {"workspace": str(ws.root), "maelflow": maelflow_command()}
     if ws.path("hpc", "site.json").exists():
-        from maelflow.services.hpc import connection_info
+        from maelflow.services.hpc import LoopbackHpc
 
-        info = connection_info(ws)
+        site = LoopbackHpc(ws)
+        info = site.connection_info()
         if info.get("port"):
+            # the site user is shared by workspaces: each gets its own folder in the user's home
             values.update({"hpc_port": str(info["port"]), "hpc_identity": info["identity_file"],
                            "hpc_known_hosts": info["known_hosts"], "hpc_user": info["user"],
-                           "hpc_home": info["home"] or ""})
+                           "hpc_home": info["home"] or "", "hpc_root": f"{info['home']}/maelflow-{site.site_id}"})
     return values
 
 

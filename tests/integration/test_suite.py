@@ -63,7 +63,8 @@ def test_demo_end_to_end_through_the_cli(stack):
     client = mlflow.MlflowClient(infos["mlflow"].url)
     history = client.get_metric_history(run_id, "train_loss_epoch")
     assert len(history) == 3
-    lineage = json.loads((ws.root / "sites/local/outputs/demo/tiny/lineage.json").read_text())
+    (lineage_file,) = (ws.root / "sites/local/outputs/demo/tiny").glob("*/lineage.json")  # one per deploy
+    lineage = json.loads(lineage_file.read_text())
     assert lineage["run_id"] == run_id and lineage["checkpoints"]
     assert (ws.root / "suites/demo/runs/provenance.json").exists()
 

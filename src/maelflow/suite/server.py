@@ -34,8 +34,24 @@ def deploy(rx: ResolvedExperiment, ws: Workspace, client, out_dir: Path | None =
         client.replace(f"/{built.name}", str(built.def_file), True, True)
     else:
         client.load(str(built.def_file))
+    # each deploy is a new run of the experiment: its trainings write under their own folder, and a
+    # resubmitted or requeued job of this deploy continues there (not part of the .def: a build of
+    # the same config stays byte-identical)
+    try:
+        client.alter(f"/{built.name}", "add", "variable", DEPLOY_ID_VAR, deploy_id())
+    except RuntimeError:  # already there
+        client.alter(f"/{built.name}", "change", "variable", DEPLOY_ID_VAR, deploy_id())
     client.begin_suite(built.name, True)
     return built
+
+
+DEPLOY_ID_VAR = "MAELFLOW_DEPLOY_ID"
+
+
+def deploy_id() -> str:
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
 
 
 def suites(client) -> list[str]:

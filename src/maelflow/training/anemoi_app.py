@@ -323,6 +323,8 @@ def train_anemoi(rx: "ResolvedExperiment", training_name: str, site_name: str, r
         "diagnostics.log.mlflow.enabled": mode != "off",
         "diagnostics.log.mlflow.offline": mode == "offline",
         "diagnostics.log.mlflow.tracking_uri": uri if mode == "online" else str(save_dir),
+        # anemoi's schema sets the logger's save_dir to this path (joined to output.root/logs)
+        "system.output.logs.mlflow": str(save_dir),
         "diagnostics.log.mlflow.save_dir": str(save_dir),
         "diagnostics.log.mlflow.experiment_name": training.mlflow.experiment or rx.name,
         "diagnostics.log.mlflow.run_name": training_name,
@@ -331,55 +333,50 @@ def train_anemoi(rx: "ResolvedExperiment", training_name: str, site_name: str, r
         settings["system.input.graph"] = str(out / "graphs" / f"{training_name}.pt")
     for key, value in settings.items():
         OmegaConf.update(cfg, key, value, force_add=True)
+    precision = OmegaConf.select(cfg, "training.precision", default=None)
+    if isinstance(precision, int):  # `precision: 32` in YAML is an int; anemoi's schema wants "32"
+        OmegaConf.update(cfg, "training.precision", str(precision))
     split_dates(cfg, ds_path)
     write_atomic(config_dir / "anemoi.yaml", OmegaConf.to_yaml(cfg))
 
     progress = AnemoiProgress(reporter)
     trainer_cls = _trainer_class()
-    env_cmd = os.environ.get("ANEMOI_TRAINING_CMD")
-    os.environ["ANEMOI_TRAINING_CMD"] = f"maelflow train {rx.name}/{training_name} on {site_name}"
-    try:
-        with contextlib.chdir(out):
-            try:
-                trainer = trainer_cls(cfg, progress)
-            except TrainingError:
-                raise
-            except Exception as exc:
-                from pydantic import ValidationError
+    with contextlib.chdir(out):
+        try:
+            trainer = trainer_cls(cfg, progress)
+        except TrainingError:
+            raise
+        except Exception as exc:
+            from pydantic import ValidationError
 
-                if isinstance(exc, ValidationError):
-                    raise TrainingError(f"training {training_name!r}: invalid anemoi config: "
-                                        f"{_validation_message(exc)}") from None
-                raise
-            run_id = str(trainer.run_id) if trainer.run_id else None
-            mlflow_run_id = experiment_id = None
-            if mode != "off" and rank0:
-                logger = trainer.mlflow_logger
-                mlflow_run_id, experiment_id = logger.run_id, logger.experiment_id
-                _tag_run(logger, rx, training_name, site_name, mode, ds_path, resumed, forked)
-            if rank0:
-                state.update(run_id=run_id, mlflow_run_id=mlflow_run_id, tracking_uri=uri, mode=mode,
-                             experiment_id=experiment_id,
-                             experiment_name=training.mlflow.experiment or rx.name,
-                             checkpoint_dir=str(out / "checkpoint" / run_id) if run_id else None,
-                             dataset=str(ds_path), application="anemoi")
-                if forked:
-                    state["forked_from"] = forked
-                if resumed:
-                    state.setdefault("resumed", []).append(
-                        {"time": datetime.now().astimezone().isoformat(timespec="seconds"),
-                         "from": str(last), "mlflow_run_id": mlflow_run_id})
-                write_atomic(state_file, json.dumps(state, indent=2) + "\n")
-                if uri and mlflow_run_id:
-                    reporter.label("mlflow", run_label(uri, experiment_id, mlflow_run_id))
-            reporter.label("info", f"anemoi run {run_id}" + (f", resumed from {last.name}" if resumed else "")
-                           + (f", forked from {forked}" if forked else ""))
-            trainer.train()
-    finally:
-        if env_cmd is None:
-            os.environ.pop("ANEMOI_TRAINING_CMD", None)
-        else:
-            os.environ["ANEMOI_TRAINING_CMD"] = env_cmd
+            if isinstance(exc, ValidationError):
+                raise TrainingError(f"training {training_name!r}: invalid anemoi config: "
+                                    f"{_validation_message(exc)}") from None
+            raise
+        run_id = str(trainer.run_id) if trainer.run_id else None
+        mlflow_run_id = experiment_id = None
+        if mode != "off" and rank0:
+            logger = trainer.mlflow_logger
+            mlflow_run_id, experiment_id = logger.run_id, logger.experiment_id
+            _tag_run(logger, rx, training_name, site_name, mode, ds_path, resumed, forked)
+        if rank0:
+            state.update(run_id=run_id, mlflow_run_id=mlflow_run_id, tracking_uri=uri, mode=mode,
+                         experiment_id=experiment_id,
+                         experiment_name=training.mlflow.experiment or rx.name,
+                         checkpoint_dir=str(out / "checkpoint" / run_id) if run_id else None,
+                         dataset=str(ds_path), application="anemoi")
+            if forked:
+                state["forked_from"] = forked
+            if resumed:
+                state.setdefault("resumed", []).append(
+                    {"time": datetime.now().astimezone().isoformat(timespec="seconds"),
+                     "from": str(last), "mlflow_run_id": mlflow_run_id})
+            write_atomic(state_file, json.dumps(state, indent=2) + "\n")
+            if uri and mlflow_run_id:
+                reporter.label("mlflow", run_label(uri, experiment_id, mlflow_run_id))
+        reporter.label("info", f"anemoi run {run_id}" + (f", resumed from {last.name}" if resumed else "")
+                       + (f", forked from {forked}" if forked else ""))
+        trainer.train()
 
     pl_trainer = progress.trainer
     global_step = pl_trainer.global_step if pl_trainer is not None else _step_of(out, run_id)

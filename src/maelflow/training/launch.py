@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,8 +51,11 @@ def dataset_path(rx: ResolvedExperiment, site: str, dataset: str) -> Path:
     return Path(rx.sites[site].paths.datasets) / f"{dataset}.zarr"
 
 
-def run_dir(rx: ResolvedExperiment, site: str, training: str) -> Path:
-    return Path(rx.sites[site].paths.outputs) / rx.name / training
+def run_dir(rx: ResolvedExperiment, site: str, training: str, deploy_id: str | None = None) -> Path:
+    """``<outputs>/<experiment>/<training>/<deploy id>``: one folder per deploy of the suite, so a
+    redeploy starts a new run and a resubmitted job of the same deploy resumes its own."""
+    deploy_id = deploy_id or os.environ.get("MAELFLOW_DEPLOY_ID") or "0"
+    return Path(rx.sites[site].paths.outputs) / rx.name / training / deploy_id
 
 
 def train(rx: ResolvedExperiment, training_name: str, site_name: str, reporter: Reporter,
@@ -109,7 +113,13 @@ def train(rx: ResolvedExperiment, training_name: str, site_name: str, reporter: 
         logger.experiment.log_dict(run_id, prov, "provenance.json")
 
     last = ckpt_dir / "last.ckpt"
-    trainer = pl.Trainer(
+    plugins = []
+    if os.environ.get("SLURM_JOB_ID"):
+        # the suite resubmits a timed-out job itself; Lightning's own `scontrol requeue` would race it
+        from lightning_fabric.plugins.environments import SLURMEnvironment
+
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    trainer = pl.Trainer(plugins=plugins,
         max_epochs=max_epochs, accelerator="gpu" if training.gpus_per_node else "cpu",
         devices=training.gpus_per_node or 1, num_nodes=training.nodes, logger=logger if logger else False,
         callbacks=[EcflowProgress(reporter), ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_epochs=1)],

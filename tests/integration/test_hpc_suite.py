@@ -1,0 +1,116 @@
+"""The suite on the loopback HPC site: SSH + SLURM jobs reporting through the relay.
+
+A real sshd with its own user and key, a real single-node SLURM with munge; nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from maelflow.config.loader import load_experiment
+from maelflow.demo import prepare_datasets
+from maelflow.ecf import client_for
+from maelflow.placeholders import placeholders_for
+from maelflow.services import hpc
+from maelflow.suite.server import control, deploy, find, tree
+from maelflow.workspace import Workspace
+from tests.conftest import write_yaml
+from tests.integration.suite_helpers import wait_for
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def hpc_stack(tmp_path_factory):
+    from maelflow.services import stack as stack_mod
+
+    ws = Workspace(tmp_path_factory.mktemp("hpcsuite") / "ws")
+    try:
+        stack_mod.up(ws, extra=["hpc"])
+        yield ws
+    finally:
+        stack_mod.down(ws)
+        hpc.forget(ws)
+
+
+def _deploy(ws, config_root, name, *overrides):
+    exp = write_yaml(config_root / "experiments" / f"{name}.yaml",
+                     {"name": name, "sites": ["localhpc"], "datasets": ["synth-demo"], "trainings": ["tiny"]})
+    rx = load_experiment(str(exp), list(overrides), placeholders=placeholders_for(ws))
+    prepare_datasets(rx)
+    client = client_for(ws)
+    deploy(rx, ws, client)
+    return rx, client
+
+
+def _squeue_state(ws, job_id: str) -> str:
+    info = hpc.connection_info(ws)
+    out = subprocess.run(["ssh", *info["ssh_options"], f"{info['user']}@127.0.0.1",
+                          f"squeue -h -t all -j {job_id} -o %T"], capture_output=True, text=True, timeout=30)
+    return out.stdout.strip()
+
+
+def test_suite_completes_through_ssh_slurm_and_relay(hpc_stack, config_root):
+    ws = hpc_stack
+    rx, client = _deploy(ws, config_root, "h_run")
+    wait_for(client, "/h_run", {"complete"}, timeout=300)
+    data = tree(client, "h_run")
+    train = find(data, "/h_run/localhpc/train/tiny/train")
+    # set from inside the SLURM job, replayed by the relay
+    assert train["meters"]["epoch"]["value"] == 3
+    assert train["events"]["checkpoint"] is True
+    assert "epoch" in train["labels"]["checkpoint"]
+    record = json.loads(ws.path("suites", "h_run", "jobs", "h_run", "localhpc", "train", "tiny",
+                                "train.job1.sub").read_text())
+    assert record["kind"] == "slurm" and record["job_id"].isdigit()
+    stage = find(data, "/h_run/localhpc/data/synth_demo/stage")
+    assert stage["meters"]["progress"]["value"] == 100 and stage["events"]["verified"] is True
+    assert "/home/" in stage["labels"]["info"]
+    # compute nodes have no network: the run was logged offline and synced by the server-side task
+    sync = find(data, "/h_run/localhpc/train/tiny/sync")
+    assert "1 new" in sync["labels"]["info"]
+    # job output is mirrored beside the server for ecFlow UI
+    out = ws.path("suites", "h_run", "jobs", "h_run", "localhpc", "train", "tiny", "train.1")
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and "max_epochs=3" not in (out.read_text() if out.exists() else ""):
+        time.sleep(0.5)
+    assert "max_epochs=3" in out.read_text()
+
+
+def test_kill_cancels_the_slurm_job(hpc_stack, config_root):
+    ws = hpc_stack
+    rx, client = _deploy(ws, config_root, "h_kill", "training.tiny.config.max_epochs=100000")
+    path = "/h_kill/localhpc/train/tiny/train"
+    node = wait_for(client, path, {"active"}, timeout=300)
+    job_id = node["rid"]
+    assert _squeue_state(ws, job_id) == "RUNNING"
+    t0 = time.monotonic()
+    control(client, "kill", path)
+    node = wait_for(client, path, {"aborted"}, timeout=60)
+    assert "killed by a signal" in node["aborted_reason"] or "scancel" in node["aborted_reason"]
+    assert _squeue_state(ws, job_id) in ("CANCELLED", "")
+    assert time.monotonic() - t0 < 45
+
+
+def test_unusable_credential_aborts_fast_with_renew_hint(hpc_stack, config_root):
+    ws = hpc_stack
+    rx, client = _deploy(ws, config_root, "h_cred")
+    control(client, "suspend", "/h_cred/localhpc")
+    key = Path(hpc.connection_info(ws)["identity_file"])
+    hidden = key.with_name(key.name + ".away")
+    key.rename(hidden)
+    try:
+        wait_for(client, "/h_cred/publish/synth_demo/publish", {"complete"}, timeout=120)
+        t0 = time.monotonic()
+        control(client, "resume", "/h_cred/localhpc")
+        node = wait_for(client, "/h_cred/localhpc/data/synth_demo/stage", {"aborted"}, timeout=30)
+        assert time.monotonic() - t0 < 10
+        assert "maelflow services up --with-hpc" in node["aborted_reason"]  # the site's renew hint
+        assert str(key) in node["aborted_reason"]
+    finally:
+        hidden.rename(key)
