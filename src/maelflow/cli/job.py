@@ -8,11 +8,17 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import click
 
-from maelflow.cli.common import fail
+
+
+def fail(message: str, code: int = 1) -> None:
+    """Plain stderr (no rich): ecFlow runs these commands for every job, start-up time counts."""
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
 
 
 def _rx(config: str):
