@@ -23,3 +23,8 @@ def config_root(tmp_path) -> Path:
     root = tmp_path / "configs"
     shutil.copytree(REPO / "configs", root)
     return root
+
+
+# the numpy-made synthetic zarr instead of building one with anemoi-datasets (which a dedicated test
+# does): suite tests about scheduling, killing or relaying need a dataset, not its build
+PREBUILT = "dataset.synth-demo.recipe=null"

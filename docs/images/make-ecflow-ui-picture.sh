@@ -5,9 +5,11 @@
 #
 # WORKSPACE defaults to a new temporary folder; a given one must not have the suites /demo or /broken
 # loaded yet (the script refuses). The script
-#   1. starts `maelflow demo` in the background with 400 epochs instead of 3 (outputs in
-#      WORKSPACE/picture-outputs, so the training starts from epoch 0 even where one has run before),
-#   2. deploys a second suite, /broken, whose dataset source does not exist: its publish task aborts,
+#   1. starts `maelflow demo` in the background with its Lightning training `tiny` only, for 250
+#      epochs instead of 3 (outputs in WORKSPACE/picture-outputs, so the training starts from
+#      epoch 0 even where one has run before),
+#   2. deploys a second suite, /broken, whose dataset has a source that does not exist and no
+#      recipe to build it: its publish task aborts,
 #   3. opens ecflow_ui on a private Xvfb display, expands the tree with xdotool, waits until the
 #      training is past epoch 100, refreshes (F5) and takes the picture with ImageMagick's import,
 #   4. lets the demo finish, stops ecflow_ui and Xvfb (by PID) and runs `maelflow services down`.
@@ -21,7 +23,7 @@ PYTHON="${PYTHON:-$root/.venv/bin/python}"
 ws="${1:-$(mktemp -d)/ws}"
 out="$here/ecflow-ui-demo.png"
 scratch="$(mktemp -d)"
-screen_w=1600 screen_h=1000   # Xvfb screen; the window is sized to it for the clicks
+screen_w=1600 screen_h=1100   # Xvfb screen; the window is sized to it for the clicks
 pic_w=1280                    # the picture keeps the left part, where the tree is
 xvfb_pid="" ui_pid="" demo_pid="" services_started=0
 
@@ -57,13 +59,15 @@ if mf status --json | grep -q '"path": "/\(demo\|broken\)"'; then
   exit 1
 fi
 rm -rf "$ws/picture-outputs"
-mf demo training.tiny.config.max_epochs=400 "site.local.paths.outputs=$ws/picture-outputs" --timeout 900 \
+mf demo 'trainings=[tiny]' training.tiny.config.max_epochs=250 "site.local.paths.outputs=$ws/picture-outputs" \
+  --timeout 900 \
   >"$scratch/demo.log" 2>&1 &
 demo_pid=$!
 for _ in $(seq 120); do mf status demo >/dev/null 2>&1 && break; sleep 1; done   # /demo loaded first
 # expected to abort: exit status 1
 mf deploy demo name=broken 'description=demo whose dataset source is missing' 'trainings=[]' \
-   dataset.synth-demo.source=/nonexistent/synth-demo.zarr --wait --timeout 120 || true
+   dataset.synth-demo.recipe=null dataset.synth-demo.source=/nonexistent/synth-demo.zarr \
+   --wait --timeout 120 || true
 port="$(mf services status --json | "$PYTHON" -c 'import json, sys; print(json.load(sys.stdin)["ecflow"]["port"])')"
 say "ecflow_server on 127.0.0.1:$port"
 

@@ -9,12 +9,13 @@ from maelflow.workspace import Workspace
 
 
 def prepare_datasets(rx: ResolvedExperiment) -> list[Path]:
-    """Create the synthetic source zarr of every demo dataset that does not exist yet."""
+    """Create the synthetic source zarr of every demo dataset without a recipe (a dataset with a
+    recipe is built by the suite's build task)."""
     from maelflow.training.synthetic import make_synthetic
 
     made = []
     for ds in rx.datasets.values():
-        if ds.source and "synth" in ds.name and not Path(ds.source).exists():
+        if ds.source and not ds.recipe and "synth" in ds.name and not Path(ds.source).exists():
             made.append(make_synthetic(Path(ds.source)))
     return made
 

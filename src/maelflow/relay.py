@@ -191,20 +191,25 @@ def _send(sender: Sender, c: ChildCommand) -> None:
 
 
 def relay_forever(ws: Workspace, interval: float = 1.0, once: bool = False) -> None:
-    """Watch every deployed suite's relay sites; also keeps job outputs mirrored for ecFlow UI."""
+    """Watch every deployed suite's relay sites, mirror job outputs, resubmit timed-out trainings."""
     from maelflow.relay_targets import targets
+    from maelflow.resubmit import resubmit_timeouts
 
     heartbeat = ws.path("relay", "heartbeat")
     while True:
         t0 = time.monotonic()
         try:
-            for target in targets(ws):
+            found = targets(ws)
+            for target in found:
                 try:
                     state = RelayState.load(state_path(ws, target.suite, target.site))
                     replay(target.source, target.spool_dir, target.sender, state)
                     target.after_replay()
                 except Exception as exc:  # noqa: BLE001 - one broken site must not stop the others
                     log.warning("relay %s/%s: %s", target.suite, target.site, exc)
+            from maelflow.ecf import client_for
+
+            resubmit_timeouts(client_for(ws))
         except Exception as exc:  # noqa: BLE001 - the server may be restarting
             log.warning("relay: %s", exc)
         write_atomic(heartbeat, f"{time.time():.0f}\n")

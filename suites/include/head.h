@@ -37,7 +37,7 @@ trap 'abort_job exit $?' 0
 trap 'abort_job signal' 1 2 3 15
 # SLURM warns the batch shell before the time limit (sbatch --signal=B:USR1@SECONDS): remember it,
 # so the SIGTERM that follows is reported as TIMEOUT, which the suite resubmits from a checkpoint
-trap 'MAELFLOW_TIME_LIMIT=1; echo "maelflow: SLURM time limit approaching"' USR1
+trap 'MAELFLOW_TIME_LIMIT=1; echo "maelflow: SLURM time limit approaching"; ecf --event=timeout || true' USR1
 
 # Steps write a one-line reason here before failing; the abort then shows it instead of an exit code.
 export MAELFLOW_ABORT_FILE="${TMPDIR:-/tmp}/maelflow-abort.$$"

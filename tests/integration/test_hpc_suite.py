@@ -19,7 +19,7 @@ from maelflow.placeholders import placeholders_for
 from maelflow.services import hpc
 from maelflow.suite.server import control, deploy, find, tree
 from maelflow.workspace import Workspace
-from tests.conftest import write_yaml
+from tests.conftest import PREBUILT, write_yaml
 from tests.integration.suite_helpers import wait_for
 
 pytestmark = pytest.mark.integration
@@ -41,7 +41,7 @@ def hpc_stack(tmp_path_factory):
 def _deploy(ws, config_root, name, *overrides):
     exp = write_yaml(config_root / "experiments" / f"{name}.yaml",
                      {"name": name, "sites": ["localhpc"], "datasets": ["synth-demo"], "trainings": ["tiny"]})
-    rx = load_experiment(str(exp), list(overrides), placeholders=placeholders_for(ws))
+    rx = load_experiment(str(exp), [PREBUILT, *overrides], placeholders=placeholders_for(ws))
     prepare_datasets(rx)
     client = client_for(ws)
     deploy(rx, ws, client)
@@ -114,3 +114,36 @@ def test_unusable_credential_aborts_fast_with_renew_hint(hpc_stack, config_root)
         assert str(key) in node["aborted_reason"]
     finally:
         hidden.rename(key)
+
+
+def test_timeout_is_resubmitted_and_resumes_from_checkpoint(hpc_stack, config_root):
+    """SLURM stops the job at a 1-minute limit; the suite resubmits it; training continues."""
+    ws = hpc_stack
+    epochs = 300
+    rx, client = _deploy(ws, config_root, "h_timeout", "training.tiny.time_limit=00:01:00",
+                         f"training.tiny.config.max_epochs={epochs}", "training.tiny.max_resubmissions=4")
+    path = "/h_timeout/localhpc/train/tiny/train"
+    wait_for(client, "/h_timeout", {"complete", "aborted"}, timeout=600)
+    data = tree(client, "h_timeout")
+    train = find(data, path)
+    assert data["suites"][0]["state"] == "complete", train
+    assert train["meters"]["epoch"]["value"] == epochs
+    client.sync_local()
+    resubmits = int(client.get_defs().find_abs_node(path).find_variable("MAELFLOW_RESUBMITS").value())
+    assert resubmits >= 1
+    # the first job's output says why it stopped
+    first = ws.path("suites", "h_timeout", "jobs", "h_timeout", "localhpc", "train", "tiny", "train.1")
+    assert "SLURM time limit approaching" in first.read_text()
+    # one run, resumed: the run record kept its id and the epoch metric has each epoch exactly once
+    import os
+
+    from mlflow import MlflowClient
+
+    run_dirs = list(Path(rx.sites["localhpc"].paths.outputs, "h_timeout", "tiny").glob("*/run.json"))
+    assert len(run_dirs) == 1
+    state = json.loads(run_dirs[0].read_text())
+    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+    history = MlflowClient(state["tracking_uri"]).get_metric_history(state["run_id"], "train_loss_epoch")
+    steps = [m.step for m in history]
+    assert len(set(steps)) == epochs and len(history) <= epochs + resubmits  # an epoch cut short may repeat
+    assert train["labels"]["mlflow"].split()[1] == state["run_id"]

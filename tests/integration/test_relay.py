@@ -19,7 +19,7 @@ from maelflow.placeholders import placeholders_for
 from maelflow.services import stack as stack_mod
 from maelflow.suite.builder import spool_dir
 from maelflow.suite.server import deploy, find, tree
-from tests.conftest import write_yaml
+from tests.conftest import PREBUILT, write_yaml
 from tests.integration.suite_helpers import wait_for
 
 pytestmark = pytest.mark.integration
@@ -54,7 +54,7 @@ def test_relay_suite_completes_and_restart_loses_nothing(services, tmp_path, con
     services(ws, "ecflow", "s3", "mlflow", "relay")
     exp = write_yaml(config_root / "experiments" / "t_relay.yaml",
                      {"name": "t_relay", "sites": ["local"], "datasets": ["synth-demo"], "trainings": ["tiny"]})
-    rx = load_experiment(str(exp), ["site.local.reporting=relay", "training.tiny.config.max_epochs=40"],
+    rx = load_experiment(str(exp), [PREBUILT, "site.local.reporting=relay", "training.tiny.config.max_epochs=40"],
                          placeholders=placeholders_for(ws))
     prepare_datasets(rx)
     client = client_for(ws)

@@ -18,7 +18,7 @@ from maelflow.ecf import client_for
 from maelflow.services import stack as stack_mod
 from maelflow.suite.server import control, deploy, find, tree
 from maelflow.workspace import Workspace
-from tests.conftest import REPO, write_yaml
+from tests.conftest import PREBUILT, REPO, write_yaml
 from tests.integration.suite_helpers import wait_for
 
 pytestmark = pytest.mark.integration
@@ -72,7 +72,7 @@ def test_demo_end_to_end_through_the_cli(stack):
 def test_abort_shows_reason_then_requeue_completes(stack, config_root):
     ws, _ = stack
     exp = _experiment(config_root, "t_abort", trainings=[])
-    rx = load_experiment(exp, ["dataset.synth-demo.source=" + str(ws.root / "data" / "t_abort.zarr")],
+    rx = load_experiment(exp, [PREBUILT, "dataset.synth-demo.source=" + str(ws.root / "data" / "t_abort.zarr")],
                          placeholders={"workspace": str(ws.root)})
     client = client_for(ws)
     deploy(rx, ws, client)
@@ -88,7 +88,7 @@ def test_abort_shows_reason_then_requeue_completes(stack, config_root):
 def test_kill_stops_the_running_process(stack, config_root):
     ws, _ = stack
     exp = _experiment(config_root, "t_kill")
-    rx = load_experiment(exp, ["training.tiny.config.max_epochs=100000"], placeholders={"workspace": str(ws.root)})
+    rx = load_experiment(exp, [PREBUILT, "training.tiny.config.max_epochs=100000"], placeholders={"workspace": str(ws.root)})
     prepare_datasets(rx)
     client = client_for(ws)
     deploy(rx, ws, client)
@@ -117,7 +117,7 @@ def test_server_restart_mid_suite_resumes_from_checkpoint(services, tmp_path, co
     ws = Workspace(tmp_path / "ws_restart")
     services(ws, "ecflow", "s3", "mlflow")
     exp = _experiment(config_root, "t_restart")
-    rx = load_experiment(exp, ["training.tiny.config.max_epochs=150"], placeholders={"workspace": str(ws.root)})
+    rx = load_experiment(exp, [PREBUILT, "training.tiny.config.max_epochs=150"], placeholders={"workspace": str(ws.root)})
     prepare_datasets(rx)
     client = client_for(ws)
     deploy(rx, ws, client)
@@ -141,7 +141,7 @@ def test_server_restart_mid_suite_resumes_from_checkpoint(services, tmp_path, co
 def test_offline_training_synced_by_the_suite_twice_without_duplicates(stack, config_root):
     ws, infos = stack
     exp = _experiment(config_root, "t_offline")
-    rx = load_experiment(exp, ["training.tiny.mlflow.mode=offline"], placeholders={"workspace": str(ws.root)})
+    rx = load_experiment(exp, [PREBUILT, "training.tiny.mlflow.mode=offline"], placeholders={"workspace": str(ws.root)})
     prepare_datasets(rx)
     client = client_for(ws)
     deploy(rx, ws, client)

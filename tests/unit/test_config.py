@@ -123,4 +123,4 @@ def test_defaults_list_composes_with_hydra(config_root):
                {"defaults": ["demo", "_self_"], "name": "child", "description": "inherits the demo"})
     rx = load_experiment("child", ["sites=[lumi]"], config_root=config_root)
     assert rx.name == "child" and rx.experiment.description == "inherits the demo"
-    assert list(rx.sites) == ["lumi"] and list(rx.trainings) == ["tiny"]
+    assert list(rx.sites) == ["lumi"] and list(rx.trainings) == ["tiny-anemoi", "tiny"]

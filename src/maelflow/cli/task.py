@@ -40,6 +40,14 @@ def provenance() -> None:
     _run(tasks.provenance)
 
 
+@command.command("build")
+@click.option("--dataset", required=True)
+def build(dataset: str) -> None:
+    """Build DATASET from its anemoi-datasets recipe."""
+    from maelflow.suite import tasks
+    _run(tasks.build, dataset)
+
+
 @command.command("publish")
 @click.option("--dataset", required=True)
 def publish(dataset: str) -> None:

@@ -287,6 +287,8 @@ def load_experiment(ref: str, overrides: list[str] | tuple[str, ...] = (), *, co
                 for field_path, ph in unknown:
                     problems.append(ConfigProblem(str(part_file), field_path, "{" + ph + "}", hint(ph)))
                 continue
+            if kind == "dataset" and isinstance(expanded.get("recipe"), str) and not os.path.isabs(expanded["recipe"]):
+                expanded["recipe"] = str(root / expanded["recipe"])  # relative to the config root
             try:
                 resolved[kind][name] = model.model_validate(expanded)
             except ValidationError as err:

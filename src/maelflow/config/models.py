@@ -139,15 +139,17 @@ class Dataset(Strict):
     name: str = Field(description="Dataset name (anemoi naming convention), its identity in the catalogue.")
     description: str = Field("", description="What the dataset holds.")
     source: str | None = Field(None, description="Path of the ML-ready zarr where it is built (published from).")
-    recipe: str | None = Field(None, description="anemoi-datasets recipe that creates the zarr, if it is built here.")
+    recipe: str | None = Field(None, description="anemoi-datasets recipe that creates the zarr at 'source' (a path, "
+                                                 "relative to the config root), if the suite builds it.")
     s3_prefix: str | None = Field(None, description="Key prefix in the EWC bucket; default datasets/<name>.zarr.")
 
     _check_name = field_validator("name")(classmethod(lambda cls, v: check_name(v)))
 
     @model_validator(mode="after")
     def _origin(self) -> "Dataset":
-        if not self.source and not self.recipe:
-            raise ValueError("a dataset needs a 'source' zarr path or a 'recipe' to build it")
+        if not self.source:
+            raise ValueError("a dataset needs a 'source': the zarr it is published from (built there by "
+                             "its 'recipe', if it has one)")
         return self
 
     @property

@@ -34,7 +34,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from maelflow.config.models import Dataset
     from maelflow.reporting import Reporter
 
-SYNTHETIC_VARIABLES = ("t2m", "u10", "v10", "msl")
 STATISTICS_ARRAYS = ("mean", "stdev", "minimum", "maximum")
 
 
@@ -158,7 +157,8 @@ def _check_built(path: Path, recipe: Path) -> dict:
     try:
         root = zarr.open_group(str(path), mode="r")
     except Exception as exc:  # noqa: BLE001 - zarr raises several kinds
-        raise DatasetBuildError(f"recipe {recipe}: anemoi-datasets create left no readable zarr: {exc}") from None
+        raise DatasetBuildError(f"recipe {recipe}: anemoi-datasets create left no readable zarr: "
+                                f"{_error_line(str(exc))}") from None
     attrs = dict(root.attrs)
     if "data" not in root:
         raise DatasetBuildError(f"recipe {recipe}: the dataset has no 'data' array")
@@ -218,8 +218,8 @@ def build_dataset(dataset: "Dataset", dest: Path | str, reporter: "Reporter | No
         if dest.exists():
             shutil.rmtree(dest)
         building.rename(dest)
-    except OSError as exc:
-        raise DatasetBuildError(f"recipe {recipe}: {exc}") from None
+    except (OSError, ImportError, ValueError) as exc:  # the build folder, the synthetic input
+        raise DatasetBuildError(f"recipe {recipe}: {_error_line(str(exc))}") from None
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     seconds = time.monotonic() - t0

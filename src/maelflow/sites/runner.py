@@ -58,8 +58,11 @@ class LocalProcessRunner:
             print(f"bash {job} > {jobout} 2>&1 &   # new session, on this machine")
             return JobHandle(self.site, "0", "process")
         jobout.parent.mkdir(parents=True, exist_ok=True)
+        # ecflow_server runs with the loopback bind shim preloaded and its children inherit it: a job
+        # must not (it would move, say, torch.distributed's store to ::1, where its clients never look)
+        env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
         with open(jobout, "ab") as out:
-            proc = subprocess.Popen(["bash", str(job)], stdin=subprocess.DEVNULL, stdout=out,
+            proc = subprocess.Popen(["bash", str(job)], stdin=subprocess.DEVNULL, stdout=out, env=env,
                                     stderr=subprocess.STDOUT, start_new_session=True, cwd=job.parent)
         return JobHandle(self.site, str(proc.pid), "process")
 

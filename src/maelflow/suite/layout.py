@@ -55,6 +55,19 @@ def transfers_limit(site: str) -> str:
     return f"{node_name(site)}_transfers"
 
 
+def expected_epochs(training) -> int:
+    """The epoch meter's range. anemoi trainings usually stop at ``training.max_steps``: maelflow's
+    base config makes an epoch 10 batches (dataloader.limit_batches.training)."""
+    cfg = training.config
+    if training.application == "anemoi":
+        t = cfg.get("training", {}) or {}
+        if t.get("max_epochs"):
+            return int(t["max_epochs"])
+        per_epoch = ((cfg.get("dataloader", {}) or {}).get("limit_batches", {}) or {}).get("training") or 10
+        return max(1, -(-int(t.get("max_steps", 10)) // int(per_epoch)))
+    return int(cfg.get("max_epochs", 1) or 1)
+
+
 def suite_layout(rx: ResolvedExperiment, variables: dict[str, str]) -> SuiteSpec:
     suite = node_name(rx.name)
     limits: list[tuple[str, int]] = []
@@ -64,10 +77,13 @@ def suite_layout(rx: ResolvedExperiment, variables: dict[str, str]) -> SuiteSpec
 
     publish = FamilySpec("publish", labels=[("info", "publish datasets to the European Weather Cloud")])
     for ds in rx.experiment.datasets:
-        publish.children.append(FamilySpec(
-            node_name(ds), variables={"DATASET": ds},
-            children=[TaskSpec("publish", "publish", meters=[("progress", 0, 100)],
-                               labels=[("info", ""), ("rate", "")], events=["manifest"])]))
+        tasks = []
+        if rx.datasets[ds].recipe:
+            tasks.append(TaskSpec("build", "build", labels=[("info", "")]))
+        tasks.append(TaskSpec("publish", "publish", meters=[("progress", 0, 100)],
+                              labels=[("info", ""), ("rate", "")], events=["manifest"],
+                              trigger="build == complete" if len(tasks) else None))
+        publish.children.append(FamilySpec(node_name(ds), variables={"DATASET": ds}, children=tasks))
     if publish.children:
         children.append(publish)
 
@@ -94,7 +110,7 @@ def suite_layout(rx: ResolvedExperiment, variables: dict[str, str]) -> SuiteSpec
             register = FamilySpec("register", trigger="train == complete")
             for tname in rx.experiment.trainings:
                 training = rx.trainings[tname]
-                max_epochs = int(training.config.get("max_epochs", 1) or 1)
+                max_epochs = expected_epochs(training)
                 tasks = [TaskSpec("train", "train",
                                   meters=[("epoch", 0, max_epochs), ("resubmits", 0, max(training.max_resubmissions, 1))],
                                   labels=[("info", ""), ("mlflow", ""), ("checkpoint", "")],

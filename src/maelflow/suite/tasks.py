@@ -67,6 +67,18 @@ def provenance(ctx: TaskContext) -> Path:
     return path
 
 
+def build(ctx: TaskContext, dataset: str) -> None:
+    """Create the dataset's zarr at its source path from its anemoi-datasets recipe."""
+    from maelflow.datasets.build import DatasetBuildError, build_dataset
+
+    ds = ctx.rx.datasets[dataset]
+    try:
+        path = build_dataset(ds, Path(ds.source), ctx.reporter)
+    except DatasetBuildError as exc:
+        raise TaskFailed(str(exc)) from None
+    ctx.reporter.label("info", f"{dataset} ready at {path}")
+
+
 def publish(ctx: TaskContext, dataset: str) -> None:
     import time
 
@@ -148,10 +160,11 @@ def register(ctx: TaskContext, training: str, site: str) -> Path:
     if not state_file.exists():
         raise TaskFailed(f"training {training!r} left no run record at {state_file}: did it run?")
     state = json.loads(state_file.read_text())
+    # Lightning apps write checkpoints/, anemoi checkpoint/<run id>/: look under the whole run folder
     checkpoints = [{"path": str(p), "size": p.stat().st_size, "sha256": sha256_file(p)}
-                   for p in sorted((out / "checkpoints").glob("*.ckpt"))]
+                   for p in sorted(out.rglob("*.ckpt"))]
     if not checkpoints:
-        raise TaskFailed(f"training {training!r} wrote no checkpoint under {out / 'checkpoints'}")
+        raise TaskFailed(f"training {training!r} wrote no checkpoint under {out}")
     t = ctx.rx.trainings[training]
     lineage = {
         "experiment": ctx.rx.name, "training": training, "site": site, "run_id": state.get("run_id"),

@@ -205,8 +205,11 @@ def _find_checkpoint(rx: "ResolvedExperiment", site_name: str, out: Path, run_id
     if own.exists():
         return own
     outputs = Path(rx.sites[site_name].paths.outputs)
-    found = sorted(outputs.glob(f"*/*/checkpoint/{run_id}/last.ckpt"))
-    return found[0] if found else None
+    for depth in range(1, 5):  # <outputs>/<experiment>/<training>/<deploy id>/checkpoint/<run id>
+        found = sorted(outputs.glob("/".join(["*"] * depth) + f"/checkpoint/{run_id}/last.ckpt"))
+        if found:
+            return found[0]
+    return None
 
 
 def _world_size(training: "Training") -> int:
@@ -235,6 +238,17 @@ def _trainer_class():
         @cached_property
         def callbacks(self):
             return [*get_callbacks(self.config), self.maelflow_progress]
+
+        @cached_property
+        def strategy(self):
+            strategy = AnemoiTrainer.strategy.func(self)
+            if os.environ.get("SLURM_JOB_ID") and hasattr(strategy, "cluster_environment"):
+                # the suite resubmits a timed-out job itself; Lightning's own `scontrol requeue`
+                # (its default in a SLURM job) would race it
+                from lightning_fabric.plugins.environments import SLURMEnvironment
+
+                strategy.cluster_environment = SLURMEnvironment(auto_requeue=False)
+            return strategy
 
     return MaelflowAnemoiTrainer
 
@@ -300,12 +314,12 @@ def train_anemoi(rx: "ResolvedExperiment", training_name: str, site_name: str, r
         else:  # the tracking server changed: continue from the checkpoint in a new run
             settings["system.input.warm_start"] = str(last)
             resumed = previous
-    elif training.fork_from and not state:
+    elif training.fork_from:  # no checkpoint of its own yet: start from the parent run's
         parent = _find_checkpoint(rx, site_name, out, training.fork_from)
         if parent is None:
             raise TrainingError(f"training {training_name!r}: no checkpoint of run {training.fork_from} to fork from "
                                 f"(looked for checkpoint/{training.fork_from}/last.ckpt under {out} and "
-                                f"{site.paths.outputs}/*/*)")
+                                f"the site's outputs {site.paths.outputs})")
         if mode == "online":
             settings["training.fork_run_id"] = training.fork_from  # anemoi tags forkedRun/forkedRunId
         if mode != "online" or parent.parent.parent != out / "checkpoint":

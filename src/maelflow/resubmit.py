@@ -1,0 +1,44 @@
+"""Resubmit training jobs that SLURM stopped at their time limit, up to the configured number.
+
+The job header reports such a stop as an abort whose reason starts with "TIMEOUT" (SLURM warns it
+with USR1 first). Only those are resubmitted: a real failure stays aborted for an operator to read.
+The count lives in a server variable of the task (MAELFLOW_RESUBMITS), so it survives the requeue
+and a server restart, and shows in ecFlow UI; the job puts it on its ``resubmits`` meter.
+"""
+
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger("maelflow.resubmit")
+
+MAX_VAR = "MAELFLOW_RESUBMIT_MAX"
+COUNT_VAR = "MAELFLOW_RESUBMITS"
+
+
+def resubmit_timeouts(client) -> list[str]:
+    """Requeue every timed-out task with resubmissions left; returns their paths."""
+    import ecflow
+
+    client.sync_local()
+    defs = client.get_defs()
+    if defs is None:
+        return []
+    done = []
+    for node in defs.get_all_nodes():
+        if not isinstance(node, ecflow.Task) or str(node.get_state()) != "aborted":
+            continue
+        limit = node.find_variable(MAX_VAR)
+        if limit.empty() or not node.get_aborted_reason().startswith("TIMEOUT"):
+            continue
+        count_var = node.find_variable(COUNT_VAR)
+        count = int(count_var.value()) if not count_var.empty() else 0
+        if count >= int(limit.value()):
+            continue
+        path = node.get_abs_node_path()
+        action = "change" if not count_var.empty() else "add"
+        client.alter(path, action, "variable", COUNT_VAR, str(count + 1))
+        client.requeue(path)
+        log.info("%s stopped at its time limit: resubmitted (%d of %s)", path, count + 1, limit.value())
+        done.append(path)
+    return done
