@@ -25,6 +25,7 @@ def config_root(tmp_path) -> Path:
     return root
 
 
-# the numpy-made synthetic zarr instead of building one with anemoi-datasets (which a dedicated test
-# does): suite tests about scheduling, killing or relaying need a dataset, not its build
-PREBUILT = "dataset.synth-demo.recipe=null"
+# suite tests about scheduling, killing or relaying need a dataset, not its build with
+# anemoi-datasets (which the demo test and test_anemoi do): they use the numpy-made synth-small
+FAST_DATASET = "synth-small"
+PREBUILT = "training.tiny.datasets=[synth-small]"

@@ -1,2 +1,47 @@
+"""What can go wrong in a transfer, each kind with a message an operator can act on.
+
+Every error is a ``TransferError``; the subclasses let callers (the CLI's exit codes, the worker's
+task status, tests) tell them apart without parsing messages.
+"""
+
+
 class TransferError(RuntimeError):
     """A transfer failed in a way the user can act on; the message says how."""
+
+
+class CredentialsError(TransferError):
+    """The object store refused the access key or its signature."""
+
+
+class NotPublished(TransferError):
+    """The dataset has no manifest in the store (never published, or its publish did not finish)."""
+
+
+class DiskFull(TransferError):
+    """Not enough free space at the destination."""
+
+
+class ChecksumMismatch(TransferError):
+    """An object's bytes do not match the manifest, even after fetching it again."""
+
+    def __init__(self, message: str, key: str):
+        super().__init__(message)
+        self.key = key
+
+
+class SourceChanged(TransferError):
+    """The folder being published changed while it was read: its manifest would lie."""
+
+
+class StoreError(TransferError):
+    """The object store failed (missing bucket or object, errors and time-outs after retries)."""
+
+
+class TransientError(Exception):
+    """A failure worth retrying with back-off (a reset connection, a time-out, a 5xx answer).
+
+    Not a TransferError: it never reaches a user; after the last retry it becomes a StoreError."""
+
+
+class DestinationConflict(TransferError):
+    """The destination exists and holds something other than this published dataset."""

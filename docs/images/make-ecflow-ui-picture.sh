@@ -3,8 +3,8 @@
 #
 #   docs/images/make-ecflow-ui-picture.sh [WORKSPACE]
 #
-# WORKSPACE defaults to a new temporary folder; a given one must not have the suites /demo or /broken
-# loaded yet (the script refuses). The script
+# WORKSPACE defaults to a new temporary folder, removed at the end; a given one is kept, and must not
+# have the suites /demo or /broken loaded yet (the script refuses). The script
 #   1. starts `maelflow demo` in the background with its Lightning training `tiny` only, for 250
 #      epochs instead of 3 (outputs in WORKSPACE/picture-outputs, so the training starts from
 #      epoch 0 even where one has run before),
@@ -20,7 +20,7 @@ here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 MAELFLOW="${MAELFLOW:-$root/.venv/bin/maelflow}"
 PYTHON="${PYTHON:-$root/.venv/bin/python}"
-ws="${1:-$(mktemp -d)/ws}"
+if [ $# -ge 1 ]; then ws="$1" own_ws=""; else own_ws="$(mktemp -d)"; ws="$own_ws/ws"; fi
 out="$here/ecflow-ui-demo.png"
 scratch="$(mktemp -d)"
 screen_w=1600 screen_h=1100   # Xvfb screen; the window is sized to it for the clicks
@@ -44,7 +44,7 @@ cleanup() {
     for _ in $(seq 60); do kill -0 "$demo_pid" 2>/dev/null || break; sleep 1; done
     kill "$demo_pid" 2>/dev/null; wait "$demo_pid" 2>/dev/null
   fi
-  if [ "$services_started" = 1 ]; then mf services down; fi
+  if [ "$services_started" = 1 ]; then mf services down && [ -n "$own_ws" ] && rm -rf "$own_ws"; fi
   rm -rf "$scratch"
 }
 trap cleanup EXIT

@@ -27,7 +27,7 @@ abort_job() {
       why="killed by a signal (ecFlow kill or scancel)"
     fi
   fi
-  [ "$why" = exit ] && why="${MAELFLOW_ABORT_REASON:-a command failed (exit status $2); see the job output}"
+  [ "$why" = exit ] && why="${MAELFLOW_ABORT_REASON:-a command failed with exit status $2 - see the job output}"
   wait
   ecf --abort="$why"
   trap - 0

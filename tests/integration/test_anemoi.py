@@ -73,7 +73,7 @@ def env(tmp_path_factory) -> Env:
     shutil.copytree(REPO / "configs", root)
     write_yaml(root / "datasets" / f"{DATASET}.yaml",
                {"name": DATASET, "description": "built from configs/recipes/synth-demo.yaml",
-                "recipe": "recipes/synth-demo.yaml"})
+                "recipe": "recipes/synth-demo.yaml", "source": "{workspace}/data/synth-recipe.zarr"})
     for name, mode in ((ONLINE, "online"), (OFFLINE, "offline")):
         write_yaml(root / "trainings" / f"{name}.yaml",
                    {"name": name, "application": "anemoi", "datasets": [DATASET], "time_limit": "00:10:00",
@@ -117,7 +117,7 @@ def test_dataset_build_errors_name_the_recipe(env, tmp_path):
                       f"input:\n  netcdf: {{path: {tmp_path / 'missing.nc'}}}\n")
     dest = tmp_path / "out" / "broken.zarr"
     with pytest.raises(DatasetBuildError) as err:
-        build_dataset(Dataset(name="broken", recipe=str(recipe)), dest)
+        build_dataset(Dataset(name="broken", recipe=str(recipe), source=str(dest)), dest)
     msg = str(err.value)
     assert str(recipe) in msg and "missing.nc" in msg and "\n" not in msg
     assert not dest.exists() and list(dest.parent.iterdir()) == []  # nothing half-built left behind

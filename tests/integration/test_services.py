@@ -96,7 +96,10 @@ def test_status_json_through_cli(stack):
     for name in DEFAULT:
         assert {"url", "pid", "healthy"} <= set(data[name])
         assert data[name]["healthy"] is True and data[name]["pid"] == infos[name].pid
-    assert data["s3"]["secret_key"] and data["s3"]["endpoint_url"] == infos["s3"].url
+    assert data["s3"]["secret_key"].startswith("***") and data["s3"]["endpoint_url"] == infos["s3"].url
+    shown = json.loads(CliRunner().invoke(cli, ["services", "status", "--workspace", str(ws.root), "--json",
+                                                "--show-secrets"]).output)
+    assert shown["s3"]["secret_key"] == infos["s3"].extra["secret_key"]
 
 
 def test_ecflow_client_for_workspace(stack):

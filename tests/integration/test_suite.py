@@ -26,7 +26,7 @@ MAELFLOW = str(Path(sys.executable).with_name("maelflow"))
 
 
 def _experiment(config_root: Path, name: str, **fields) -> str:
-    data = {"name": name, "sites": ["local"], "datasets": ["synth-demo"], "trainings": ["tiny"], **fields}
+    data = {"name": name, "sites": ["local"], "datasets": ["synth-small"], "trainings": ["tiny"], **fields}
     return str(write_yaml(config_root / "experiments" / f"{name}.yaml", data))
 
 
@@ -72,17 +72,17 @@ def test_demo_end_to_end_through_the_cli(stack):
 def test_abort_shows_reason_then_requeue_completes(stack, config_root):
     ws, _ = stack
     exp = _experiment(config_root, "t_abort", trainings=[])
-    rx = load_experiment(exp, [PREBUILT, "dataset.synth-demo.source=" + str(ws.root / "data" / "t_abort.zarr")],
+    rx = load_experiment(exp, ["dataset.synth-small.source=" + str(ws.root / "data" / "t_abort.zarr")],
                          placeholders={"workspace": str(ws.root)})
     client = client_for(ws)
     deploy(rx, ws, client)
-    node = wait_for(client, "/t_abort/publish/synth_demo/publish", {"aborted"})
+    node = wait_for(client, "/t_abort/publish/synth_small/publish", {"aborted"})
     assert "does not exist" in node["aborted_reason"] and "t_abort.zarr" in node["aborted_reason"]
-    assert find(tree(client, "t_abort"), "/t_abort/local/data/synth_demo/stage")["state"] == "queued"
+    assert find(tree(client, "t_abort"), "/t_abort/local/data/synth_small/stage")["state"] == "queued"
     prepare_datasets(rx)  # the operator fixes the cause ...
-    control(client, "requeue", "/t_abort/publish/synth_demo/publish")  # ... and requeues
+    control(client, "requeue", "/t_abort/publish/synth_small/publish")  # ... and requeues
     wait_for(client, "/t_abort", {"complete"}, timeout=120)
-    assert find(tree(client, "t_abort"), "/t_abort/local/data/synth_demo/stage")["events"]["verified"] is True
+    assert find(tree(client, "t_abort"), "/t_abort/local/data/synth_small/stage")["events"]["verified"] is True
 
 
 def test_kill_stops_the_running_process(stack, config_root):
@@ -132,7 +132,7 @@ def test_server_restart_mid_suite_resumes_from_checkpoint(services, tmp_path, co
     client = client_for(ws)
     data = tree(client, "t_restart")
     assert data["server_state"] == "RUNNING"
-    assert find(data, "/t_restart/publish/synth_demo/publish")["state"] == "complete"  # from the checkpoint
+    assert find(data, "/t_restart/publish/synth_small/publish")["state"] == "complete"  # from the checkpoint
     wait_for(client, "/t_restart", {"complete"}, timeout=240)
     train = find(tree(client, "t_restart"), "/t_restart/local/train/tiny/train")
     assert train["meters"]["epoch"]["value"] == 150 and train["try_no"] == 1

@@ -104,8 +104,8 @@ def test_s3_credentials_are_private_and_reused(ws):
 
 
 def test_stack_order_selection_and_unknown_names(monkeypatch):
-    assert stack_mod.selected() == ["ecflow", "s3", "mlflow", "relay"]
-    assert stack_mod.selected(extra=["hpc"]) == ["ecflow", "s3", "mlflow", "hpc", "relay"]
+    assert stack_mod.selected() == ["ecflow", "s3", "mlflow", "catalogue", "relay"]
+    assert stack_mod.selected(extra=["hpc"]) == ["ecflow", "s3", "mlflow", "catalogue", "hpc", "relay"]
     assert stack_mod.selected(["mlflow", "ecflow"]) == ["ecflow", "mlflow"]
     with pytest.raises(ServiceError, match="unknown service 'nope'"):
         stack_mod.selected(["nope"])
@@ -121,7 +121,7 @@ def test_stack_order_selection_and_unknown_names(monkeypatch):
 
 def test_status_and_discover_in_an_empty_workspace(ws):
     infos = stack_mod.status(ws)
-    assert list(infos) == ["ecflow", "s3", "mlflow", "relay"]
+    assert list(infos) == ["ecflow", "s3", "mlflow", "catalogue", "relay"]
     assert not any(i.running or i.healthy for i in infos.values())
     with pytest.raises(ServiceError, match="is not running .*maelflow services up"):
         stack_mod.discover(ws, "ecflow")

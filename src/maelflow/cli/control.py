@@ -30,6 +30,6 @@ def _make(action: str, help_text: str) -> click.Command:
 commands = {
     "suspend": _make("suspend", "Suspend PATH: nothing under it is submitted until it is resumed."),
     "resume": _make("resume", "Resume a suspended PATH."),
-    "requeue": _make("requeue", "Requeue PATH (an aborted task runs again; its try number goes up)."),
+    "requeue": _make("requeue", "Requeue PATH: an aborted or complete task (or family) runs again from try 1."),
     "kill": _make("kill", "Kill the running jobs under PATH (the site's kill command: kill, scancel)."),
 }

@@ -29,6 +29,9 @@ COMMANDS: dict[str, str] = {
     "task": "task",
     "report": "report",
     "relay": "relay",
+    "transfer": "transfer",
+    "catalogue": "catalogue",
+    "lineage": "lineage",
 }
 
 

@@ -13,9 +13,21 @@ from maelflow.services.base import ServiceError, ServiceInfo
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 
 
-def _print(infos: dict[str, ServiceInfo], as_json: bool, title: str) -> None:
+SECRET_KEYS = ("secret_key",)
+
+
+def _public(info: ServiceInfo, show_secrets: bool) -> dict:
+    data = info.to_json()
+    if not show_secrets:
+        for key in SECRET_KEYS:
+            if key in data:
+                data[key] = "*** (--show-secrets, or read the workspace's s3/credentials.json)"
+    return data
+
+
+def _print(infos: dict[str, ServiceInfo], as_json: bool, title: str, show_secrets: bool = False) -> None:
     if as_json:
-        click.echo(json.dumps({name: info.to_json() for name, info in infos.items()}, indent=2))
+        click.echo(json.dumps({name: _public(info, show_secrets) for name, info in infos.items()}, indent=2))
         return
     from rich.console import Console
     from rich.table import Table
@@ -61,10 +73,11 @@ def up(workspace: str | None, as_json: bool, extra: tuple[str, ...], with_hpc: b
 @command.command()
 @workspace_option
 @json_option
-def status(workspace: str | None, as_json: bool) -> None:
+@click.option("--show-secrets", is_flag=True, help="Include secret keys in --json output.")
+def status(workspace: str | None, as_json: bool, show_secrets: bool) -> None:
     """Show each service's health, URL, PID and log file."""
     ws = resolve_workspace(workspace)
-    _print(_run(lambda: stack.status(ws)), as_json, f"services in {ws.root}")
+    _print(_run(lambda: stack.status(ws)), as_json, f"services in {ws.root}", show_secrets)
 
 
 @command.command()

@@ -292,7 +292,11 @@ def load_experiment(ref: str, overrides: list[str] | tuple[str, ...] = (), *, co
             try:
                 resolved[kind][name] = model.model_validate(expanded)
             except ValidationError as err:
-                problems.extend(problems_from_validation(err, str(part_file)))
+                given = {o.split("=", 1)[0] for o in ovs}
+                for p in problems_from_validation(err, str(part_file)):
+                    if p.field in given:  # say where the value came from
+                        p = ConfigProblem(p.file, p.field, p.value, p.reason + " (value given on the command line)")
+                    problems.append(p)
     for (kind, name), ovs in part_overrides.items():
         problems.append(ConfigProblem("<command line>", f"{kind}.{name}", ovs[0],
                                       f"the experiment has no {kind} named {name!r}"))

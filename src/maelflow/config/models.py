@@ -76,9 +76,13 @@ class SlurmSettings(Strict):
     extra_directives: list[str] = Field(default_factory=list,
                                         description="More #SBATCH options, e.g. '--exclusive'.")
 
-    @field_validator("max_time")
+    @field_validator("max_time", mode="before")
     @classmethod
-    def _time(cls, v: str) -> str:
+    def _time(cls, v: object) -> str:
+        if isinstance(v, int) and not isinstance(v, bool):
+            v = f"{v // 60:02d}:{v % 60:02d}:00"  # SLURM reads a bare number as minutes
+        if not isinstance(v, str):
+            raise ValueError("must be a SLURM time limit such as 01:30:00 or 2-00:00:00")
         parse_slurm_time(v)
         return v
 
@@ -192,11 +196,10 @@ class Training(Strict):
             return v
         raise ValueError("must be 'anemoi' or an import path 'package.module:Class'")
 
-    @field_validator("time_limit")
+    @field_validator("time_limit", mode="before")
     @classmethod
-    def _time(cls, v: str) -> str:
-        parse_slurm_time(v)
-        return v
+    def _time(cls, v: object) -> str:
+        return SlurmSettings._time(v)
 
 
 # ---------------------------------------------------------------------------------- experiments

@@ -79,6 +79,13 @@ class LocalProcessRunner:
         if self.dry_run:
             print(f"kill -TERM -{pgid}")
             return "dry run"
+        if not _group_alive(pgid):
+            # the job died without telling the server (SIGKILL, OOM, reboot): say so for it
+            from maelflow.reporting import child_abort
+
+            child_abort(child_env, "the job's processes had ended without reporting (killed or crashed); "
+                                   "see the job output")
+            return f"process group {pgid} had already ended: task aborted on its behalf"
         try:
             os.killpg(pgid, signal.SIGTERM)
         except ProcessLookupError:

@@ -38,6 +38,9 @@ DEFAULT_CONTROL_PATH = "~/.ssh/maelflow-%r@%h:%p"
 RETRY_DELAYS = (0.5, 1.5)          # three attempts in all
 KEEPALIVE_S = 30
 MASTER_CHECK_TIMEOUT_S = 3.0
+# AES-GCM first: paramiko's default (aes128-ctr + a separate HMAC pass) moves about 170 MB/s over
+# SFTP here, aes128-gcm about 270 MB/s; servers without GCM still get the rest of the list
+PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
 
 T = TypeVar("T")
 
@@ -142,6 +145,35 @@ def certificate_validity(cert_file: str) -> tuple[datetime | None, datetime | No
     return (_parse_cert_time(start), _parse_cert_time(end))
 
 
+def _transport_factory(sock, **kwargs):
+    """A paramiko Transport that proposes the fast ciphers first (see PREFERRED_CIPHERS)."""
+    import paramiko
+
+    t = paramiko.Transport(sock, **kwargs)
+    opts = t.get_security_options()
+    have = tuple(opts.ciphers)
+    opts.ciphers = tuple(c for c in PREFERRED_CIPHERS if c in have) + tuple(c for c in have
+                                                                         if c not in PREFERRED_CIPHERS)
+    return t
+
+
+class RemoteWriter:
+    """A file being written on the site, streamed: ``write`` chunks, then ``close`` or ``abort``."""
+
+    def write(self, data: bytes | memoryview) -> None: ...
+    def close(self) -> None: ...
+    def abort(self) -> None: ...
+
+    def __enter__(self) -> "RemoteWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
 # ------------------------------------------------------------------------------------- backends
 class _Backend:
     def __init__(self, session: "SshSession"):
@@ -156,6 +188,9 @@ class _Backend:
     def exists(self, remote_path: str) -> bool: ...
     def makedirs(self, remote_path: str) -> None: ...
     def close(self) -> None: ...
+    def open_writer(self, remote_path: str, append: bool) -> RemoteWriter: ...
+    def rename(self, src: str, dst: str) -> None: ...
+    def stream(self, command: str, on_line: Callable[[str], None], timeout: float) -> tuple[int, bytes]: ...
 
 
 class _ParamikoBackend(_Backend):
@@ -165,6 +200,8 @@ class _ParamikoBackend(_Backend):
         super().__init__(session)
         self.client = None
         self._sftp = None
+        self._thread_sftp = threading.local()   # one SFTP channel per thread for parallel writers
+        self._channels: list = []
 
     # -- credentials ----------------------------------------------------------------------------
     def _identity(self) -> str:
@@ -240,7 +277,7 @@ class _ParamikoBackend(_Backend):
         try:
             client.connect(st.host, st.port, username=self.s.user, pkey=pkey, look_for_keys=False,
                            allow_agent=st.auth == "agent", timeout=t, banner_timeout=t, auth_timeout=t,
-                           channel_timeout=t, sock=sock)
+                           channel_timeout=t, sock=sock, transport_factory=_transport_factory)
         except paramiko.AuthenticationException as exc:
             client.close()
             what = st.identity_file or os.environ.get("SSH_AUTH_SOCK", "the agent")
@@ -409,7 +446,92 @@ class _ParamikoBackend(_Backend):
                     sftp.stat(d)        # created meanwhile by someone else: fine
         self._guard(op)
 
+    # -- streamed files, renames, streamed commands (dataset transfers) --------------------------
+    def thread_sftp(self):
+        """This thread's own SFTP channel: parallel writers must not share one channel's lock."""
+        sftp = getattr(self._thread_sftp, "sftp", None)
+        if sftp is None or sftp.sock.closed:
+            self._transport()
+            sftp = self._thread_sftp.sftp = self.client.open_sftp()
+            self._channels.append(sftp)
+        return sftp
+
+    def open_writer(self, remote_path: str, append: bool) -> RemoteWriter:
+        backend = self
+
+        class _Writer(RemoteWriter):
+            def __init__(self) -> None:
+                self.fh = backend._guard(lambda: backend.thread_sftp().open(
+                    _sftp_path(remote_path), "ab" if append else "wb", bufsize=1 << 20))
+                self.fh.set_pipelined(True)
+
+            def write(self, data) -> None:
+                backend._guard(lambda: self.fh.write(data))
+
+            def close(self) -> None:
+                backend._guard(self.fh.close)     # waits for the pipelined writes' answers
+
+            def abort(self) -> None:
+                try:
+                    self.fh.close()
+                except Exception:  # noqa: BLE001 - the caller is already failing
+                    pass
+        return _Writer()
+
+    def rename(self, src: str, dst: str) -> None:
+        self._guard(lambda: self.thread_sftp().posix_rename(_sftp_path(src), _sftp_path(dst)))
+
+    def stream(self, command: str, on_line: Callable[[str], None], timeout: float) -> tuple[int, bytes]:
+        import paramiko
+
+        transport = self._transport()
+        try:
+            chan = transport.open_session(timeout=self.settings.connect_timeout)
+            chan.exec_command(command)
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            raise ConnectionLost(f"{self.s.target}: cannot start a command ({exc})", sent=True) from None
+        chan.shutdown_write()
+        chan.settimeout(1.0)
+        out, err = bytearray(), bytearray()
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                try:
+                    data = chan.recv(65536)
+                except TimeoutError:
+                    data = None
+                if data:
+                    out += data
+                    while b"\n" in out:
+                        line, _, rest = bytes(out).partition(b"\n")
+                        out[:] = rest
+                        on_line(line.decode(errors="replace"))
+                while chan.recv_stderr_ready():
+                    err += chan.recv_stderr(65536)
+                if data == b"" or (chan.exit_status_ready() and not chan.recv_ready()):
+                    while chan.recv_stderr_ready():
+                        err += chan.recv_stderr(65536)
+                    if out:
+                        on_line(out.decode(errors="replace"))
+                    if chan.exit_status == -1 and not transport.is_active():
+                        raise ConnectionLost(f"{self.s.target}: connection dropped while running a command",
+                                             sent=True)
+                    return chan.recv_exit_status(), bytes(err)
+                if not transport.is_active():
+                    raise ConnectionLost(f"{self.s.target}: connection dropped while running a command", sent=True)
+                if time.monotonic() > deadline:
+                    raise RemoteTimeout(f"{self.s.target}: `{command[:120]}` still running after {timeout:.0f} s")
+        finally:
+            chan.close()
+
     def close(self) -> None:
+        for chan in self._channels:
+            try:
+                chan.close()
+            except Exception:  # noqa: BLE001 - closing a dead channel
+                pass
+        self._channels = []
+        self._thread_sftp = threading.local()
         if self._sftp is not None:
             try:
                 self._sftp.close()
@@ -511,6 +633,54 @@ class _OpenSshBackend(_Backend):
     def makedirs(self, remote_path: str) -> None:
         cmd = f"mkdir -p {shell_path(remote_path)}"
         self._check(cmd, self.execute(cmd, None, timeout=60))
+
+    def open_writer(self, remote_path: str, append: bool) -> RemoteWriter:
+        cmd = f"cat {'>>' if append else '>'} {shell_path(remote_path)}"
+        proc = subprocess.Popen(self._argv("-T", self.settings.host, cmd), stdin=subprocess.PIPE,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        backend = self
+
+        class _Writer(RemoteWriter):
+            def write(self, data) -> None:
+                try:
+                    proc.stdin.write(data)
+                except BrokenPipeError:
+                    self.close()
+                    raise ConnectionLost(f"{backend.s.target}: writing {remote_path} failed", sent=True) from None
+
+            def close(self) -> None:
+                try:
+                    proc.stdin.close()
+                except BrokenPipeError:
+                    pass
+                rc = proc.wait(timeout=600)
+                err = proc.stderr.read().decode(errors="replace")
+                backend._check(cmd, (rc, b"", err.encode()))
+
+            def abort(self) -> None:
+                proc.kill()
+                proc.wait()
+        return _Writer()
+
+    def rename(self, src: str, dst: str) -> None:
+        cmd = f"mv -T {shell_path(src)} {shell_path(dst)}"
+        self._check(cmd, self.execute(cmd, None, timeout=60))
+
+    def stream(self, command: str, on_line: Callable[[str], None], timeout: float) -> tuple[int, bytes]:
+        proc = subprocess.Popen(self._argv("-T", self.settings.host, command), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        timer = threading.Timer(timeout, proc.kill)
+        timer.start()
+        try:
+            for raw in proc.stdout:
+                on_line(raw.decode(errors="replace").rstrip("\n"))
+            rc = proc.wait()
+        finally:
+            timer.cancel()
+        err = proc.stderr.read()
+        if rc == 255 and _SSH_FAILURE_RE.search(err.decode(errors="replace")):
+            raise ConnectionLost(f"{self.s.target}: {err.decode(errors='replace').strip()}", sent=True)
+        return rc, err
 
     def close(self) -> None:
         pass            # the master belongs to the operator
@@ -633,6 +803,35 @@ class SshSession:
             return
         self._call(lambda b: b.makedirs(remote_path), retry=True)
 
+    def open_writer(self, remote_path: str, append: bool = False) -> RemoteWriter:
+        """A file written as a stream of chunks (``write``, then ``close`` or ``abort``), not atomically:
+        the caller writes aside and ``rename``s. Each thread gets its own SFTP channel, so parallel
+        writers over one connection do not wait on each other."""
+        if self.dry_run:
+            self._say(f"write {remote_path}" + (" (append)" if append else ""))
+            return RemoteWriter()
+        return self._call(lambda b: b.open_writer(remote_path, append), retry=True)
+
+    def rename(self, src: str, dst: str) -> None:
+        """Rename on the site (POSIX rename: replaces a file, fails on a non-empty folder)."""
+        if self.dry_run:
+            self._say(f"mv {shell_path(src)} {shell_path(dst)}")
+            return
+        self._call(lambda b: b.rename(src, dst), retry=True)
+
+    def run_lines(self, command: str, on_line: Callable[[str], None], *, timeout: float = 86400,
+                  check: bool = True) -> RemoteResult:
+        """Run ``command`` and hand each line of its stdout to ``on_line`` as it comes (progress of a
+        long remote job); stderr is returned at the end. Never retried once sent."""
+        if self.dry_run:
+            self._say(command)
+            return RemoteResult(0, "", "")
+        rc, err = self._call(lambda b: b.stream(command, on_line, timeout), retry=False)
+        result = RemoteResult(rc, "", err.decode(errors="replace"))
+        if check and rc != 0:
+            raise RemoteCommandError(self.target, command, result)
+        return result
+
     def check(self) -> None:
         """Connect now: raises CredentialError/HostKeyError/ConnectionLost instead of at first use."""
         if not self.dry_run:
@@ -673,5 +872,5 @@ def close_all() -> None:
 atexit.register(close_all)
 
 __all__ = ["CONTROL_PATH_ENV", "ConnectionLost", "CredentialError", "HostKeyError", "RemoteCommandError",
-           "RemoteResult", "RemoteTimeout", "SshError", "SshSession", "certificate_validity", "close_all",
+           "RemoteResult", "RemoteTimeout", "RemoteWriter", "SshError", "SshSession", "certificate_validity", "close_all",
            "session_for", "shell_path"]

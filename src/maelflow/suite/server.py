@@ -31,6 +31,8 @@ def deploy(rx: ResolvedExperiment, ws: Workspace, client, out_dir: Path | None =
     defs = client.get_defs()
     exists = defs is not None and defs.find_suite(built.name) is not None
     if exists:
+        # a replaced suite keeps running (begun): beginning it again would submit its first tasks a
+        # second time, and the first copies would hang as zombies
         client.replace(f"/{built.name}", str(built.def_file), True, True)
     else:
         client.load(str(built.def_file))
@@ -41,7 +43,9 @@ def deploy(rx: ResolvedExperiment, ws: Workspace, client, out_dir: Path | None =
         client.alter(f"/{built.name}", "add", "variable", DEPLOY_ID_VAR, deploy_id())
     except RuntimeError:  # already there
         client.alter(f"/{built.name}", "change", "variable", DEPLOY_ID_VAR, deploy_id())
-    client.begin_suite(built.name, True)
+    client.sync_local()
+    if not client.get_defs().find_suite(built.name).begun():
+        client.begin_suite(built.name)
     return built
 
 
@@ -115,10 +119,21 @@ def find(tree_data: dict[str, Any], path: str) -> dict[str, Any] | None:
 
 def control(client, action: str, path: str) -> None:
     """suspend, resume, requeue or kill a node, with the server's error turned into SuiteError."""
+    import ecflow
+
     client.sync_local()
     defs = client.get_defs()
-    if defs is None or defs.find_abs_node(path) is None:
+    node = defs.find_abs_node(path) if defs is not None else None
+    if node is None:
         raise SuiteError(f"no node {path!r} on the server")
+    state = str(node.get_state())
+    running = state in ("active", "submitted") or any(
+        str(n.get_state()) in ("active", "submitted") for n in node.get_all_nodes() if isinstance(n, ecflow.Task))
+    if action == "requeue" and running:
+        raise SuiteError(f"{path} is {state} (or has running tasks): ecFlow ignores a requeue of running work; "
+                         f"kill it first ('maelflow kill {path}')")
+    if action == "kill" and not running:
+        raise SuiteError(f"nothing to kill under {path}: it is {state}")
     try:
         if action == "suspend":
             client.suspend(path)

@@ -80,55 +80,68 @@ def build(ctx: TaskContext, dataset: str) -> None:
 
 
 def publish(ctx: TaskContext, dataset: str) -> None:
-    import time
-
+    """Publish the dataset's zarr to the EWC: objects (parallel, multipart when large), manifest last."""
     from maelflow import ewc
+    from maelflow_transfer import catalogue_hook
+    from maelflow_transfer.config import open_store
     from maelflow_transfer.errors import TransferError
-    from maelflow_transfer.s3copy import publish as do_publish
+    from maelflow_transfer.progress import Progress, reporter_sink
+    from maelflow_transfer.publish import publish as do_publish
 
     ds = ctx.rx.datasets[dataset]
     if not ds.source:
         raise TaskFailed(f"dataset {dataset!r} has no source to publish from")
-    t0 = time.monotonic()
-    settings = ewc.settings_for_job(ctx.ws, None)
-    s3, bucket = ewc.client(settings), settings["bucket"]
-    ctx.reporter.label("info", f"publishing {ds.source} to s3://{bucket}/{ds.key_prefix}")
     try:
-        res = do_publish(Path(ds.source), dataset, s3, bucket, ds.key_prefix,
-                         progress=lambda b, tb, o, to: _rate_label(ctx.reporter, b, tb, o, to, t0),
-                         on_manifest=lambda m: ctx.reporter.event("manifest"))
+        store = open_store(ewc.settings_for_job(ctx.ws, None), ds.key_prefix)
+        ctx.reporter.label("info", f"publishing {ds.source} to {store.url}")
+        # the suite owns its dataset: a rebuilt source replaces the published copy (manifest withdrawn first)
+        res = do_publish(Path(ds.source), dataset, store, progress=Progress([reporter_sink(ctx.reporter)]),
+                         replace=True, on_manifest=lambda m: ctx.reporter.event("manifest"))
     except TransferError as exc:
         raise TaskFailed(str(exc)) from None
-    ctx.reporter.meter("progress", 100)
-    ctx.reporter.label("rate", _summary(res))
-    ctx.reporter.label("info", f"published {res.objects} objects ({res.copied} uploaded, "
-                       f"{res.bytes_copied / 2**20:.1f} MiB) in {res.seconds:.1f}s")
+    note = _register(ctx, dataset, catalogue_hook.EWC_PLATFORM, store.url, None)
+    ctx.reporter.label("info", f"published {res.objects} objects at {store.url} ({res.copied} uploaded, "
+                       f"{res.bytes_copied / 2**20:.1f} MiB in {res.seconds:.1f}s){note}")
+
+
+def _register(ctx: TaskContext, dataset: str, platform: str, path: str, site_root: str | None) -> str:
+    """Record the location in the catalogue; a catalogue that is not there is said, not fatal."""
+    from maelflow_transfer import catalogue_hook
+
+    try:
+        catalogue_hook.register_location(ctx.ws, dataset, platform, path, site_root=site_root)
+        return f"; catalogue: located at {platform}"
+    except catalogue_hook.CatalogueUnavailable as exc:
+        print(f"maelflow: catalogue not updated: {exc}", flush=True)
+        return "; catalogue not updated (see the job output)"
 
 
 def stage(ctx: TaskContext, dataset: str, site: str) -> None:
-    import time
+    """Stage the published dataset to the site, verified per object, visible only when complete.
 
-    from maelflow import ewc
+    Runs where the suite placed it (layout.py): on the site's login node when it reaches the
+    internet (pull there), else beside the server (pull here, push over SFTP).
+    """
     from maelflow.training.launch import dataset_path
     from maelflow_transfer.errors import TransferError
-    from maelflow_transfer.s3copy import stage as do_stage
+    from maelflow_transfer.progress import reporter_sink
+    from maelflow_transfer.runner import stage_dataset
 
     ds = ctx.rx.datasets[dataset]
-    dest = dataset_path(ctx.rx, site, dataset)
-    t0 = time.monotonic()
-    settings = ewc.settings_for_job(ctx.ws, ctx.rx.sites[site].paths.root)
-    s3, bucket = ewc.client(settings), settings["bucket"]
-    ctx.reporter.label("info", f"staging s3://{bucket}/{ds.key_prefix} to {dest}")
+    s = ctx.rx.sites[site]
+    dest = str(dataset_path(ctx.rx, site, dataset))
+    # mirrors layout.py's placement: the login node when it reaches the internet, else the server
+    via = "here" if s.connection.type == "local" or s.internet.login else "sftp"
+    ctx.reporter.label("info", f"staging {ds.key_prefix} to {dest} ({'pull on the login node' if via == 'here' else 'SFTP push'})")
     try:
-        res = do_stage(dataset, s3, bucket, ds.key_prefix, dest,
-                       progress=lambda b, tb, o, to: _rate_label(ctx.reporter, b, tb, o, to, t0))
+        res, dest, via = stage_dataset(ctx.ws, dataset, site_name=site, site=s, dest=dest, prefix=ds.key_prefix,
+                                       via=via, sinks=[reporter_sink(ctx.reporter)])
     except TransferError as exc:
         raise TaskFailed(str(exc)) from None
-    ctx.reporter.meter("progress", 100)
-    ctx.reporter.label("rate", _summary(res))
     ctx.reporter.event("verified")
+    note = _register(ctx, dataset, site, dest, s.paths.root)
     ctx.reporter.label("info", f"{res.objects} objects verified at {dest} ({res.copied} copied, "
-                       f"{res.bytes_copied / 2**20:.1f} MiB in {res.seconds:.1f}s)")
+                       f"{res.bytes_copied / 2**20:.1f} MiB in {res.seconds:.1f}s){note}")
 
 
 def train(ctx: TaskContext, training: str, site: str) -> None:

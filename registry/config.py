@@ -1,0 +1,100 @@
+"""The catalogue's settings and files in a workspace, re-read by the running server when they change.
+
+Everything lives in ``<workspace>/catalogue/``: ``index.sqlite`` (a cache of S3), ``settings.json``
+(anonymous read, naming policy, size limits), ``tokens.json`` (hashed tokens, mode 0600), and the
+service's pid/log/state files. Settings and tokens are files rather than index rows so that deleting
+and rebuilding the index from S3 never loses them, and so that ``maelflow catalogue token create``
+works whether or not the server runs: the server notices the new file by its modification time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable
+
+from maelflow.workspace import Workspace, write_atomic
+
+DEFAULT_BUCKET = "catalogue"
+NAMING_POLICIES = ("anemoi", "relaxed")
+
+
+@dataclass
+class Settings:
+    anonymous_read: bool = True          # loopback default; switch off where the port is reachable by others
+    dataset_naming: str = "anemoi"       # anemoi-datasets' naming convention, or 'relaxed' (key syntax only)
+    max_body_bytes: int = 16 * 1024**2   # checkpoint metadata with a full config is a few MB
+    max_artefact_bytes: int = 256 * 1024**2
+    bucket: str = DEFAULT_BUCKET         # entries and artefacts
+    datasets_bucket: str = "ewc"         # where `anemoi-registry datasets --upload` puts zarrs (maelflow's EWC bucket)
+    datasets_platform: str = "ewc"
+    weights_platform: str = "ewc"
+    list_limit: int = 10000              # default and maximum page of a list request
+
+    @classmethod
+    def from_json(cls, data: dict | None) -> "Settings":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in (data or {}).items() if k in known})
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+class Paths:
+    def __init__(self, ws: Workspace):
+        self.ws = ws
+        self.dir = ws.path("catalogue")
+
+    @property
+    def index(self) -> Path:
+        return self.dir / "index.sqlite"
+
+    @property
+    def settings(self) -> Path:
+        return self.dir / "settings.json"
+
+    @property
+    def tokens(self) -> Path:
+        return self.dir / "tokens.json"
+
+    @property
+    def service_token(self) -> Path:
+        """A write token maelflow's own suite tasks use (see :func:`maelflow_registry.client.for_workspace`)."""
+        return self.dir / "service-token"
+
+
+def load_settings(paths: Paths) -> Settings:
+    try:
+        return Settings.from_json(json.loads(paths.settings.read_text()))
+    except FileNotFoundError:
+        return Settings()
+
+
+def save_settings(paths: Paths, settings: Settings) -> None:
+    write_atomic(paths.settings, json.dumps(settings.to_json(), indent=2, sort_keys=True) + "\n")
+
+
+class Watched:
+    """A value loaded from a file, reloaded when the file's mtime or size changes (one stat per use)."""
+
+    def __init__(self, path: Path, load: Callable[[], Any]):
+        self.path = path
+        self._load = load
+        self._stamp: tuple | None = None
+        self._value: Any = None
+        self._lock = threading.Lock()
+
+    def get(self) -> Any:
+        try:
+            st = os.stat(self.path)
+            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except FileNotFoundError:
+            stamp = None
+        if stamp != self._stamp or self._value is None:
+            with self._lock:
+                self._value = self._load()
+                self._stamp = stamp
+        return self._value

@@ -1,0 +1,65 @@
+"""Builds the running service from a workspace: S3 store, index (rebuilt if new), settings, tokens.
+
+``maelflow catalogue serve`` calls :func:`serve`; tests and the bench may call :func:`build` to get
+the ASGI application without a socket.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from maelflow.services.base import LOOPBACK
+from maelflow.workspace import Workspace
+from maelflow_registry.auth import TokenStore
+from maelflow_registry.catalogue import Catalogue
+from maelflow_registry.config import Paths, Watched, load_settings
+from maelflow_registry.index import Index
+from maelflow_registry.store import Store
+
+LOG = logging.getLogger("maelflow_registry")
+
+
+def open_catalogue(ws: Workspace, threads: int = 32) -> tuple[Catalogue, Paths, dict]:
+    """The catalogue of a workspace, its files, and the S3 service's details; S3 must be running."""
+    from maelflow.s3 import s3_client
+    from maelflow.services.stack import discover
+
+    paths = Paths(ws)
+    paths.dir.mkdir(parents=True, exist_ok=True)
+    settings = Watched(paths.settings, lambda: load_settings(paths))
+    s3_info = discover(ws, "s3").extra
+    client = s3_client(s3_info["endpoint_url"], s3_info["access_key"], s3_info["secret_key"],
+                       region=s3_info.get("region", "us-east-1"), max_pool_connections=threads,
+                       connect_timeout=5, read_timeout=30, max_attempts=3)
+    store = Store(client, settings.get().bucket)
+    store.ensure_bucket()
+    fresh = not paths.index.exists()
+    index = Index(paths.index)
+    catalogue = Catalogue(store, index, settings.get)
+    if fresh:
+        count = catalogue.rebuild()
+        LOG.warning("new index at %s: %d entries read from s3://%s", paths.index, count, store.bucket)
+    return catalogue, paths, s3_info
+
+
+def build(ws: Workspace) -> Any:
+    from maelflow_registry.app import BodyLimit, Context, body_limits, create_app
+
+    catalogue, paths, s3_info = open_catalogue(ws)
+    settings = Watched(paths.settings, lambda: load_settings(paths))
+    tokens = Watched(paths.tokens, lambda: TokenStore(paths).by_hash())
+    ctx = Context(catalogue, settings.get, tokens.get, s3_endpoint=s3_info["endpoint_url"])
+    return BodyLimit(create_app(ctx), body_limits(settings.get))
+
+
+def serve(ws: Workspace, port: int, host: str = LOOPBACK) -> None:
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = build(ws)
+    LOG.warning("catalogue of %s on http://%s:%d", ws.root, host, port)
+    # one worker: the index's write lock and the token/settings caches are per process anyway, and a
+    # lookup costs microseconds; access logs off because at thousands of lookups a second they cost more
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, workers=1,
+                timeout_keep_alive=30)

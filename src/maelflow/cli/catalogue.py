@@ -1,0 +1,171 @@
+"""``maelflow catalogue serve|token|settings|rebuild-index|client-config``: run and administer the catalogue.
+
+The service itself lives in ``registry/`` (package ``maelflow_registry``); these commands are thin.
+``serve`` runs in the foreground (``maelflow services up`` starts it in the background). Tokens and
+settings are files of the workspace, so they can be managed whether or not the server runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import click
+
+from maelflow.cli.options import resolve_workspace, workspace_option
+from maelflow.services.base import ServiceError
+
+ROLES = ("read", "write", "admin")
+
+
+def _fail(exc: Exception) -> None:
+    raise click.ClickException(str(exc)) from None
+
+
+@click.group(name="catalogue")
+def command() -> None:
+    """The catalogue of datasets, trainings, checkpoints, models and tasks (an anemoi-registry server)."""
+
+
+@command.command()
+@workspace_option
+@click.option("--port", type=int, default=None, help="Port on 127.0.0.1 (default: the workspace's, or a free one).")
+def serve(workspace: str | None, port: int | None) -> None:
+    """Run the catalogue in the foreground on 127.0.0.1 (S3 must be up: maelflow services up)."""
+    from maelflow_registry.server import serve as run
+    from maelflow_registry.service import CatalogueService
+
+    ws = resolve_workspace(workspace)
+    try:
+        run(ws, port or CatalogueService(ws).port())
+    except ServiceError as exc:
+        _fail(exc)
+
+
+@command.group()
+def token() -> None:
+    """Create, list and revoke bearer tokens (read, write, admin)."""
+
+
+@token.command("create")
+@workspace_option
+@click.option("--role", type=click.Choice(ROLES), required=True, help="What the token may do.")
+@click.option("--name", default=None, help="A name to recognise (and revoke) it by.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def token_create(workspace: str | None, role: str, name: str | None, as_json: bool) -> None:
+    """Make a token and print it once; only its SHA-256 is kept."""
+    from maelflow_registry.auth import TokenStore
+    from maelflow_registry.config import Paths
+
+    secret, info = TokenStore(Paths(resolve_workspace(workspace))).create(role, name)
+    if as_json:
+        click.echo(json.dumps({"token": secret, "id": info.id, "name": info.name, "role": info.role}))
+        return
+    click.echo(secret)
+    click.echo(f"(id {info.id}, name {info.name}, role {info.role}: shown once, store it now)", err=True)
+
+
+@token.command("revoke")
+@workspace_option
+@click.argument("which")
+def token_revoke(workspace: str | None, which: str) -> None:
+    """Revoke tokens by id, name, or the token itself."""
+    from maelflow_registry.auth import TokenStore
+    from maelflow_registry.config import Paths
+
+    gone = TokenStore(Paths(resolve_workspace(workspace))).revoke(which)
+    if not gone:
+        raise click.ClickException(f"no token has the id or name '{which}' (see: maelflow catalogue token list)")
+    for info in gone:
+        click.echo(f"revoked {info.id} ({info.name}, {info.role})")
+
+
+@token.command("list")
+@workspace_option
+def token_list(workspace: str | None) -> None:
+    """The tokens (never their secrets)."""
+    from maelflow_registry.auth import TokenStore
+    from maelflow_registry.config import Paths
+
+    for info in TokenStore(Paths(resolve_workspace(workspace))).list():
+        click.echo(f"{info.id}  {info.role:<5}  {info.name}  {info.created}")
+
+
+@command.command()
+@workspace_option
+@click.option("--anonymous-read/--no-anonymous-read", default=None, help="Allow reads without a token.")
+@click.option("--dataset-naming", type=click.Choice(("anemoi", "relaxed")), default=None,
+              help="Enforce anemoi-datasets' naming convention on new datasets, or only the key syntax.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def settings(workspace: str | None, anonymous_read: bool | None, dataset_naming: str | None, as_json: bool) -> None:
+    """Show or change the catalogue's settings (a running server picks changes up at once)."""
+    from maelflow_registry.config import Paths, load_settings, save_settings
+
+    paths = Paths(resolve_workspace(workspace))
+    current = load_settings(paths)
+    if anonymous_read is not None:
+        current.anonymous_read = anonymous_read
+    if dataset_naming is not None:
+        current.dataset_naming = dataset_naming
+    if anonymous_read is not None or dataset_naming is not None:
+        save_settings(paths, current)
+    data = current.to_json()
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+    else:
+        for k, v in data.items():
+            click.echo(f"{k} = {v}")
+
+
+@command.command("rebuild-index")
+@workspace_option
+def rebuild_index(workspace: str | None) -> None:
+    """Rebuild the index from the S3 documents (safe while the server runs: one transaction)."""
+    from maelflow_registry.server import open_catalogue
+
+    try:
+        catalogue, paths, _ = open_catalogue(resolve_workspace(workspace))
+        count = catalogue.rebuild()
+    except ServiceError as exc:
+        _fail(exc)
+    click.echo(f"{paths.index}: {count} entries from s3://{catalogue.store.bucket}")
+
+
+@command.command("client-config")
+@workspace_option
+@click.option("--role", type=click.Choice(ROLES), default="write", show_default=True,
+              help="Role of the token made for the client (unless --token is given).")
+@click.option("--token", "given", default=None, help="Use this token instead of making one.")
+@click.option("--dir", "target", type=click.Path(file_okay=False), default=None,
+              help="Where to write settings.toml (default: ~/.config/anemoi).")
+@click.option("--allow-delete", is_flag=True, help="Let the client unregister entries and delete data.")
+def client_config(workspace: str | None, role: str, given: str | None, target: str | None, allow_delete: bool) -> None:
+    """Point the anemoi-registry client at this workspace's catalogue and S3 (writes its settings files)."""
+    from maelflow.services.stack import discover
+    from maelflow_registry.auth import TokenStore
+    from maelflow_registry.config import Paths
+
+    ws = resolve_workspace(workspace)
+    try:
+        catalogue, s3 = discover(ws, "catalogue"), discover(ws, "s3")
+    except ServiceError as exc:
+        _fail(exc)
+    secret = given or TokenStore(Paths(ws)).create(role, name=f"anemoi-client-{role}")[0]
+    folder = Path(target or os.path.join(os.path.expanduser("~"), ".config", "anemoi"))
+    write_client_config(folder, catalogue.url, secret, s3.extra, allow_delete)
+    click.echo(f"wrote {folder / 'settings.toml'} and {folder / 'settings.secrets.toml'} (mode 0600)")
+    click.echo("the client's S3 library refuses plain-http endpoints unless you also: export AWS_ALLOW_HTTP=true")
+
+
+def write_client_config(folder: Path, url: str, token: str, s3: dict, allow_delete: bool = False) -> None:
+    """anemoi-registry 0.3.4 reads [registry] and [object-storage] from these two files."""
+    from maelflow.workspace import write_atomic
+
+    folder.mkdir(parents=True, exist_ok=True)
+    public = (f'[registry]\ncatalogue = "{url}"\n' + ("allow_delete = true\n" if allow_delete else "") +
+              f'\n[object-storage]\nendpoint_url = "{s3["endpoint_url"]}"\nregion = "{s3.get("region", "us-east-1")}"\n')
+    secrets = (f'[registry]\napi_token = "{token}"\n\n[object-storage]\naccess_key_id = "{s3["access_key"]}"\n'
+               f'secret_access_key = "{s3["secret_key"]}"\n')
+    write_atomic(folder / "settings.toml", public, mode=0o600)
+    write_atomic(folder / "settings.secrets.toml", secrets, mode=0o600)

@@ -1,0 +1,399 @@
+"""Where a stage writes: a folder on this machine, or a folder on a site reached over SFTP.
+
+Both keep the same layout and rules. Objects are written into a hidden sibling of the destination,
+``.<name>.partial/``, each as ``.<object>.part`` renamed to its name once its checksum matched the
+manifest, and a journal line records it. Only when every object is there is the manifest written
+and the folder renamed to ``<name>``: readers see nothing or the whole dataset. A re-run trusts
+journalled objects whose size is unchanged and hashes any other file found in place, so a killed
+stage continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path, PurePosixPath
+
+from maelflow_transfer.errors import DestinationConflict, DiskFull, TransferError
+from maelflow_transfer.manifest import MANIFEST_NAME, Entry, Manifest, extra_files, sha256_file, verify_tree
+
+JOURNAL_NAME = ".maelflow-journal"
+
+
+def partial_name(name: str) -> str:
+    return f".{name}.partial"
+
+
+def _part(rel: str) -> tuple[str, str]:
+    """(folder, hidden part name) of an object's temporary file."""
+    p = PurePosixPath(rel)
+    return str(p.parent), f".{p.name}.part"
+
+
+def _is_part(rel: str) -> bool:
+    name = PurePosixPath(rel).name
+    return name.startswith(".") and name.endswith(".part")
+
+
+def _disk_error(exc: OSError, where: str) -> TransferError | OSError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFull(f"{where}: no space left on the device (or the quota is exhausted); free some "
+                        "space and run the stage again: it continues where it stopped")
+    return exc
+
+
+def _conflict(dest: str, manifest: Manifest, other: Manifest | None) -> DestinationConflict:
+    what = "another version of the dataset" if other is not None else "something that is not a staged dataset"
+    return DestinationConflict(f"dataset {manifest.dataset!r}: {dest} already exists and holds {what}; "
+                               "move it away or stage to another --dest")
+
+
+class LocalPart:
+    """An object being written on this machine."""
+
+    def __init__(self, target: Path, size: int):
+        self.target = target
+        self.tmp = target.with_name(f".{target.name}.part")
+        try:
+            self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        except FileNotFoundError:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+
+    def write(self, data: memoryview) -> None:
+        try:
+            while data:
+                n = os.write(self.fd, data)
+                data = data[n:]
+        except OSError as exc:
+            raise _disk_error(exc, str(self.tmp)) from None
+
+    def pwrite(self, data: memoryview, offset: int) -> None:
+        try:
+            while data:
+                n = os.pwrite(self.fd, data, offset)
+                data, offset = data[n:], offset + n
+        except OSError as exc:
+            raise _disk_error(exc, str(self.tmp)) from None
+
+    def sha256(self) -> str:
+        return sha256_file(self.tmp)
+
+    def commit(self) -> int:
+        os.close(self.fd)
+        self.fd = -1
+        os.replace(self.tmp, self.target)
+        return os.stat(self.target).st_mtime_ns
+
+    def abort(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        try:
+            os.unlink(self.tmp)
+        except OSError:
+            pass
+
+
+class LocalTree:
+    ranged = True          # parts of a large object can be written in parallel at their offsets
+
+    def __init__(self, dest: Path | str):
+        self.dest = Path(dest).absolute()
+        self.partial = self.dest.with_name(partial_name(self.dest.name))
+        self.journal_path = self.partial / JOURNAL_NAME
+        self._journal = None
+        self._lock = threading.Lock()
+
+    def __str__(self) -> str:
+        return str(self.dest)
+
+    # -- state ---------------------------------------------------------------------------------
+    def state(self, manifest: Manifest) -> str:
+        """"complete" (this manifest's copy is in place), "absent"; raises on a foreign folder."""
+        mf = self.dest / MANIFEST_NAME
+        if mf.is_file():
+            try:
+                other = Manifest.from_json(mf.read_text())
+            except (ValueError, KeyError, TypeError):
+                other = None
+            if other == manifest:
+                return "complete"
+            raise _conflict(str(self.dest), manifest, other)
+        if self.dest.exists():
+            raise _conflict(str(self.dest), manifest, None)
+        return "absent"
+
+    def prepare(self, manifest: Manifest, workers: int = 4) -> set[str]:
+        """Create the partial folder; return the keys already there and correct."""
+        try:
+            self.partial.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _disk_error(exc, str(self.partial)) from None
+        journal: dict[str, dict] = {}
+        if self.journal_path.is_file():
+            for line in self.journal_path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                    journal[rec["k"]] = rec
+                except (ValueError, KeyError):
+                    continue       # a line cut short by a kill
+        wanted = manifest.by_key()
+        done: set[str] = set()
+        to_hash: list[Entry] = []
+        for dirpath, _, files in os.walk(self.partial):
+            for name in files:
+                path = Path(dirpath) / name
+                rel = path.relative_to(self.partial).as_posix()
+                if rel == JOURNAL_NAME:
+                    continue
+                e = wanted.get(rel)
+                st = path.stat()
+                if e is None or _is_part(rel) or st.st_size != e.size:
+                    path.unlink()            # leftovers of a killed run, or of another version
+                    continue
+                rec = journal.get(rel)
+                if rec and rec.get("h") == e.sha256 and rec.get("s") == e.size and rec.get("m") == st.st_mtime_ns:
+                    done.add(rel)
+                else:
+                    to_hash.append(e)
+        if to_hash:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                sums = list(pool.map(lambda e: sha256_file(self.partial / e.key), to_hash))
+            for e, s in zip(to_hash, sums):
+                if s == e.sha256:
+                    done.add(e.key)
+                    self.record(e, os.stat(self.partial / e.key).st_mtime_ns)
+                else:
+                    (self.partial / e.key).unlink()
+        return done
+
+    def free_bytes(self) -> int | None:
+        from maelflow_transfer import manifest as manifest_mod
+
+        return manifest_mod.free_bytes(self.partial)
+
+    def makedirs(self, keys: list[str]) -> None:
+        for d in sorted({str(PurePosixPath(k).parent) for k in keys}):
+            try:
+                (self.partial / d).mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise _disk_error(exc, str(self.partial / d)) from None
+
+    # -- objects -------------------------------------------------------------------------------
+    def writer(self, entry: Entry) -> LocalPart:
+        try:
+            return LocalPart(self.partial / entry.key, entry.size)
+        except OSError as exc:
+            raise _disk_error(exc, str(self.partial / entry.key)) from None
+
+    def record(self, entry: Entry, stamp: int | None) -> None:
+        line = json.dumps({"k": entry.key, "s": entry.size, "h": entry.sha256, "m": stamp}) + "\n"
+        with self._lock:
+            if self._journal is None:
+                self._journal = open(self.journal_path, "a", buffering=1)
+            self._journal.write(line)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._journal is not None:
+                self._journal.close()
+                self._journal = None
+
+    def finish(self, manifest: Manifest) -> None:
+        """Every object is in place: add the manifest, drop the journal, make the folder visible."""
+        self.close()
+        tmp = self.partial / f".{MANIFEST_NAME}.tmp"
+        tmp.write_text(manifest.to_json())
+        os.replace(tmp, self.partial / MANIFEST_NAME)
+        self.journal_path.unlink(missing_ok=True)
+        os.rename(self.partial, self.dest)
+        fd = os.open(self.dest.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    # -- verification --------------------------------------------------------------------------
+    def verify(self, manifest: Manifest, workers: int = 4) -> tuple[list[str], list[str]]:
+        """(objects missing or wrong, files the manifest does not list) of the staged copy."""
+        if not self.dest.is_dir():
+            return [e.key for e in manifest.entries], []
+        return verify_tree(self.dest, manifest, workers), extra_files(self.dest, manifest)
+
+
+class SftpPart:
+    """An object being written on a site over SFTP."""
+
+    def __init__(self, tree: "SftpTree", entry: Entry):
+        folder, name = _part(entry.key)
+        base = tree.partial if folder == "." else f"{tree.partial}/{folder}"
+        self.session = tree.session
+        self.tmp = f"{base}/{name}"
+        self.target = f"{tree.partial}/{entry.key}"
+        self.fh = tree.session.open_writer(self.tmp)
+
+    def write(self, data: memoryview) -> None:
+        self.fh.write(data)
+
+    def commit(self) -> None:
+        self.fh.close()
+        self.session.rename(self.tmp, self.target)
+
+    def abort(self) -> None:
+        self.fh.abort()
+
+
+class SftpTree:
+    """The same layout on a site, written over the site's SSH session (``maelflow.sites.ssh``)."""
+
+    ranged = False
+
+    def __init__(self, session, dest: str):
+        self.session = session
+        self.dest = dest.rstrip("/")
+        parent = str(PurePosixPath(self.dest).parent)
+        self.partial = f"{parent}/{partial_name(PurePosixPath(self.dest).name)}"
+        self.journal_path = f"{self.partial}/{JOURNAL_NAME}"
+        self._journal = None
+        self._lock = threading.Lock()
+
+    def __str__(self) -> str:
+        return f"{self.session.target}:{self.dest}"
+
+    def _q(self, path: str) -> str:
+        from maelflow.sites.ssh import shell_path
+
+        return shell_path(path)
+
+    def state(self, manifest: Manifest) -> str:
+        mf = f"{self.dest}/{MANIFEST_NAME}"
+        if self.session.exists(mf):
+            try:
+                other = Manifest.from_json(self.session.read_bytes(mf))
+            except (ValueError, KeyError, TypeError):
+                other = None
+            if other == manifest:
+                return "complete"
+            raise _conflict(str(self), manifest, other)
+        if self.session.exists(self.dest):
+            raise _conflict(str(self), manifest, None)
+        return "absent"
+
+    def _listing(self, root: str) -> dict[str, int]:
+        res = self.session.run(f"cd {self._q(root)} 2>/dev/null && find . -type f -printf '%s %P\\n' || true",
+                               timeout=600)
+        out = {}
+        for line in res.stdout.splitlines():
+            size, _, rel = line.partition(" ")
+            if rel:
+                out[rel] = int(size)
+        return out
+
+    def _sha256sum(self, root: str, keys: list[str]) -> dict[str, str]:
+        if not keys:
+            return {}
+        data = b"".join(k.encode() + b"\0" for k in keys)
+        res = self.session.run(f"cd {self._q(root)} && xargs -0 sha256sum --", input=data, timeout=3600, check=False)
+        out = {}
+        for line in res.stdout.splitlines():
+            digest, _, rel = line.partition("  ")
+            if rel:
+                out[rel] = digest.lstrip("\\")
+        return out
+
+    def prepare(self, manifest: Manifest, workers: int = 4) -> set[str]:
+        try:
+            self.session.makedirs(self.partial)
+        except OSError as exc:
+            raise _disk_error(exc, str(self)) from None
+        journal: dict[str, dict] = {}
+        if self.session.exists(self.journal_path):
+            for line in self.session.read_bytes(self.journal_path).decode(errors="replace").splitlines():
+                try:
+                    rec = json.loads(line)
+                    journal[rec["k"]] = rec
+                except (ValueError, KeyError):
+                    continue
+        wanted = manifest.by_key()
+        done: set[str] = set()
+        stale: list[str] = []
+        to_hash: list[str] = []
+        for rel, size in self._listing(self.partial).items():
+            if rel == JOURNAL_NAME:
+                continue
+            e = wanted.get(rel)
+            if e is None or _is_part(rel) or size != e.size:
+                stale.append(rel)
+                continue
+            rec = journal.get(rel)
+            if rec and rec.get("h") == e.sha256 and rec.get("s") == e.size:
+                done.add(rel)
+            else:
+                to_hash.append(rel)
+        for rel, digest in self._sha256sum(self.partial, to_hash).items():
+            if digest == wanted[rel].sha256:
+                done.add(rel)
+                self.record(wanted[rel], None)
+            else:
+                stale.append(rel)
+        if stale:
+            data = b"".join(k.encode() + b"\0" for k in stale)
+            self.session.run(f"cd {self._q(self.partial)} && xargs -0 rm -f --", input=data, timeout=600)
+        return done
+
+    def free_bytes(self) -> int | None:
+        res = self.session.run(f"df -Pk {self._q(self.partial)} | tail -1", check=False)
+        try:
+            return int(res.stdout.split()[3]) * 1024
+        except (IndexError, ValueError):
+            return None
+
+    def makedirs(self, keys: list[str]) -> None:
+        dirs = sorted({str(PurePosixPath(k).parent) for k in keys} - {"."})
+        if dirs:
+            data = b"".join(d.encode() + b"\0" for d in dirs)
+            res = self.session.run(f"cd {self._q(self.partial)} && xargs -0 mkdir -p --", input=data,
+                                   timeout=600, check=False)
+            if res.rc != 0:
+                if "No space" in res.stderr or "quota" in res.stderr.lower():
+                    raise DiskFull(f"{self}: {res.stderr.strip()}")
+                raise TransferError(f"{self}: creating folders failed: {res.stderr.strip()}")
+
+    def writer(self, entry: Entry) -> SftpPart:
+        return SftpPart(self, entry)
+
+    def record(self, entry: Entry, stamp: int | None) -> None:
+        line = (json.dumps({"k": entry.key, "s": entry.size, "h": entry.sha256}) + "\n").encode()
+        with self._lock:
+            if self._journal is None:
+                self._journal = self.session.open_writer(self.journal_path, append=True)
+            self._journal.write(line)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._journal is not None:
+                try:
+                    self._journal.close()
+                except Exception:  # noqa: BLE001 - a journal line lost costs a re-check, no more
+                    pass
+                self._journal = None
+
+    def finish(self, manifest: Manifest) -> None:
+        self.close()
+        self.session.put_text(f"{self.partial}/{MANIFEST_NAME}", manifest.to_json(), mode=0o644)
+        self.session.run(f"rm -f {self._q(self.journal_path)}")
+        self.session.rename(self.partial, self.dest)
+
+    def verify(self, manifest: Manifest, workers: int = 4) -> tuple[list[str], list[str]]:
+        listing = self._listing(self.dest)
+        listing.pop(MANIFEST_NAME, None)
+        wanted = manifest.by_key()
+        present = [k for k in wanted if listing.get(k) == wanted[k].size]
+        sums = self._sha256sum(self.dest, present)
+        bad = [k for k, e in wanted.items() if sums.get(k) != e.sha256]
+        extra = sorted(k for k in listing if k not in wanted)
+        return bad, extra
