@@ -131,11 +131,16 @@ def workspace_s3(ws) -> dict[str, Any]:
 
 
 def open_store(settings: dict[str, Any], prefix: str, workers: int = 16):
-    from maelflow import ewc
+    """The dataset ``prefix`` in the EWC bucket of ``settings``; its boto3 client is made on first use."""
     from maelflow_transfer.store import Store
 
     for field in ("endpoint_url", "access_key", "secret_key"):
         if not settings.get(field):
             raise CredentialsError(f"the EWC settings lack {field!r}")
-    s3 = ewc.client(settings, max_pool_connections=max(10, workers + 4))
-    return Store(s3, settings.get("bucket", ewc.DEFAULT_BUCKET), prefix)
+
+    def client():
+        from maelflow import ewc
+
+        return ewc.client(settings, max_pool_connections=max(10, workers + 4))
+    return Store(client, settings.get("bucket") or "ewc", prefix, endpoint_url=settings["endpoint_url"],
+                 keys=(settings["access_key"], settings["secret_key"]), region=settings.get("region") or "us-east-1")

@@ -1,12 +1,12 @@
 """One dataset in the EWC object store: its manifest, its objects, reads and writes with retries.
 
-Control calls (list, head, put, multipart, the manifest) go through the boto3 client made by
-``maelflow.s3.s3_client``. Object *reads* are the hot path of a stage (thousands of GETs), and
-botocore spends about a millisecond of Python per request building and parsing it, under the GIL;
-so each GET is presigned by that same client (SigV4, local computation) and streamed over a
-per-thread keep-alive ``http.client`` connection into the caller's sink. Errors of both paths map
-to the same messages, and transient ones (resets, time-outs, 5xx, throttling) are retried with
-back-off.
+Control calls (list, head, put, multipart, delete) go through the boto3 client made by
+``maelflow.s3.s3_client``, created on first use. Reads (the manifest, and the thousands of objects
+of a stage) are the hot path: botocore spends over a millisecond of Python per request under the
+GIL, so each GET is presigned (``sigv4``: SigV4, path-style, ~20 us) and streamed over a per-thread
+keep-alive ``http.client`` connection into the caller's sink. A stage therefore never loads boto3
+at all. Errors of both paths map to the same messages, and transient ones (resets, time-outs, 5xx,
+throttling) are retried with back-off.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, TypeVar
-from urllib.parse import urlsplit
 
 from maelflow_transfer.errors import (CredentialsError, NotPublished, StoreError, TransferError,
                                       TransientError)
@@ -36,6 +35,10 @@ PART_SIZE = 16 << 20
 PRESIGN_SECONDS = 3600
 
 
+class ObjectMissing(StoreError):
+    """The object is not in the store."""
+
+
 def _code_of(body: bytes) -> str:
     m = re.search(rb"<Code>([^<]+)</Code>", body or b"")
     return m.group(1).decode() if m else ""
@@ -44,13 +47,27 @@ def _code_of(body: bytes) -> str:
 class Store:
     """``s3://bucket/prefix``: where one dataset lives in the object store."""
 
-    def __init__(self, s3: Any, bucket: str, prefix: str, *, timeout: float = 60.0, backoff: Backoff = DEFAULT):
-        self.s3 = s3
+    def __init__(self, client: Any, bucket: str, prefix: str, *, endpoint_url: str, keys: tuple[str, str],
+                 region: str = "us-east-1", timeout: float = 60.0, backoff: Backoff = DEFAULT):
+        """``client``: a boto3 client, or a function making one (called at the first control call)."""
+        from maelflow_transfer.sigv4 import Presigner
+
+        self._client = client
         self.bucket = bucket
         self.prefix = prefix.strip("/")
+        self.endpoint_url = endpoint_url
         self.timeout = timeout
         self.backoff = backoff
         self._local = threading.local()
+        self._lock = threading.Lock()
+        self.presigner = Presigner(endpoint_url, *keys, region=region, expires=PRESIGN_SECONDS)
+
+    @property
+    def s3(self) -> Any:
+        with self._lock:
+            if callable(self._client) and not hasattr(self._client, "meta"):
+                self._client = self._client()
+            return self._client
 
     # -- names ---------------------------------------------------------------------------------
     @property
@@ -59,7 +76,7 @@ class Store:
 
     @property
     def endpoint(self) -> str:
-        return getattr(getattr(self.s3, "meta", None), "endpoint_url", "") or "the object store"
+        return self.endpoint_url
 
     def key(self, rel: str) -> str:
         return f"{self.prefix}/{rel}"
@@ -112,20 +129,20 @@ class Store:
 
     # -- manifest ------------------------------------------------------------------------------
     def read_manifest(self) -> Manifest | None:
-        from botocore.exceptions import ClientError
-
-        def get() -> bytes | None:
+        buf = bytearray()
+        for attempt in range(self.backoff.attempts):
+            buf.clear()
             try:
-                return self.s3.get_object(Bucket=self.bucket, Key=self.manifest_key)["Body"].read()
-            except ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-                    return None
-                raise
-        body = self.call(f"reading the manifest of {self.url}", get)
-        if body is None:
-            return None
+                self.get(MANIFEST_NAME, buf.extend)
+                break
+            except ObjectMissing:
+                return None
+            except TransientError as exc:
+                if attempt + 1 == self.backoff.attempts:
+                    raise StoreError(f"{exc} (gave up after {attempt + 1} tries; is {self.endpoint} up?)") from None
+                self.backoff.sleep(attempt)
         try:
-            return Manifest.from_json(body)
+            return Manifest.from_json(bytes(buf))
         except (ValueError, KeyError, TypeError) as exc:
             raise StoreError(f"the manifest at s3://{self.bucket}/{self.manifest_key} is unreadable ({exc})") from None
 
@@ -228,29 +245,27 @@ class Store:
         """Stream object ``rel`` (bytes ``start``..``end`` inclusive, if given) into ``sink``; returns
         the byte count. One try: a TransientError means "retry from the start" (the caller's sink
         must start over too), other errors are final."""
-        url = self.s3.generate_presigned_url("get_object", Params={"Bucket": self.bucket, "Key": self.key(rel)},
-                                             ExpiresIn=PRESIGN_SECONDS)
-        u = urlsplit(url)
-        conn = self._connection(u.scheme, u.netloc)
+        p = self.presigner
+        conn = self._connection(p.scheme, p.host)
         headers = {"Range": f"bytes={start}-{end}"} if start is not None else {}
         what = f"reading s3://{self.bucket}/{self.key(rel)}"
         try:
-            conn.request("GET", f"{u.path}?{u.query}", headers=headers)
+            conn.request("GET", p.path(self.bucket, self.key(rel)), headers=headers)
             resp = conn.getresponse()
         except (OSError, http.client.HTTPException) as exc:
-            self._drop(u.scheme, u.netloc)
+            self._drop(p.scheme, p.host)
             raise TransientError(f"{what}: {type(exc).__name__}: {exc}") from None
         if resp.status not in (200, 206):
             try:
                 body = resp.read()
             except (OSError, http.client.HTTPException):
                 body = b""
-                self._drop(u.scheme, u.netloc)
+                self._drop(p.scheme, p.host)
             code = _code_of(body)
             if resp.status in RETRY_STATUS or code in ("SlowDown", "InternalError", "RequestTimeout"):
                 raise TransientError(f"{what}: HTTP {resp.status} {code}")
             if code == "NoSuchKey" or (resp.status == 404 and code != "NoSuchBucket"):
-                raise StoreError(f"{what}: the object is missing from the store, although the manifest "
+                raise ObjectMissing(f"{what}: the object is missing from the store, although the manifest "
                                  "lists it (the published copy was damaged: publish the dataset again)")
             raise self.error(code, body.decode(errors="replace")[:200], what, resp.status)
         buf = self._local.buf
@@ -258,19 +273,19 @@ class Store:
         n = 0
         while True:
             if stop is not None and stop.is_set():
-                self._drop(u.scheme, u.netloc)   # the rest of the body is not wanted
+                self._drop(p.scheme, p.host)   # the rest of the body is not wanted
                 raise TransientError(f"{what}: stopped")
             try:
                 k = resp.readinto(buf)
             except (OSError, http.client.HTTPException) as exc:
-                self._drop(u.scheme, u.netloc)
+                self._drop(p.scheme, p.host)
                 raise TransientError(f"{what}: {type(exc).__name__}: {exc} after {n} bytes") from None
             if not k:
                 break
             try:
                 sink(view[:k])
             except BaseException:
-                self._drop(u.scheme, u.netloc)   # unread body: the connection cannot be reused
+                self._drop(p.scheme, p.host)   # unread body: the connection cannot be reused
                 raise
             n += k
         return n

@@ -63,6 +63,14 @@ def test_demo_end_to_end_through_the_cli(stack):
     client = mlflow.MlflowClient(infos["mlflow"].url)
     history = client.get_metric_history(run_id, "train_loss_epoch")
     assert len(history) == 3
+    # the anemoi training ran through the same suite: built dataset, checkpoints, metrics in MLflow
+    assert find(status, "/demo/publish/synth_demo/build")["state"] == "complete"
+    anemoi_train = find(status, "/demo/local/train/tiny_anemoi/train")
+    assert anemoi_train["events"]["checkpoint"] is True
+    anemoi_run = anemoi_train["labels"]["mlflow"].split()[1]
+    assert client.get_metric_history(anemoi_run, "train_multi_dataset_loss_step")
+    (anemoi_lineage,) = (ws.root / "sites/local/outputs/demo/tiny-anemoi").glob("*/lineage.json")
+    assert any(c["path"].endswith("last.ckpt") for c in json.loads(anemoi_lineage.read_text())["checkpoints"])
     (lineage_file,) = (ws.root / "sites/local/outputs/demo/tiny").glob("*/lineage.json")  # one per deploy
     lineage = json.loads(lineage_file.read_text())
     assert lineage["run_id"] == run_id and lineage["checkpoints"]

@@ -124,3 +124,28 @@ def test_defaults_list_composes_with_hydra(config_root):
     rx = load_experiment("child", ["sites=[lumi]"], config_root=config_root)
     assert rx.name == "child" and rx.experiment.description == "inherits the demo"
     assert list(rx.sites) == ["lumi"] and list(rx.trainings) == ["tiny-anemoi", "tiny"]
+
+
+def test_unknown_application_fails_at_validate(config_root):
+    with pytest.raises(ConfigError) as info:
+        load_experiment("demo", ["training.tiny.application=maelflow.training.examples.tiny:NoSuchModel",
+                                 "training.tiny.datamodule=not_a_package.data:Pairs"], config_root=config_root)
+    reasons = {p.field: p.reason for p in info.value.problems}
+    assert "defines no 'NoSuchModel'" in reasons["application"]
+    assert "'not_a_package.data' cannot be found" in reasons["datamodule"]
+
+
+def test_missing_dataset_fails_at_validate(config_root):
+    with pytest.raises(ConfigError) as info:
+        load_experiment("demo", ["datasets=[era5-missing]"], config_root=config_root)
+    found = {(p.file.rsplit("/", 2)[-2], p.field, p.reason.split(" /")[0]) for p in info.value.problems}
+    assert ("experiments", "datasets[0]", "no dataset file") in found
+    assert any(f == "trainings" and "not listed in the experiment" in r for f, _, r in found)
+
+
+def test_impossible_gpu_count_fails_at_validate(config_root):
+    with pytest.raises(ConfigError) as info:
+        load_experiment("demo", ["sites=[jupiter]", "training.tiny-anemoi.gpus_per_node=8"], config_root=config_root)
+    (p,) = info.value.problems
+    assert p.field == "gpus_per_node" and p.value == 8 and "4 GPUs per node" in p.reason
+    assert "(value given on the command line)" not in p.reason  # a cross check names the site instead

@@ -11,6 +11,34 @@ from maelflow.config.errors import ConfigProblem
 from maelflow.config.names import node_name
 
 
+def import_path_problem(path: str) -> str | None:
+    """Why ``package.module:Class`` cannot be loaded here, found without importing the module
+    (importing a training application pulls in torch: seconds, at every validate)."""
+    import ast
+    import importlib.util
+
+    module, _, name = path.partition(":")
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError) as exc:
+        return f"module {module!r} cannot be found: {exc}"
+    if spec is None:
+        return f"no module {module!r} in this Python environment (is the application installed?)"
+    top = name.split(".")[0]
+    if spec.origin and spec.origin.endswith(".py"):
+        try:
+            tree = ast.parse(Path(spec.origin).read_text())
+        except (OSError, SyntaxError) as exc:
+            return f"module {module!r} cannot be read: {exc}"
+        defined = {n.name for n in tree.body if isinstance(n, (ast.ClassDef, ast.FunctionDef))}
+        defined |= {t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
+        defined |= {a.asname or a.name for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))
+                    for a in n.names}
+        if top not in defined:
+            return f"module {module!r} defines no {top!r}"
+    return None
+
+
 def cross_check(rx) -> list[ConfigProblem]:
     problems: list[ConfigProblem] = []
     root = Path(rx.config_root)
@@ -26,6 +54,15 @@ def cross_check(rx) -> list[ConfigProblem]:
             seen[nn] = name
     for tname, training in rx.trainings.items():
         tfile = str(root / "trainings" / f"{tname}.yaml")
+        for field in ("application", "datamodule"):
+            path = getattr(training, field)
+            if path and path != "anemoi":
+                why = import_path_problem(path)
+                if why:
+                    problems.append(ConfigProblem(tfile, field, path, why))
+        if training.application != "anemoi" and not training.datamodule:
+            problems.append(ConfigProblem(tfile, "datamodule", None,
+                                          "an application given by import path needs its LightningDataModule"))
         for j, ds in enumerate(training.datasets):
             if ds not in rx.experiment.datasets:
                 problems.append(ConfigProblem(tfile, f"datasets[{j}]", ds,
