@@ -480,6 +480,51 @@ class CatalogueErrorMany(CatalogueError):
                          candidates=[f"{c}/{k}" for c, k in found])
 
 
+class FastLookups:
+    """ASGI middleware answering the hottest request, ``GET /api/v1/<collection>/<key>``, without routing.
+
+    Only the plain success case is answered here (a safe key, read allowed, the entry found, no query
+    string): anything else falls through to the FastAPI route, which gives the same answer with its
+    full validation and error messages. It saves the router, parameter validation and response
+    machinery: about a third of the server's CPU per lookup, which is what the bench's p99 measures.
+    """
+
+    LOOKUP = re.compile(r"^/api/v1/(datasets|experiments|weights|trainings|tasks|models)/([A-Za-z0-9][A-Za-z0-9._-]{0,199})$")
+
+    def __init__(self, app, ctx: Context):
+        self.app = app
+        self.ctx = ctx
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "GET" and not scope.get("query_string"):
+            match = self.LOOKUP.match(scope["path"])
+            if match and ".." not in match.group(2):
+                row = self._lookup(scope, match.group(1), match.group(2))
+                if row is not None:
+                    body = row["record"].encode()
+                    await send({"type": "http.response.start", "status": 200, "headers": [
+                        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                        (b"etag", f'"{row["version"]}"'.encode())]})
+                    await send({"type": "http.response.body", "body": body})
+                    return
+        await self.app(scope, receive, send)
+
+    def _lookup(self, scope, collection: str, key: str) -> dict | None:
+        auth = None
+        for name, value in scope.get("headers") or []:
+            if name == b"authorization":
+                auth = value.decode("latin-1")
+                break
+        if auth is None or auth in ("Bearer None", "Bearer null", "Bearer"):
+            if not self.ctx.settings().anonymous_read:
+                return None
+        else:
+            scheme, _, token = auth.partition(" ")
+            if scheme.lower() != "bearer" or self.ctx.tokens().get(hash_token(token.strip())) is None:
+                return None
+        return self.ctx.catalogue.index.get(collection, key)
+
+
 def body_limits(settings: Callable[[], Settings]) -> Callable[[str], int]:
     def limit(path: str) -> int:
         s = settings()

@@ -44,13 +44,13 @@ def open_catalogue(ws: Workspace, threads: int = 32) -> tuple[Catalogue, Paths, 
 
 
 def build(ws: Workspace) -> Any:
-    from maelflow_registry.app import BodyLimit, Context, body_limits, create_app
+    from maelflow_registry.app import BodyLimit, Context, FastLookups, body_limits, create_app
 
     catalogue, paths, s3_info = open_catalogue(ws)
     settings = Watched(paths.settings, lambda: load_settings(paths))
     tokens = Watched(paths.tokens, lambda: TokenStore(paths).by_hash())
     ctx = Context(catalogue, settings.get, tokens.get, s3_endpoint=s3_info["endpoint_url"])
-    return BodyLimit(create_app(ctx), body_limits(settings.get))
+    return BodyLimit(FastLookups(create_app(ctx), ctx), body_limits(settings.get))
 
 
 def serve(ws: Workspace, port: int, host: str = LOOPBACK) -> None:

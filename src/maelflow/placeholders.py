@@ -15,7 +15,7 @@ HINTS = {
 
 
 def placeholders_for(ws: Workspace) -> dict[str, str]:
-    from maelflow.suite.builder import maelflow_command
+    from maelflow.installation import maelflow_command
 
     values = {"workspace": str(ws.root), "maelflow": maelflow_command()}
     if ws.path("hpc", "site.json").exists():

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -188,31 +187,3 @@ def _send(sender: Sender, c: ChildCommand) -> None:
         sender.send(c)
     except RuntimeError as exc:  # a zombie (task requeued meanwhile), a deleted suite: log, go on
         log.warning("server refused %s %s %s: %s", c.task, c.cmd, " ".join(c.args), str(exc).strip()[:300])
-
-
-def relay_forever(ws: Workspace, interval: float = 1.0, once: bool = False) -> None:
-    """Watch every deployed suite's relay sites, mirror job outputs, resubmit timed-out trainings."""
-    from maelflow.relay_targets import targets
-    from maelflow.resubmit import resubmit_timeouts
-
-    heartbeat = ws.path("relay", "heartbeat")
-    while True:
-        t0 = time.monotonic()
-        try:
-            found = targets(ws)
-            for target in found:
-                try:
-                    state = RelayState.load(state_path(ws, target.suite, target.site))
-                    replay(target.source, target.spool_dir, target.sender, state)
-                    target.after_replay()
-                except Exception as exc:  # noqa: BLE001 - one broken site must not stop the others
-                    log.warning("relay %s/%s: %s", target.suite, target.site, exc)
-            from maelflow.ecf import client_for
-
-            resubmit_timeouts(client_for(ws))
-        except Exception as exc:  # noqa: BLE001 - the server may be restarting
-            log.warning("relay: %s", exc)
-        write_atomic(heartbeat, f"{time.time():.0f}\n")
-        if once:
-            return
-        time.sleep(max(0.0, interval - (time.monotonic() - t0)))

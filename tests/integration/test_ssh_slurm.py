@@ -26,7 +26,7 @@ from maelflow.config.models import Site, SitePaths, SshSettings
 from maelflow.services import hpc
 from maelflow.services.base import ServiceError
 from maelflow.sites import ssh as ssh_mod
-from maelflow.sites.runner import JobHandle
+from maelflow.sites.base import JobHandle
 from maelflow.sites.slurm_runner import SshSlurmRunner, SubmitError, submission_token
 from maelflow.sites.ssh import CredentialError, HostKeyError, SshSession, session_for
 from maelflow.workspace import Workspace

@@ -11,7 +11,8 @@ import pytest
 
 from maelflow.config.loader import compose_file, load_experiment
 from maelflow.config.models import Site
-from maelflow.sites.runner import JobHandle, runner_for
+from maelflow.sites.base import JobHandle
+from maelflow.sites.runner import runner_for
 from maelflow.sites.slurm import Slurm, TaskResources, directives, parse_state
 from maelflow.sites.slurm_runner import (
     SshSlurmRunner, local_ecf_home, submission_token, with_directives)

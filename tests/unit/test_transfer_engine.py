@@ -212,3 +212,35 @@ def test_unpublished_dataset_is_a_clear_error(tmp_path):
     store.manifest = None
     with pytest.raises(NotPublished, match="not published"):
         stage(store, LocalTree(tmp_path / "ds.zarr"), "ds")
+
+
+def test_presigned_url_matches_botocore(monkeypatch):
+    """The hot-path signer signs exactly what botocore's SigV4 query signer signs."""
+    import datetime
+    from urllib.parse import parse_qs, urlsplit
+
+    import botocore.auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    from maelflow_transfer.sigv4 import Presigner
+
+    when = datetime.datetime(2026, 11, 23, 15, 4, 5)
+
+    class FixedDatetime(datetime.datetime):
+        @classmethod
+        def utcnow(cls):
+            return when
+
+        @classmethod
+        def now(cls, tz=None):
+            return when.replace(tzinfo=tz) if tz else when
+    monkeypatch.setattr(botocore.auth.datetime, "datetime", FixedDatetime)
+    key = "datasets/an-x_y.zarr/data/0.1.2 ~sp"
+    req = AWSRequest(method="GET", url=f"http://127.0.0.1:9000/ewc/{__import__('urllib.parse').parse.quote(key, safe='/~')}")
+    botocore.auth.S3SigV4QueryAuth(Credentials("AKID", "secret/+="), "s3", "eu-west-1", expires=3600).add_auth(req)
+    ours = Presigner("http://127.0.0.1:9000", "AKID", "secret/+=", region="eu-west-1").url(
+        "ewc", key, now=when.replace(tzinfo=datetime.timezone.utc).timestamp())
+    a, b = urlsplit(req.url), urlsplit(ours)
+    assert a.path == b.path
+    assert parse_qs(a.query) == parse_qs(b.query)

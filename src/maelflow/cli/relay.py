@@ -20,7 +20,7 @@ def command() -> None:
 @click.option("--once", is_flag=True, help="Replay what is there now and exit.")
 def run(workspace: str | None, interval: float, once: bool) -> None:
     """Poll every relay-mode site of every deployed suite and replay new child commands."""
-    from maelflow.relay import relay_forever
+    from maelflow.relay_loop import relay_forever
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     relay_forever(resolve_workspace(workspace), interval=interval, once=once)

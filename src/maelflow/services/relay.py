@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 from typing import Sequence
 
 from maelflow.services.base import ManagedService
@@ -23,9 +21,10 @@ class RelayService(ManagedService):
         return 0
 
     def command(self, port: int) -> tuple[Sequence[str], dict[str, str]]:
-        exe = Path(sys.executable).with_name("maelflow")
-        argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "maelflow"]
-        return [*argv, "relay", "run", "--workspace", str(self.ws.root)], {"PYTHONUNBUFFERED": "1"}
+        from maelflow.installation import maelflow_command
+
+        return [*maelflow_command().split(), "relay", "run", "--workspace", str(self.ws.root)], \
+            {"PYTHONUNBUFFERED": "1"}
 
     def healthy(self) -> bool:
         beat = self.ws.path("relay", "heartbeat")

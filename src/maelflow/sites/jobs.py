@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from maelflow.config.loader import ResolvedExperiment
-from maelflow.sites.runner import JobHandle, runner_for
+from maelflow.sites.base import JobHandle
+from maelflow.sites.runner import runner_for
 from maelflow.workspace import write_atomic
 
 

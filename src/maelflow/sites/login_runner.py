@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from pathlib import Path, PurePosixPath
 
-from maelflow.sites.runner import JobHandle
+from maelflow.sites.base import JobHandle
 from maelflow.sites.slurm_runner import SshSlurmRunner, SubmitError, local_ecf_home, submission_token
 from maelflow.sites.ssh import ConnectionLost, shell_path
 

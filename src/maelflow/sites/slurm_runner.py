@@ -18,7 +18,7 @@ import re
 from pathlib import Path, PurePosixPath
 
 from maelflow.config.models import Site
-from maelflow.sites.runner import JobHandle
+from maelflow.sites.base import JobHandle
 from maelflow.sites.slurm import ALIVE, PENDING, Slurm, TaskResources, directives, parse_state
 from maelflow.sites.ssh import ConnectionLost, SshSession, session_for, shell_path
 

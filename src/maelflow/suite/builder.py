@@ -18,6 +18,7 @@ from pathlib import Path
 import ecflow
 
 from maelflow.config.loader import ResolvedExperiment
+from maelflow.installation import maelflow_command
 from maelflow.suite.layout import FamilySpec, SuiteSpec, TaskSpec, suite_layout
 from maelflow.workspace import Workspace, write_atomic
 
@@ -42,12 +43,6 @@ def templates_dir() -> Path:
     if env:
         return Path(env)
     return Path(__file__).resolve().parents[3] / "suites"
-
-
-def maelflow_command() -> str:
-    """How the ecFlow server's host calls this very maelflow (the venv's console script)."""
-    exe = Path(sys.executable).with_name("maelflow")
-    return str(exe) if exe.exists() else f"{sys.executable} -m maelflow"
 
 
 def site_command(rx: ResolvedExperiment, site: str) -> str:

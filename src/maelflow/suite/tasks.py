@@ -165,7 +165,7 @@ def train(ctx: TaskContext, training: str, site: str) -> None:
 
 def register(ctx: TaskContext, training: str, site: str) -> Path:
     """Record the lineage of a finished training beside its outputs (the catalogue reads it)."""
-    from maelflow.training.launch import _dataset_uuid, dataset_path, run_dir
+    from maelflow.training.runs import dataset_path, dataset_uuid, run_dir
     from maelflow_transfer.manifest import sha256_file
 
     out = run_dir(ctx.rx, site, training)
@@ -183,7 +183,7 @@ def register(ctx: TaskContext, training: str, site: str) -> Path:
         "experiment": ctx.rx.name, "training": training, "site": site, "run_id": state.get("run_id"),
         "tracking_uri": state.get("tracking_uri"), "application": t.application,
         "datasets": [{"name": d, "path": str(dataset_path(ctx.rx, site, d)),
-                      "uuid": _dataset_uuid(dataset_path(ctx.rx, site, d))} for d in t.datasets],
+                      "uuid": dataset_uuid(dataset_path(ctx.rx, site, d))} for d in t.datasets],
         "checkpoints": checkpoints, "config": t.model_dump(mode="json"),
     }
     path = out / "lineage.json"
@@ -198,7 +198,7 @@ def sync(ctx: TaskContext, training: str, site: str) -> None:
     from maelflow.services.stack import discover
     from maelflow.sites.files import SiteFiles
     from maelflow.tracking.sync import sync_store
-    from maelflow.training.launch import run_dir
+    from maelflow.training.runs import run_dir
 
     files = SiteFiles(ctx.rx, site)
     remote_run = run_dir(ctx.rx, site, training)

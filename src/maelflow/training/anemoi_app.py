@@ -33,7 +33,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from maelflow.training.launch import TrainingError, TrainingResult, dataset_path, run_dir
+from maelflow.training.runs import TrainingError, TrainingResult, dataset_path, run_dir
 from maelflow.training.progress import EcflowProgress
 from maelflow.workspace import write_atomic
 
@@ -403,7 +403,7 @@ def _tag_run(logger, rx, training_name: str, site_name: str, mode: str, ds_path:
              resumed: str | None, forked: str | None) -> None:
     """maelflow's tags and provenance on the MLflow run (best effort: logging must not stop training)."""
     from maelflow.provenance import record
-    from maelflow.training.launch import _dataset_uuid
+    from maelflow.training.runs import dataset_uuid as _dataset_uuid
 
     try:
         client, run_id = logger.experiment, logger.run_id

@@ -7,55 +7,17 @@ limit) continues from the last checkpoint and the same MLflow run.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from maelflow.config.loader import ResolvedExperiment
 from maelflow.reporting import Reporter
+from maelflow.training.runs import (TrainingError, TrainingResult, dataset_path, dataset_uuid, import_object,
+                                    run_dir)
 from maelflow.workspace import write_atomic
 
-
-class TrainingError(RuntimeError):
-    pass
-
-
-@dataclass
-class TrainingResult:
-    run_dir: Path
-    run_id: str | None
-    tracking_uri: str | None
-    checkpoints: list[Path]
-    global_step: int
-    epochs: int
-
-
-def import_object(path: str) -> Any:
-    module, _, name = path.partition(":")
-    try:
-        obj = importlib.import_module(module)
-    except ImportError as exc:
-        raise TrainingError(f"cannot import module {module!r} of {path!r}: {exc}") from None
-    for part in name.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise TrainingError(f"module {module!r} has no {name!r} (from {path!r})") from None
-    return obj
-
-
-def dataset_path(rx: ResolvedExperiment, site: str, dataset: str) -> Path:
-    return Path(rx.sites[site].paths.datasets) / f"{dataset}.zarr"
-
-
-def run_dir(rx: ResolvedExperiment, site: str, training: str, deploy_id: str | None = None) -> Path:
-    """``<outputs>/<experiment>/<training>/<deploy id>``: one folder per deploy of the suite, so a
-    redeploy starts a new run and a resubmitted job of the same deploy resumes its own."""
-    deploy_id = deploy_id or os.environ.get("MAELFLOW_DEPLOY_ID") or "0"
-    return Path(rx.sites[site].paths.outputs) / rx.name / training / deploy_id
+__all__ = ["train", "TrainingError", "TrainingResult", "dataset_path", "run_dir"]
 
 
 def train(rx: ResolvedExperiment, training_name: str, site_name: str, reporter: Reporter,
@@ -109,7 +71,7 @@ def train(rx: ResolvedExperiment, training_name: str, site_name: str, reporter: 
         write_atomic(state_file, json.dumps(state, indent=2) + "\n")
         reporter.label("mlflow", run_label(uri, logger.experiment_id, run_id))
         prov = record(rx.to_json(), {"training": training_name, "site": site_name,
-                                     "datasets": {str(p): _dataset_uuid(p) for p in paths}})
+                                     "datasets": {str(p): dataset_uuid(p) for p in paths}})
         logger.experiment.log_dict(run_id, prov, "provenance.json")
 
     last = ckpt_dir / "last.ckpt"
@@ -127,10 +89,3 @@ def train(rx: ResolvedExperiment, training_name: str, site_name: str, reporter: 
     trainer.fit(model, datamodule=dm, ckpt_path=str(last) if last.exists() else None)
     checkpoints = sorted(ckpt_dir.glob("*.ckpt"))
     return TrainingResult(out, state.get("run_id"), uri, checkpoints, trainer.global_step, trainer.current_epoch)
-
-
-def _dataset_uuid(path: Path) -> str | None:
-    try:
-        return json.loads((path / ".zattrs").read_text()).get("uuid")
-    except (OSError, ValueError):
-        return None

@@ -1,15 +1,20 @@
-"""Which spools the relay watches: every relay-mode site of every suite on the workspace's server."""
+"""The relay's loop: which spools to watch (every relay-mode site of every suite on the workspace's
+server), replaying them, mirroring job outputs, resubmitting timed-out trainings."""
 
 from __future__ import annotations
 
 import json
+import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from maelflow.config.loader import ResolvedExperiment
-from maelflow.relay import LocalSpool, Sender, SpoolSource, SshSpool
-from maelflow.workspace import Workspace
+from maelflow.relay import LocalSpool, RelayState, Sender, SpoolSource, SshSpool, replay, state_path
+from maelflow.workspace import Workspace, write_atomic
+
+log = logging.getLogger("maelflow.relay")
 
 _configs: dict[str, tuple[float, ResolvedExperiment]] = {}
 
@@ -118,3 +123,30 @@ def _mirror(suite, rx: ResolvedExperiment, site: str) -> Callable[[], None]:
                 _final.add(key)
 
     return mirror
+
+
+def relay_forever(ws: Workspace, interval: float = 1.0, once: bool = False) -> None:
+    """Watch every deployed suite's relay sites, mirror job outputs, resubmit timed-out trainings."""
+    from maelflow.resubmit import resubmit_timeouts
+
+    heartbeat = ws.path("relay", "heartbeat")
+    while True:
+        t0 = time.monotonic()
+        try:
+            found = targets(ws)
+            for target in found:
+                try:
+                    state = RelayState.load(state_path(ws, target.suite, target.site))
+                    replay(target.source, target.spool_dir, target.sender, state)
+                    target.after_replay()
+                except Exception as exc:  # noqa: BLE001 - one broken site must not stop the others
+                    log.warning("relay %s/%s: %s", target.suite, target.site, exc)
+            from maelflow.ecf import client_for
+
+            resubmit_timeouts(client_for(ws))
+        except Exception as exc:  # noqa: BLE001 - the server may be restarting
+            log.warning("relay: %s", exc)
+        write_atomic(heartbeat, f"{time.time():.0f}\n")
+        if once:
+            return
+        time.sleep(max(0.0, interval - (time.monotonic() - t0)))

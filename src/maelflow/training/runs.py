@@ -1,0 +1,59 @@
+"""What every training launcher shares: where a training's datasets and outputs are on a site,
+its result, and how an application given by import path is loaded."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from maelflow.config.loader import ResolvedExperiment
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainingResult:
+    run_dir: Path
+    run_id: str | None
+    tracking_uri: str | None
+    checkpoints: list[Path]
+    global_step: int
+    epochs: int
+
+
+def import_object(path: str) -> Any:
+    module, _, name = path.partition(":")
+    try:
+        obj = importlib.import_module(module)
+    except ImportError as exc:
+        raise TrainingError(f"cannot import module {module!r} of {path!r}: {exc}") from None
+    for part in name.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise TrainingError(f"module {module!r} has no {name!r} (from {path!r})") from None
+    return obj
+
+
+def dataset_path(rx: ResolvedExperiment, site: str, dataset: str) -> Path:
+    return Path(rx.sites[site].paths.datasets) / f"{dataset}.zarr"
+
+
+def run_dir(rx: ResolvedExperiment, site: str, training: str, deploy_id: str | None = None) -> Path:
+    """``<outputs>/<experiment>/<training>/<deploy id>``: one folder per deploy of the suite, so a
+    redeploy starts a new run and a resubmitted job of the same deploy resumes its own."""
+    deploy_id = deploy_id or os.environ.get("MAELFLOW_DEPLOY_ID") or "0"
+    return Path(rx.sites[site].paths.outputs) / rx.name / training / deploy_id
+
+
+def dataset_uuid(path: Path) -> str | None:
+    try:
+        return json.loads((path / ".zattrs").read_text()).get("uuid")
+    except (OSError, ValueError):
+        return None
