@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from maelflow.services import hpc
-from maelflow.services.base import ServiceError, pid_alive, port_is_free
+from maelflow.services.base import pid_alive, port_is_free
 from maelflow.workspace import Workspace
 
 pytestmark = pytest.mark.integration
@@ -25,13 +25,9 @@ DAEMONS = ("hpc-munge", "hpc-slurmctld", "hpc-slurmd", "hpc-sshd")
 
 @pytest.fixture(scope="module")
 def hpc_site(tmp_path_factory):
-    if os.geteuid() != 0:
-        pytest.skip("the loopback HPC site needs root")
+    # needs root and the Debian packages (scripts/install.sh): a missing one fails here, loudly
     ws = Workspace.resolve(tmp_path_factory.mktemp("hpc-ws"))
-    try:
-        hpc.check_available(ws)
-    except ServiceError as exc:
-        pytest.skip(str(exc))
+    hpc.check_available(ws)
     t0 = time.monotonic()
     infos = hpc.up(ws)
     up_seconds = time.monotonic() - t0
@@ -168,19 +164,6 @@ def test_scancel_over_ssh_cancels_running_job(hpc_site):
     assert wait_state(info, job_id, {"CANCELLED"}, timeout=30) == "CANCELLED"
     assert remote(info, f"squeue -h -j {job_id} -o %i").strip() == ""     # gone from the queue
     assert sacct_completion_state(info, job_id) == "CANCELLED"
-
-
-@pytest.mark.skipif(not os.environ.get("MAELFLOW_SLOW_TESTS"),
-                    reason="takes 60-90 s (SLURM time limits are whole minutes); set MAELFLOW_SLOW_TESTS=1")
-def test_time_limit_gives_timeout_state(hpc_site):
-    info, jobdir = hpc_site["info"], hpc_site["jobdir"]
-    job_id = remote(info, f"mkdir -p {jobdir} && cd {jobdir} && sbatch --parsable --time=00:01:00 "
-                          "-o timeout-%j.out --wrap 'sleep 300'").strip()
-    # slurmctld checks time limits about every 30 s, so TIMEOUT comes 60-90 s after the start
-    assert wait_state(info, job_id, {"TIMEOUT", "COMPLETED", "FAILED"}, timeout=150) == "TIMEOUT"
-    shown = remote(info, f"scontrol show job {job_id}")
-    assert "JobState=TIMEOUT" in shown and "Reason=TimeLimit" in shown
-    assert sacct_completion_state(info, job_id) == "TIMEOUT"
 
 
 def test_up_twice_is_idempotent(hpc_site):

@@ -24,7 +24,7 @@ import pytest
 from maelflow.config.loader import compose_file
 from maelflow.config.models import Site, SitePaths, SshSettings
 from maelflow.services import hpc
-from maelflow.services.base import ServiceError
+
 from maelflow.sites import ssh as ssh_mod
 from maelflow.sites.base import JobHandle
 from maelflow.sites.slurm_runner import SshSlurmRunner, SubmitError, submission_token
@@ -51,13 +51,9 @@ def _fill(value, placeholders):
 
 @pytest.fixture(scope="module")
 def hpcsite(tmp_path_factory):
-    if os.geteuid() != 0:
-        pytest.skip("the loopback HPC site needs root")
+    # needs root and the Debian packages (scripts/install.sh): a missing one fails here, loudly
     ws = Workspace.resolve(tmp_path_factory.mktemp("ssh-slurm-ws"))
-    try:
-        hpc.check_available(ws)
-    except ServiceError as exc:
-        pytest.skip(str(exc))
+    hpc.check_available(ws)
     root = None
     try:
         hpc.up(ws)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 from maelflow.config.loader import ResolvedExperiment
 from maelflow.reporting import Reporter
