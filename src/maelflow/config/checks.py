@@ -5,12 +5,14 @@ These run at ``maelflow validate`` time so a config that cannot run fails here, 
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 from maelflow.config.errors import ConfigProblem
 from maelflow.config.names import node_name
 
 
+@lru_cache(maxsize=256)
 def import_path_problem(path: str) -> str | None:
     """Why ``package.module:Class`` cannot be loaded here, found without importing the module
     (importing a training application pulls in torch: seconds, at every validate)."""
