@@ -69,11 +69,21 @@ def test_demo_end_to_end_through_the_cli(stack):
     assert anemoi_train["events"]["checkpoint"] is True
     anemoi_run = anemoi_train["labels"]["mlflow"].split()[1]
     assert client.get_metric_history(anemoi_run, "train_multi_dataset_loss_step")
-    (anemoi_lineage,) = (ws.root / "sites/local/outputs/demo/tiny-anemoi").glob("*/lineage.json")
+    (anemoi_lineage,) = (ws.root / "suites/demo/runs/local/tiny-anemoi").glob("*/lineage.json")
     assert any(c["path"].endswith("last.ckpt") for c in json.loads(anemoi_lineage.read_text())["checkpoints"])
-    (lineage_file,) = (ws.root / "sites/local/outputs/demo/tiny").glob("*/lineage.json")  # one per deploy
+    (lineage_file,) = (ws.root / "suites/demo/runs/local/tiny").glob("*/lineage.json")  # one per deploy
     lineage = json.loads(lineage_file.read_text())
     assert lineage["run_id"] == run_id and lineage["checkpoints"]
+    # ... and in the catalogue: the training, its checkpoints, and the lineage between them
+    from maelflow_registry.client import CatalogueClient
+
+    cat = CatalogueClient.for_workspace(ws)
+    entry = cat.get("trainings", lineage["key"])
+    assert entry["run_id"] == run_id and entry["datasets"] == ["synth-demo"]
+    for c in lineage["checkpoints"]:
+        assert cat.get("weights", c["uuid"])["metadata"]["run_id"] == run_id
+    graph = json.dumps(cat.lineage(lineage["key"], "trainings"))
+    assert lineage["checkpoints"][0]["uuid"] in graph and "synth-demo" in graph
     assert (ws.root / "suites/demo/runs/provenance.json").exists()
 
 

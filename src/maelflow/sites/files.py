@@ -44,6 +44,23 @@ class SiteFiles:
         res = self.session().run(f"find {shlex.quote(path)} -type f -printf '%P\\n' 2>/dev/null || true", timeout=60)
         return sorted(line for line in res.stdout.splitlines() if line)
 
+    def checksums(self, paths: list[str]) -> dict[str, tuple[int, str]]:
+        """(size, SHA-256) of each file, computed where the file is (one remote command for all)."""
+        if not paths:
+            return {}
+        if self.local:
+            from maelflow_transfer.manifest import sha256_file
+
+            return {p: (Path(p).stat().st_size, sha256_file(Path(p))) for p in paths}
+        quoted = " ".join(shlex.quote(p) for p in paths)
+        res = self.session().run(f"for f in {quoted}; do printf '%s ' $(stat -c %s \"$f\"); sha256sum \"$f\"; done",
+                                 timeout=600)
+        out: dict[str, tuple[int, str]] = {}
+        for line in res.stdout.splitlines():
+            size, digest, name = line.split(" ", 2)
+            out[name.strip().lstrip("*")] = (int(size), digest)
+        return out
+
     def fetch_tree(self, path: str, dest: Path) -> int:
         """Copy the tree at ``path`` into ``dest`` (same relative layout); returns the file count."""
         files = self.files_under(path)

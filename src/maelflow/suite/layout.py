@@ -123,7 +123,7 @@ def suite_layout(rx: ResolvedExperiment, variables: dict[str, str]) -> SuiteSpec
                                       runs_on="server"))
                 train.children.append(FamilySpec(node_name(tname), variables={"TRAINING": tname}, children=tasks))
                 register.children.append(FamilySpec(node_name(tname), variables={"TRAINING": tname}, children=[
-                    TaskSpec("register", "register", labels=[("info", "")])]))
+                    TaskSpec("register", "register", labels=[("info", "")], runs_on="server")]))
             fam.children.extend([train, register])
         children.append(fam)
 

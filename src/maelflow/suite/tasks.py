@@ -164,32 +164,79 @@ def train(ctx: TaskContext, training: str, site: str) -> None:
 
 
 def register(ctx: TaskContext, training: str, site: str) -> Path:
-    """Record the lineage of a finished training beside its outputs (the catalogue reads it)."""
-    from maelflow.training.runs import dataset_path, dataset_uuid, run_dir
-    from maelflow_transfer.manifest import sha256_file
+    """Register a finished training, its checkpoints and their lineage in the catalogue.
 
+    Runs beside the server (compute nodes cannot reach the catalogue) and reads what the training
+    left on the site through the site's files. A checkpoint's identity is derived from its content
+    (a UUID from its SHA-256), so registering again finds the same entries instead of duplicating.
+    """
+    import uuid as uuidlib
+
+    from maelflow.sites.files import SiteFiles
+    from maelflow.training.runs import dataset_path, run_dir
+
+    files = SiteFiles(ctx.rx, site)
     out = run_dir(ctx.rx, site, training)
-    state_file = out / "run.json"
-    if not state_file.exists():
-        raise TaskFailed(f"training {training!r} left no run record at {state_file}: did it run?")
-    state = json.loads(state_file.read_text())
+    raw = files.read_bytes(str(out / "run.json"))
+    if raw is None:
+        raise TaskFailed(f"training {training!r} left no run record at {out / 'run.json'} on {site}: did it run?")
+    state = json.loads(raw)
     # Lightning apps write checkpoints/, anemoi checkpoint/<run id>/: look under the whole run folder
-    checkpoints = [{"path": str(p), "size": p.stat().st_size, "sha256": sha256_file(p)}
-                   for p in sorted(out.rglob("*.ckpt"))]
-    if not checkpoints:
-        raise TaskFailed(f"training {training!r} wrote no checkpoint under {out}")
+    found = [f"{out}/{rel}" for rel in files.files_under(str(out)) if rel.endswith(".ckpt")]
+    if not found:
+        raise TaskFailed(f"training {training!r} wrote no checkpoint under {out} on {site}")
+    sums = files.checksums(found)
+    checkpoints = [{"path": p, "size": sums[p][0], "sha256": sums[p][1],
+                    "uuid": str(uuidlib.UUID(sums[p][1][:32]))} for p in sorted(found)]
     t = ctx.rx.trainings[training]
+    deploy = os.environ.get("MAELFLOW_DEPLOY_ID", "0")
+    key = f"{ctx.rx.name}-{training}-{deploy}"
     lineage = {
-        "experiment": ctx.rx.name, "training": training, "site": site, "run_id": state.get("run_id"),
+        "experiment": ctx.rx.name, "training": training, "key": key, "site": site, "run_id": state.get("run_id"),
         "tracking_uri": state.get("tracking_uri"), "application": t.application,
-        "datasets": [{"name": d, "path": str(dataset_path(ctx.rx, site, d)),
-                      "uuid": dataset_uuid(dataset_path(ctx.rx, site, d))} for d in t.datasets],
+        "forked_from": state.get("forked_from") or t.fork_from,
+        "datasets": [{"name": d, "path": str(dataset_path(ctx.rx, site, d))} for d in t.datasets],
         "checkpoints": checkpoints, "config": t.model_dump(mode="json"),
     }
-    path = out / "lineage.json"
+    path = ctx.runs_dir / site / training / deploy / "lineage.json"
     write_atomic(path, json.dumps(lineage, indent=2, sort_keys=True) + "\n")
-    ctx.reporter.label("info", f"{len(checkpoints)} checkpoints of run {state.get('run_id')} recorded in {path}")
+    n_new = _register_in_catalogue(ctx, key, lineage)
+    ctx.reporter.label("info", f"training {key}: {len(checkpoints)} checkpoints ({n_new} new) of run "
+                       f"{state.get('run_id')} registered in the catalogue")
     return path
+
+
+def _register_in_catalogue(ctx: TaskContext, key: str, lineage: dict) -> int:
+    from maelflow.services.base import ServiceError
+
+    try:
+        from maelflow_registry.client import CatalogueClient, CatalogueClientError
+    except ImportError as exc:
+        raise TaskFailed(f"the catalogue client is not installed ({exc})") from None
+    try:
+        cat = CatalogueClient.for_workspace(ctx.ws)
+    except ServiceError as exc:
+        raise TaskFailed(f"cannot register {key}: {exc}") from None
+    try:
+        cat.register_training(key, run_id=lineage["run_id"], datasets=[d["name"] for d in lineage["datasets"]],
+                              status="completed", owner=ctx.rx.experiment.owner, mlflow_url=lineage["tracking_uri"],
+                              experiment=lineage["experiment"], site=lineage["site"],
+                              application=lineage["application"], forked_from=lineage["forked_from"],
+                              checkpoints=[c["uuid"] for c in lineage["checkpoints"]])
+        new = 0
+        for c in lineage["checkpoints"]:
+            if cat.exists("weights", c["uuid"]):
+                continue
+            meta = {"run_id": lineage["run_id"], "training": key, "site": lineage["site"],
+                    "dataset": {"names": [d["name"] for d in lineage["datasets"]]},
+                    "sha256": c["sha256"], "size": c["size"], "file": c["path"].rsplit("/", 1)[-1]}
+            if lineage["forked_from"]:
+                meta["fork_run_id"] = lineage["forked_from"]
+            cat.register_checkpoint(c["uuid"], meta, training=key, location=(lineage["site"], c["path"]))
+            new += 1
+        return new
+    except CatalogueClientError as exc:
+        raise TaskFailed(f"the catalogue refused {key}: {exc}") from None
 
 
 def sync(ctx: TaskContext, training: str, site: str) -> None:
