@@ -5,7 +5,7 @@ What it does, in one run, in a throw-away workspace (real rclone S3 + the catalo
 1. loads 10 000 datasets and 100 000 checkpoints through the API (bulk endpoint, 2000 per request);
 2. looks entries up by key (``GET /api/v1/{datasets|weights}/KEY``) and by exact filter
    (``GET /api/v1/weights?uuid=U``) from CONCURRENCY threads, each on its own keep-alive connection;
-3. fetches the same documents straight from S3 (presigned GETs of ``entries/<collection>/<key>.json``,
+3. fetches the same documents straight from S3 (presigned GETs of the entries' JSON documents,
    signed before the clock starts), with the same HTTP client and concurrency: that is what a
    catalogue without an index would pay per lookup;
 4. rebuilds the index from S3 and times it.
@@ -74,11 +74,11 @@ def checkpoint_record(i: int) -> dict:
 class Http:
     """One keep-alive connection per thread: the cheapest client Python has, the same for both targets."""
 
-    def __init__(self, base: str, headers: dict | None = None):
+    def __init__(self, base: str, headers: dict | None = None, timeout: float = 30):
         u = urllib.parse.urlsplit(base)
-        self.host, self.port = u.hostname, u.port
+        self.host, self.port, self.timeout = u.hostname, u.port, timeout
         self.headers = headers or {}
-        self.conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
+        self.conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
 
     def get(self, path: str) -> tuple[int, bytes]:
         try:
@@ -87,7 +87,7 @@ class Http:
             return resp.status, resp.read()
         except (http.client.HTTPException, OSError):
             self.conn.close()
-            self.conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
+            self.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
             raise
 
     def post(self, path: str, body: bytes) -> tuple[int, bytes]:
@@ -97,7 +97,7 @@ class Http:
 
 
 def load(base: str, token: str) -> float:
-    client = Http(base, {"Authorization": f"Bearer {token}"})
+    client = Http(base, {"Authorization": f"Bearer {token}"}, timeout=300)
     t0 = time.perf_counter()
     for collection, count, make in (("datasets", N_DATASETS, dataset_record), ("weights", N_CHECKPOINTS, checkpoint_record)):
         for start in range(0, count, BATCH):
@@ -108,7 +108,16 @@ def load(base: str, token: str) -> float:
     return time.perf_counter() - t0
 
 
-def hammer(base: str, paths: list[str], headers: dict | None, seconds: float) -> dict:
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time of a process (the server's cost, whatever else the machine runs)."""
+    if not pid:
+        return float("nan")
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def hammer(base: str, paths: list[str], headers: dict | None, seconds: float, server_pid: int | None = None) -> dict:
     """CONCURRENCY threads GET random paths for ``seconds``; latencies of 2xx answers, errors counted."""
     latencies: list[list[float]] = [[] for _ in range(CONCURRENCY)]
     errors = [0] * CONCURRENCY
@@ -138,23 +147,25 @@ def hammer(base: str, paths: list[str], headers: dict | None, seconds: float) ->
     for t in threads:
         t.start()
     start_gate.wait()
+    cpu0 = cpu_seconds(server_pid)
     t0 = time.perf_counter()
     time.sleep(seconds)
     stop.set()
     for t in threads:
         t.join(timeout=30)
     elapsed = time.perf_counter() - t0
+    cpu = cpu_seconds(server_pid) - cpu0
     flat = sorted(x for part in latencies for x in part)
     if not flat:
         raise SystemExit("no successful request")
     return {"n": len(flat), "errors": sum(errors), "rps": len(flat) / elapsed,
             "p50": 1000 * flat[len(flat) // 2], "p99": 1000 * flat[min(len(flat) - 1, int(len(flat) * 0.99))],
-            "mean": 1000 * statistics.fmean(flat)}
+            "mean": 1000 * statistics.fmean(flat), "cpu_us": 1e6 * cpu / len(flat)}
 
 
 def show(label: str, r: dict) -> None:
     print(f"{label:<44} p50 {r['p50']:6.2f} ms  p99 {r['p99']:6.2f} ms  {r['rps']:7.0f} req/s  "
-          f"({r['n']} ok, {r['errors']} errors)", flush=True)
+          f"server CPU {r['cpu_us']:5.0f} us/request  ({r['n']} ok, {r['errors']} errors)", flush=True)
 
 
 def main() -> None:
@@ -185,22 +196,25 @@ def main() -> None:
                     [f"/api/v1/datasets?uuid=ds-uuid-{rng.randrange(N_DATASETS)}" for _ in range(1000)]
 
         s3 = s3_client_for_workspace(ws, max_pool_connections=CONCURRENCY)
-        presigned = [s3.generate_presigned_url("get_object", Params={"Bucket": "catalogue",
-                                                                    "Key": f"entries/{p.split('/')[3]}/{p.split('/')[4]}.json"},
-                                               ExpiresIn=3600) for p in by_key]
+        from maelflow_registry.store import entry_object
+
+        presigned = [s3.generate_presigned_url("get_object", Params={
+            "Bucket": "catalogue", "Key": entry_object(p.split("/")[3], p.split("/")[4])}, ExpiresIn=3600)
+            for p in by_key]
         s3_base = "{0.scheme}://{0.netloc}".format(urllib.parse.urlsplit(presigned[0]))
         s3_paths = [urllib.parse.urlsplit(u)._replace(scheme="", netloc="").geturl() for u in presigned]
 
-        key_result = hammer(base, by_key, auth, SECONDS)
+        cat_pid, s3_pid = infos["catalogue"].pid, infos["s3"].pid
+        key_result = hammer(base, by_key, auth, SECONDS, cat_pid)
         show("catalogue lookup by key (index)", key_result)
-        filter_result = hammer(base, by_filter, auth, SECONDS)
+        filter_result = hammer(base, by_filter, auth, SECONDS, cat_pid)
         show("catalogue lookup by exact filter (index)", filter_result)
-        s3_result = hammer(s3_base, s3_paths, None, SECONDS)
+        s3_result = hammer(s3_base, s3_paths, None, SECONDS, s3_pid)
         show("direct S3 GET of the same JSON document", s3_result)
 
         from maelflow_registry.server import open_catalogue
 
-        catalogue, _, _ = open_catalogue(ws)
+        catalogue, _, _ = open_catalogue(ws, rebuild=False)
         t0 = time.perf_counter()
         count = catalogue.rebuild()
         took = time.perf_counter() - t0

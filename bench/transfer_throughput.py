@@ -119,7 +119,7 @@ def main() -> None:
         def pull_cmds(dest: Path) -> dict[str, list[str] | None]:
             return {
                 "maelflow": [maelflow, "transfer", "stage", DATASET, "--dest", str(dest / "d.zarr"), "--via", "here",
-                             "--prefix", prefix, "--json", "--workers", "16"],
+                             "--prefix", prefix, "--json"],
                 "s5cmd": [tool("s5cmd"), "--endpoint-url", url, "cp", f"s3://{bucket}/{prefix}/*", f"{dest}/"]
                 if tool("s5cmd") else None,
                 "rclone": [tool("rclone"), "copy", f"ewc:{bucket}/{prefix}", str(dest), "--transfers", "32",
@@ -156,7 +156,7 @@ def main() -> None:
             local = tmp / "local"
             cmds = {
                 "maelflow": [maelflow, "transfer", "stage", DATASET, "--site", "localhpc", "-o", "internet.login=false",
-                             "--dest", f"{remote}/d.zarr", "--prefix", prefix, "--json", "--workers", "16"],
+                             "--dest", f"{remote}/d.zarr", "--prefix", prefix, "--json"],
                 "rsync": ["rsync", "-a", "-e", rsh, f"{src}/", f"{info['user']}@127.0.0.1:{remote}/d.zarr/"],
                 "s5cmd+rsync": (f"rm -rf {local} && {tool('s5cmd')} --endpoint-url {url} cp "
                                 f"'s3://{bucket}/{prefix}/*' {local}/ >/dev/null && rsync -a -e '{rsh}' "
@@ -172,7 +172,7 @@ def main() -> None:
                     dt = timed(argv, env, shell=isinstance(argv, str))
                     push.setdefault(name, []).append(dt)
                     print(f"  round {r + 1} SFTP push {name:11s} {size / 2**20 / dt:7.0f} MiB/s ({dt:.2f}s)", flush=True)
-            clean()
+            subprocess.run([*ssh, f"rm -rf {site.paths.root}"], check=False)   # the site folder of this workspace
             shutil.rmtree(local, ignore_errors=True)
         else:
             print("  SFTP push: skipped (needs root for the loopback HPC site, and rsync)", flush=True)

@@ -257,8 +257,8 @@ def create_app(ctx: Context) -> FastAPI:
     # -- service ---------------------------------------------------------------------------------
     @app.get("/health", tags=["service"], responses=ERRORS)
     async def health() -> dict:
-        """Liveness, for ``maelflow services status``."""
-        return {"status": "ok", "version": __version__}
+        """Liveness, for ``maelflow services status``; 'rebuilding' while the index is read back from S3."""
+        return {"status": "ok" if cat.ready.is_set() else "rebuilding", "version": __version__}
 
     @app.get("/settings", tags=["service"], responses=ERRORS)
     async def settings(request: Request) -> dict:
@@ -523,6 +523,29 @@ class FastLookups:
             if scheme.lower() != "bearer" or self.ctx.tokens().get(hash_token(token.strip())) is None:
                 return None
         return self.ctx.catalogue.index.get(collection, key)
+
+
+class NotReady:
+    """ASGI middleware: while the index is rebuilt from S3, answer 503 + Retry-After (except /health).
+
+    A half-built index would give wrong answers (an entry "not found" that exists); 503 is the one
+    answer clients are told to retry, and the anemoi-registry client does.
+    """
+
+    def __init__(self, app, catalogue: Catalogue):
+        self.app = app
+        self.catalogue = catalogue
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and not self.catalogue.ready.is_set() and scope.get("path") != "/health":
+            body = json.dumps({"error": "rebuilding", "status": 503,
+                               "message": "the index is being rebuilt from S3; retry in a few seconds"}).encode()
+            await send({"type": "http.response.start", "status": 503, "headers": [
+                (b"content-type", b"application/json"), (b"retry-after", b"5"),
+                (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await self.app(scope, receive, send)
 
 
 def body_limits(settings: Callable[[], Settings]) -> Callable[[str], int]:

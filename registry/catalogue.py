@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import threading
 from typing import Any, Callable
 
 import jsonpatch
@@ -38,6 +39,8 @@ class Catalogue:
         self.store = store
         self.index = index
         self._settings = settings
+        self.ready = threading.Event()  # cleared while the index is rebuilt in the background
+        self.ready.set()
 
     @property
     def settings(self) -> Settings:

@@ -159,6 +159,14 @@ class Index:
             f"ORDER BY src, rel, dst LIMIT 2000", refs + refs)
         return [tuple(r) for r in rows]
 
+    def produced(self, refs: Iterable[str]) -> list[str]:
+        """Checkpoint keys a training produced (declared by it, or by checkpoints naming its run)."""
+        refs = list(refs)
+        rows = self.conn.execute(
+            f"SELECT DISTINCT dst FROM edges WHERE rel = 'produced' AND src IN ({','.join('?' * len(refs))}) "
+            f"AND dst LIKE 'weights:%' ORDER BY dst LIMIT 1000", refs)
+        return [r[0].split(":", 1)[1] for r in rows]
+
     def resolve(self, reference: str) -> list[tuple[str, str, dict]]:
         rows = self.conn.execute(
             "SELECT e.collection, e.key, e.record FROM identities i JOIN entries e "
@@ -187,8 +195,14 @@ class Index:
             raise
         conn.execute("COMMIT")
 
+    def is_complete(self) -> bool:
+        """Whether a rebuild from S3 ever finished here (a crash mid-rebuild leaves no mark)."""
+        return self.get_meta("built") is not None
+
     def rebuild(self, documents: Iterable[dict]) -> int:
         """Replace the whole index by the given documents, in one transaction (readers see old or new)."""
+        import datetime
+
         count = 0
         with self.write() as tx:
             for table in ("entries", "fields", "edges", "identities", "datasets"):
@@ -196,6 +210,8 @@ class Index:
             for doc in documents:
                 tx.insert(doc)
                 count += 1
+            tx.conn.execute("INSERT OR REPLACE INTO meta (k, v) VALUES ('built', ?)",
+                            (datetime.datetime.now(datetime.timezone.utc).isoformat(),))
         return count
 
 

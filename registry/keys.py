@@ -1,6 +1,6 @@
 """Collections, their primary keys, and the strict rules that keep keys safe to use as S3 names.
 
-An entry's key becomes part of an S3 object name (``entries/<collection>/<key>.json``) and of web
+An entry's key becomes part of an S3 object name (``entries/<collection>/<shard>/<key>.json``) and of web
 URLs, so it is checked before anything else happens: one segment, no ``/``, no ``..``, no control
 or percent characters. Path traversal is then impossible by construction rather than by escaping.
 """

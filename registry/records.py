@@ -199,7 +199,7 @@ def dataset_row(record: dict, created: str) -> dict:
         "variables": n_variables,
         "ensembles": shape[2],
         "grid_values": shape[3],
-        "created": str(written)[:19] if isinstance(written, str) else created[:19],
+        "created": (str(written) if isinstance(written, str) else created)[:19].replace("T", " "),
         "locations": ",".join(sorted(locations)),
         "status": record.get("status") if isinstance(record.get("status"), str) else None,
     }

@@ -7,11 +7,12 @@ It runs ``maelflow catalogue serve`` in the background on a free loopback port, 
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 import urllib.request
 from typing import Any, Sequence
 
-from maelflow.services.base import LOOPBACK, ManagedService, ServiceError
+from maelflow.services.base import LOOPBACK, ManagedService, ServiceError, wait_until
 
 
 class CatalogueService(ManagedService):
@@ -30,7 +31,23 @@ class CatalogueService(ManagedService):
         s3 = S3Service(self.ws)
         if not (s3.running() and s3._safe_healthy()):
             s3.up()
-        return super().up()
+        info = super().up()
+        # a lost index is rebuilt in the background while the server already answers /health; give a
+        # small catalogue the time to finish, so that the caller's first request is not a 503
+        wait_until(lambda: self.index_state() == "ready", self.ready_timeout, interval=0.1)
+        return self.status()
+
+    ready_timeout = 30.0
+
+    def index_state(self) -> str | None:
+        """'ready', or 'rebuilding' while the index is read back from S3; None when not answering."""
+        port = self.state().get("port")
+        try:
+            with urllib.request.urlopen(f"http://{LOOPBACK}:{port}/health", timeout=2) as resp:
+                status = json.loads(resp.read()).get("status")
+        except (OSError, ValueError):
+            return None
+        return "ready" if status == "ok" else status
 
     def command(self, port: int) -> tuple[Sequence[str], dict[str, str]]:
         return [sys.executable, "-m", "maelflow", "catalogue", "serve", "--workspace", str(self.ws.root),
@@ -48,7 +65,7 @@ class CatalogueService(ManagedService):
         from maelflow_registry.config import Paths, load_settings
 
         paths = Paths(self.ws)
-        return {"api_url": f"{url}/api/v1", "web_url": url, "settings_url": f"{url}/settings",
+        return {"index_state": self.index_state(), "api_url": f"{url}/api/v1", "web_url": url, "settings_url": f"{url}/settings",
                 "openapi_url": f"{url}/openapi.json", "index": str(paths.index),
                 "bucket": load_settings(paths).bucket,
                 "anemoi_client": "maelflow catalogue client-config --role write (see docs/catalogue.md)"}

@@ -1,9 +1,14 @@
 """S3, the catalogue's store of record: one JSON document per entry, and artefacts beside them.
 
-Object names: ``entries/<collection>/<key>.json`` for entries and ``artefacts/<path>`` for files
+Object names: ``entries/<collection>/<xx>/<key>.json`` for entries, where ``xx`` is the first two hex
+digits of the key's SHA-256, and ``artefacts/<path>`` for files
 (plots, config snapshots, and the checkpoints the anemoi-registry client uploads itself under
 ``artefacts/weights/``). A document carries everything needed to rebuild the index: the record,
 the record as first registered (``original``), its version, and who wrote it when.
+
+The 256 ``xx`` shards are there because rclone's ``serve s3`` stores a prefix as one directory and a
+PUT costs time in proportion to the directory's size: measured here, 42 ms per PUT into a folder of
+38 000 objects against 4.5 ms into a small one. Sharded, 100 000 checkpoints make folders of ~400.
 
 rclone's ``serve s3`` ignores conditional writes and drops ``x-amz-meta-*`` metadata on restart
 (reference/s3-servers.md), so nothing here relies on either: version checks live in the index, and
@@ -13,6 +18,7 @@ directly, so the path-style/SigV4/checksum settings our servers need are always 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator
@@ -25,7 +31,8 @@ ARTEFACTS = "artefacts/"
 
 
 def entry_object(collection: str, key: str) -> str:
-    return f"{ENTRIES}{collection}/{key}.json"
+    shard = hashlib.sha256(key.encode()).hexdigest()[:2]
+    return f"{ENTRIES}{collection}/{shard}/{key}.json"
 
 
 def dumps(data: Any) -> str:

@@ -86,16 +86,15 @@ def mlflow_link(record: dict) -> str | None:
     return None
 
 
-def list_columns(collection: str, row: dict) -> list[tuple[Any, str | None]]:
+def list_columns(collection: str, row: dict, index: Any) -> list[tuple[Any, str | None]]:
     """(text, link) cells of a row in a non-dataset table."""
     rec, key = row["record"], row["key"]
     md = rec.get("metadata") if isinstance(rec.get("metadata"), dict) else {}
     link = f"/{collection}/{urllib.parse.quote(key)}"
-    from maelflow_registry.lineage import datasets_used
+    from maelflow_registry.lineage import datasets_used, refs_of
 
     if collection == "trainings":
-        ckpts = [c for f in ("checkpoints", "weights") for c in (rec.get(f) or md.get(f) or [])
-                 if isinstance(rec.get(f) or md.get(f), list)]
+        ckpts = index.produced(refs_of(collection, key, rec))
         return [(key, link), (rec.get("status") or md.get("status") or "", None),
                 (rec.get("owner") or md.get("owner") or rec.get("user") or "", None),
                 (rec.get("run_id") or md.get("run_id") or "", None), (", ".join(datasets_used(rec)), None),
@@ -269,7 +268,7 @@ def _add_collection_pages(app: FastAPI, ctx, collection: str, reader, lineage_sv
         rows, total = cat.index.page(collection, q.strip(), sort, order == "desc", PAGE_SIZE, (page - 1) * PAGE_SIZE)
         return templates.TemplateResponse(request, "entries.html", {
             "title": title, "collection": collection, "headers": LIST_HEADERS[collection],
-            "rows": [list_columns(collection, r) for r in rows], "q": q, "sort": sort, "order": order,
+            "rows": [list_columns(collection, r, cat.index) for r in rows], "q": q, "sort": sort, "order": order,
             **pages(total, page)})
 
     async def entry_page(request: Request, key: str):
@@ -281,8 +280,9 @@ def _add_collection_pages(app: FastAPI, ctx, collection: str, reader, lineage_sv
         extra: dict[str, Any] = {}
         if collection == "trainings":
             extra["mlflow"] = mlflow_link(record)
-            extra["produced"] = [e["target"].split(":", 1)[1] for e in graph["edges"]
-                                 if e["relation"] == "produced" and e["target"].startswith("weights:")]
+            from maelflow_registry.lineage import refs_of
+
+            extra["produced"] = cat.index.produced(refs_of(collection, key, record))
         return templates.TemplateResponse(request, "entry.html", {
             "title": f"{title[:-1] if title.endswith('s') else title} {key}", "collection": collection, "key": key,
             "record": record, "row": row, "svg": picture, "graph": graph, **extra})

@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DEBS=(ecflow-server ecflow-client python3-ecflow python3-venv openssh-server slurm-wlm munge gcc libc6-dev
-      xvfb xdotool imagemagick chromium chromium-driver)
+      xvfb xdotool imagemagick chromium chromium-driver rsync)
 missing=()
 for p in "${DEBS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -24,6 +24,8 @@ from maelflow_transfer.progress import Progress, Snapshot
 from maelflow_transfer.stage import Result, stage
 
 VIAS = ("auto", "here", "login", "sftp")
+PULL_WORKERS = 32
+PUSH_WORKERS = 8
 
 
 def choose_via(site, via: str = "auto") -> str:
@@ -55,9 +57,12 @@ def _ssh_errors(fn: Callable[[], Result]) -> Result:
 
 def stage_dataset(ws, dataset: str, *, site_name: str | None = None, site=None, dest: str | None = None,
                   prefix: str | None = None, via: str = "auto", credentials: str | None = None,
-                  sinks: list[Callable[[Snapshot], None]] | None = None, workers: int = 16,
+                  sinks: list[Callable[[Snapshot], None]] | None = None, workers: int | None = None,
                   max_rate: float | None = None) -> tuple[Result, str, str]:
-    """Stage ``dataset`` for ``site``; returns (result, destination, how)."""
+    """Stage ``dataset`` for ``site``; returns (result, destination, how).
+
+    ``workers``: objects at once; default 32 for a pull (latency hiding: S3 GETs are short), 8 for
+    an SFTP push (each worker holds its own SSH connection to the login node)."""
     prefix = prefix or dataset_prefix(dataset, ws)
     via = choose_via(site, via)
     if dest is None:
@@ -65,6 +70,7 @@ def stage_dataset(ws, dataset: str, *, site_name: str | None = None, site=None, 
             raise TransferError("give --site or --dest: where should the dataset go?")
         dest = default_dest(site, dataset)
     progress = Progress(sinks or [])
+    workers = workers or (PUSH_WORKERS if via == "sftp" else PULL_WORKERS)
     if via == "here":
         from maelflow_transfer.trees import LocalTree
 

@@ -205,7 +205,7 @@ class _Run:
             raise self.error
 
 
-def stage(store: Store, tree, dataset: str, *, workers: int = 16, progress: Progress | None = None,
+def stage(store: Store, tree, dataset: str, *, workers: int = 32, progress: Progress | None = None,
           retries: int = 3, max_rate: float | None = None) -> Result:
     """Copy the published ``dataset`` at ``store`` into ``tree``; returns what was done.
 

@@ -29,7 +29,7 @@ def _prefix_from_catalogue(ws, dataset: str, source: str, bucket_hint: str | Non
 
 
 def run_task(ws, task: hook.TransferTask, site_name: str, site, catalogue,
-             log: Callable[[str], None] = print, workers: int = 16) -> bool:
+             log: Callable[[str], None] = print, workers: int | None = None) -> bool:
     from maelflow_transfer.config import ewc_settings
     from maelflow_transfer.runner import stage_dataset
 
@@ -64,7 +64,7 @@ def run_task(ws, task: hook.TransferTask, site_name: str, site, catalogue,
 
 
 def run_worker(ws, site_name: str, site, *, once: bool = False, poll: float = 5.0, max_tasks: int | None = None,
-               log: Callable[[str], None] = print, workers: int = 16) -> int:
+               log: Callable[[str], None] = print, workers: int | None = None) -> int:
     """Take and run tasks until none is left (``once``) or forever; returns the number run."""
     catalogue = hook.client(ws)
     done = 0

@@ -20,6 +20,7 @@ from click.testing import CliRunner
 
 from maelflow.cli.main import cli
 from maelflow_registry.client import CatalogueClientError
+from maelflow_registry.store import entry_object
 from tests.integration.test_catalogue_support import dataset_name, dataset_record, shared_env
 
 pytestmark = pytest.mark.integration
@@ -172,7 +173,7 @@ def test_roles_and_deletion_rules(env):
     admin.patch("datasets", name, [{"op": "replace", "path": "/protected", "value": False}])
     assert admin.delete("datasets", name)["deleted"] == name
     assert not admin.exists("datasets", name)
-    assert f"entries/datasets/{name}.json" not in env.s3_entries()
+    assert entry_object("datasets", name) not in env.s3_entries()
 
 
 def test_revoked_token_is_refused_and_anonymous_read_is_a_setting(env):

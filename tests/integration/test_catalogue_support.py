@@ -22,6 +22,7 @@ from maelflow.workspace import Workspace
 from maelflow_registry.auth import TokenStore
 from maelflow_registry.client import CatalogueClient
 from maelflow_registry.config import Paths
+from maelflow_registry.store import entry_object
 
 _ENV: dict[str, "CatalogueEnv"] = {}
 
@@ -55,7 +56,7 @@ class CatalogueEnv:
         return out
 
     def s3_document(self, collection: str, key: str) -> dict:
-        body = self.s3().get_object(Bucket="catalogue", Key=f"entries/{collection}/{key}.json")["Body"].read()
+        body = self.s3().get_object(Bucket="catalogue", Key=entry_object(collection, key))["Body"].read()
         return json.loads(body)
 
     def raw(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None

@@ -62,14 +62,14 @@ def tstack(tmp_path_factory):
     except ImportError:
         extra = ["hpc"]
     try:
-        stack_mod.up(ws, names=["ecflow", "s3"], extra=extra)
+        stack_mod.up(ws, names=["ecflow", "s3", "relay"], extra=extra)   # relay: localhpc jobs report through it
         yield ws
     finally:
         stack_mod.down(ws)
         hpc.forget(ws)
 
 
-def _cli(ws, *args) -> "click.testing.Result":
+def _cli(ws, *args):
     res = CliRunner().invoke(cli, list(args), env={"MAELFLOW_WORKSPACE": str(ws.root)}, catch_exceptions=False)
     return res
 
@@ -247,14 +247,29 @@ def test_suite_publishes_stages_and_registers(tstack, config_root):
     for site in ("local", "localhpc"):
         node = find(data, f"/t_data/{site}/data/synth_small/stage")
         assert node["meters"]["progress"]["value"] == 100 and node["events"]["verified"] is True
-        assert "catalogue: located" in node["labels"]["info"], node["labels"]
         assert "MiB/s" in node["labels"]["rate"]
+        locate = find(data, f"/t_data/{site}/data/synth_small/locate")  # beside the server, after the stage
+        assert "catalogue: synth-small located at " + site in locate["labels"]["info"], locate["labels"]
     record = cat.get("datasets", FAST_DATASET)
     assert record["locations"]["localhpc"]["path"] == f"{rx.sites['localhpc'].paths.datasets}/{FAST_DATASET}.zarr"
     assert record["locations"]["local"]["path"].endswith(f"/{FAST_DATASET}.zarr")
     assert record["locations"]["ewc"]["path"] == f"s3://ewc/datasets/{FAST_DATASET}.zarr"
     res = _cli(ws, "transfer", "verify", FAST_DATASET, "--site", "localhpc")
     assert res.exit_code == 0, res.output
+
+    # localhpc as configured: its login node reaches S3, the stage task runs there and pulls
+    exp = write_yaml(config_root / "experiments" / "t_login.yaml",
+                     {"name": "t_login", "sites": ["localhpc"], "datasets": [FAST_DATASET], "trainings": []})
+    rx = load_experiment(str(exp), [f"site.localhpc.paths.datasets={rx.sites['localhpc'].paths.root}/login-ds"],
+                         placeholders=placeholders_for(ws))
+    deploy(rx, ws, client)
+    wait_for(client, "/t_login", {"complete"}, timeout=150)
+    node = find(tree(client, "t_login"), f"/t_login/localhpc/data/{FAST_DATASET.replace('-', '_')}/stage")
+    assert node["meters"]["progress"]["value"] == 100 and node["events"]["verified"] is True
+    assert "pull on the login node" not in node["labels"]["info"] and "objects verified at" in node["labels"]["info"]
+    dest = f"{rx.sites['localhpc'].paths.root}/login-ds/{FAST_DATASET}.zarr"
+    res = _cli(ws, "transfer", "verify", FAST_DATASET, "--site", "localhpc", "--dest", dest)
+    assert res.exit_code == 0 and "all" in res.output, res.output
 
 
 def test_worker_runs_a_queued_transfer_task(tstack, tmp_path):
@@ -276,3 +291,16 @@ def test_worker_runs_a_queued_transfer_task(tstack, tmp_path):
     failed = cat.get("tasks", missing["uuid"])
     assert failed["status"] == "failed" and "not published" in failed["message"]
     assert run_worker(ws, "localhpc", site, once=True, log=lines.append) == 0
+
+
+def test_sftp_push_without_an_ssh_binary_uses_paramiko(tstack, tmp_path, monkeypatch):
+    from maelflow.sites import ssh as ssh_mod
+
+    ws = tstack
+    _published(ws, tmp_path, "tr-paramiko", chunks=15, size=70_000)
+    monkeypatch.setattr(ssh_mod.shutil, "which", lambda name: None)
+    ssh_mod.close_all()
+    site = load_site("localhpc", ws, ("internet.login=false",))
+    res, dest, via = stage_dataset(ws, "tr-paramiko", site_name="localhpc", site=site, workers=3)
+    assert via == "sftp" and res.copied == 17
+    assert _cli(ws, "transfer", "verify", "tr-paramiko", "--site", "localhpc").exit_code == 0

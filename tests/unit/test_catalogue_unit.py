@@ -210,3 +210,35 @@ def test_token_and_settings_commands_need_no_server(tmp_path):
     shown = runner.invoke(cli, ["catalogue", "settings", "--no-anonymous-read", "--json", *ws])
     assert json.loads(shown.output)["anonymous_read"] is False
     assert "lineage" in runner.invoke(cli, ["--help"]).output
+
+
+def test_requests_get_503_with_retry_after_while_the_index_is_rebuilt():
+    import asyncio
+    import threading
+
+    from maelflow_registry.app import NotReady
+
+    class Cat:
+        ready = threading.Event()
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    def call(path: str) -> tuple[int, dict]:
+        sent: list[dict] = []
+
+        async def send(message):
+            sent.append(message)
+
+        async def receive():
+            return {"type": "http.request", "body": b""}
+
+        asyncio.run(NotReady(app, Cat)({"type": "http", "path": path, "method": "GET"}, receive, send))
+        return sent[0]["status"], dict(sent[0]["headers"])
+
+    status, headers = call("/api/v1/datasets")
+    assert status == 503 and headers[b"retry-after"] == b"5"
+    assert call("/health")[0] == 200
+    Cat.ready.set()
+    assert call("/api/v1/datasets")[0] == 200

@@ -125,7 +125,7 @@ def rebuild_index(workspace: str | None) -> None:
     from maelflow_registry.server import open_catalogue
 
     try:
-        catalogue, paths, _ = open_catalogue(resolve_workspace(workspace))
+        catalogue, paths, _ = open_catalogue(resolve_workspace(workspace), rebuild=False)
         count = catalogue.rebuild()
     except ServiceError as exc:
         _fail(exc)

@@ -65,6 +65,15 @@ def stage(dataset: str, site: str) -> None:
     _run(tasks.stage, dataset, site)
 
 
+@command.command("locate")
+@click.option("--dataset", required=True)
+@click.option("--site", required=True)
+def locate(dataset: str, site: str) -> None:
+    """Register DATASET's location on SITE in the catalogue."""
+    from maelflow.suite import tasks
+    _run(tasks.locate, dataset, site)
+
+
 @command.command("train")
 @click.option("--training", required=True)
 @click.option("--site", required=True)

@@ -23,8 +23,9 @@ err_console = Console(stderr=True)
 site_option = click.option("--site", "site_name", default=None, help="Site name (configs/sites/SITE.yaml).")
 override_option = click.option("-o", "--override", "overrides", multiple=True, metavar="FIELD=VALUE",
                                help="Override a field of the site, e.g. -o internet.login=false.")
-workers_option = click.option("--workers", type=click.IntRange(1, 256), default=16, show_default=True,
-                              help="Objects transferred at once.")
+workers_option = click.option("--workers", type=click.IntRange(1, 256), default=None,
+                              help="Objects transferred at once [default: 32 for a pull, 8 SFTP connections "
+                              "for a push, 16 for a publish].")
 
 
 def _fail(exc: Exception, as_json: bool = False) -> None:
@@ -57,9 +58,10 @@ def command() -> None:
 @click.option("--replace", is_flag=True, help="Replace a dataset already published with other content.")
 @workers_option
 @workspace_option
-def publish(zarr: str, dataset: str | None, prefix: str | None, replace: bool, workers: int,
+def publish(zarr: str, dataset: str | None, prefix: str | None, replace: bool, workers: int | None,
             workspace: str | None) -> None:
     """Publish the dataset folder ZARR to the EWC object store (manifest written last)."""
+    workers = workers or 16
     from pathlib import Path
 
     from maelflow_transfer import catalogue_hook as hook
@@ -103,7 +105,7 @@ def publish(zarr: str, dataset: str | None, prefix: str | None, replace: bool, w
 @workspace_option
 def stage(dataset: str, site_name: str | None, dest: str | None, via: str, prefix: str | None,
           credentials: str | None, max_rate: float | None, as_json: bool, no_register: bool,
-          overrides: tuple[str, ...], workers: int, workspace: str | None) -> None:
+          overrides: tuple[str, ...], workers: int | None, workspace: str | None) -> None:
     """Stage the published DATASET to a site (resumable, verified, visible only when complete)."""
     from maelflow_transfer import catalogue_hook as hook
     from maelflow_transfer.errors import TransferError
@@ -174,7 +176,7 @@ def verify(dataset: str, site_name: str | None, dest: str | None, prefix: str | 
 @workers_option
 @workspace_option
 def worker(site_name: str | None, once: bool, poll: float, max_tasks: int | None, overrides: tuple[str, ...],
-           workers: int, workspace: str | None) -> None:
+           workers: int | None, workspace: str | None) -> None:
     """Carry out the transfer-dataset tasks queued in the catalogue for --site."""
     from maelflow_transfer.errors import TransferError
     from maelflow_transfer.worker import run_worker

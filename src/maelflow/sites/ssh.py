@@ -737,8 +737,13 @@ class SftpWire:
 
     # -- framing -------------------------------------------------------------------------------
     def _lost(self, what: str) -> ConnectionLost:
+        """The wire cannot be trusted any more (gone, or out of step): end it, so the next
+        ``sftp_wire()`` opens a new one."""
         err = b""
-        if self.proc.poll() is not None and self.proc.stderr is not None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        if self.proc.stderr is not None:
             err = self.proc.stderr.read() or b""
         detail = err.decode(errors="replace").strip().splitlines()
         return ConnectionLost(f"{self.target}: SFTP {what}" + (f": {detail[-1]}" if detail else ""), sent=True)
@@ -834,7 +839,10 @@ class SftpWire:
                 self.closed = True
                 try:
                     while self.pending:
-                        wire._answer(self.pending.pop(0), path)
+                        try:
+                            wire._answer(self.pending.pop(0), path)
+                        except OSError:
+                            pass          # a refused write: its answer was read, the wire is in step
                     wire._answer(wire._request(_FXP_CLOSE, _sstr(handle)), path)
                 except (OSError, ConnectionLost):
                     pass
@@ -1044,7 +1052,11 @@ class SshSession:
         wire = getattr(local, "wire", None)
         if wire is None or not wire.alive():
             self.check()
-            wire = local.wire = SftpWire(self.openssh_argv("-s", self.settings.host, "sftp"), self.target)
+            with self._lock:
+                # sshd drops handshakes beyond MaxStartups (10 by default): open a few at a time
+                gate = self.__dict__.setdefault("_handshakes", threading.BoundedSemaphore(4))
+            with gate:
+                wire = local.wire = SftpWire(self.openssh_argv("-s", self.settings.host, "sftp"), self.target)
             with self._lock:
                 self.__dict__.setdefault("_all_wires", []).append(wire)
         return wire

@@ -100,7 +100,8 @@ def suite_layout(rx: ResolvedExperiment, variables: dict[str, str]) -> SuiteSpec
                 TaskSpec("stage", "stage", meters=[("progress", 0, 100)], labels=[("info", ""), ("rate", "")],
                          events=["verified"], inlimits=[transfers_limit(site_name)],
                          trigger=f"/{suite}/publish/{node_name(ds)}/publish == complete",
-                         runs_on="login" if site.internet.login else "server")]))
+                         runs_on="login" if site.internet.login else "server"),
+                TaskSpec("locate", "locate", labels=[("info", "")], trigger="stage == complete", runs_on="server")]))
         previous = None
         if stages:
             fam.children.append(FamilySpec("data", children=stages))

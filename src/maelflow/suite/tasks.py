@@ -40,22 +40,6 @@ class TaskContext:
         return self.config_file.parent / "runs"
 
 
-def _rate_label(reporter: Reporter, done: int, total: int, objects: int, n_objects: int, t0: float) -> None:
-    import time
-
-    elapsed = max(time.monotonic() - t0, 1e-6)
-    rate = done / elapsed
-    eta = (total - done) / rate if rate > 0 else 0
-    reporter.throttled("meter", "progress", int(100 * done / total) if total else 100, every=1.0)
-    reporter.throttled("label", "rate", f"{objects}/{n_objects} objects, {done / 2**20:.1f}/{total / 2**20:.1f} MiB, "
-                       f"{rate / 2**20:.1f} MiB/s, ETA {eta:.0f}s", every=1.0)
-
-
-def _summary(res) -> str:
-    rate = res.bytes_copied / max(res.seconds, 1e-6) / 2**20
-    return f"{res.objects}/{res.objects} objects, {res.bytes_copied / 2**20:.1f} MiB copied at {rate:.1f} MiB/s"
-
-
 def provenance(ctx: TaskContext) -> Path:
     from maelflow.provenance import record
 
@@ -122,7 +106,7 @@ def stage(ctx: TaskContext, dataset: str, site: str) -> None:
     Runs where the suite placed it (layout.py): on the site's login node when it reaches the
     internet (pull there), else beside the server (pull here, push over SFTP).
     """
-    from maelflow.training.launch import dataset_path
+    from maelflow.training.runs import dataset_path
     from maelflow_transfer.errors import TransferError
     from maelflow_transfer.progress import reporter_sink
     from maelflow_transfer.runner import stage_dataset
@@ -139,9 +123,30 @@ def stage(ctx: TaskContext, dataset: str, site: str) -> None:
     except TransferError as exc:
         raise TaskFailed(str(exc)) from None
     ctx.reporter.event("verified")
-    note = _register(ctx, dataset, site, dest, s.paths.root)
     ctx.reporter.label("info", f"{res.objects} objects verified at {dest} ({res.copied} copied, "
-                       f"{res.bytes_copied / 2**20:.1f} MiB in {res.seconds:.1f}s){note}")
+                       f"{res.bytes_copied / 2**20:.1f} MiB in {res.seconds:.1f}s)")
+
+
+def locate(ctx: TaskContext, dataset: str, site: str) -> None:
+    """Register a staged dataset's location on the site in the catalogue.
+
+    Beside the server, after the stage: a job on a login node cannot be assumed to reach the
+    catalogue. The location is registered only when the site holds the complete copy (the
+    manifest a finished stage leaves in the dataset folder).
+    """
+    from maelflow.sites.files import SiteFiles
+    from maelflow.training.runs import dataset_path
+    from maelflow_transfer import catalogue_hook
+    from maelflow_transfer.manifest import MANIFEST_NAME
+
+    dest = str(dataset_path(ctx.rx, site, dataset))
+    if SiteFiles(ctx.rx, site).read_bytes(f"{dest}/{MANIFEST_NAME}") is None:
+        raise TaskFailed(f"dataset {dataset!r} is not complete at {dest} on {site} (no {MANIFEST_NAME}): stage it first")
+    try:
+        catalogue_hook.register_location(ctx.ws, dataset, site, dest)
+    except catalogue_hook.CatalogueUnavailable as exc:
+        raise TaskFailed(str(exc)) from None
+    ctx.reporter.label("info", f"catalogue: {dataset} located at {site}:{dest}")
 
 
 def train(ctx: TaskContext, training: str, site: str) -> None:
