@@ -15,7 +15,9 @@ import time
 class Reporter:
     def __init__(self, env: dict[str, str] | None = None):
         self.env = dict(os.environ if env is None else env)
-        self.active = bool(self.env.get("ECF_NAME") and self.env.get("ECF_PASS"))
+        # under srun every rank runs the step: only rank 0 speaks for the task
+        self.active = bool(self.env.get("ECF_NAME") and self.env.get("ECF_PASS")) and \
+            self.env.get("SLURM_PROCID", "0") == "0"
         self.mode = self.env.get("MAELFLOW_REPORT", "direct")
         self._last: dict[tuple[str, str], float] = {}
         self._client = None

@@ -29,6 +29,7 @@ def _client(workspace: str | None, url: str | None, token: str | None):
 
 def render_tree(graph: dict):
     """A rich Tree: the entry, then 'upstream' and 'downstream' branches followed edge by edge."""
+    from rich.markup import escape
     from rich.tree import Tree
 
     nodes = {n["id"]: n for n in graph["nodes"]}
@@ -40,10 +41,10 @@ def render_tree(graph: dict):
 
     def label(node_id: str, relation: str | None = None) -> str:
         n = nodes[node_id]
-        text = f"[bold]{n['collection']}[/]/{n['label']}"
+        text = f"[bold]{n['collection']}[/]/{escape(n['label'])}"
         if n["missing"]:
             text += " [yellow](not registered)[/]"
-        return f"[dim]{relation}[/] {text}" if relation else text
+        return f"[dim]{escape(relation)}[/] {text}" if relation else text
 
     def grow(branch, node_id: str, links: dict, seen: set[str]) -> None:
         for relation, other in sorted(links.get(node_id, [])):

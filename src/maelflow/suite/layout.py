@@ -118,6 +118,7 @@ def suite_layout(rx: ResolvedExperiment, variables: dict[str, str]) -> SuiteSpec
                                   events=["checkpoint", "timeout"],
                                   variables={"MAELFLOW_RESUBMIT_MAX": str(training.max_resubmissions),
                                              "NODES": str(training.nodes),
+                                             "TASKS_PER_NODE": str(max(1, training.gpus_per_node)),
                                              "GPUS_PER_NODE": str(training.gpus_per_node),
                                              "TIME_LIMIT": training.time_limit})]
                 tasks.append(TaskSpec("sync", "sync", labels=[("info", ""), ("mlflow", "")], trigger="train == complete",

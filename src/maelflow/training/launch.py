@@ -9,12 +9,27 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 from maelflow.config.loader import ResolvedExperiment
 from maelflow.reporting import Reporter
 from maelflow.training.runs import (TrainingError, TrainingResult, dataset_path, dataset_uuid, import_object,
                                     run_dir)
 from maelflow.workspace import write_atomic
+
+
+
+def find_run_checkpoint(outputs: Path, run_id: str) -> Path | None:
+    """The last checkpoint of the run ``run_id`` anywhere under a site's outputs (its run.json says)."""
+    for state_file in outputs.glob("*/*/*/run.json"):
+        try:
+            if json.loads(state_file.read_text()).get("run_id") == run_id:
+                last = state_file.parent / "checkpoints" / "last.ckpt"
+                return last if last.exists() else None
+        except (OSError, ValueError):
+            continue
+    return None
+
 
 __all__ = ["train", "TrainingError", "TrainingResult", "dataset_path", "run_dir"]
 
@@ -56,6 +71,18 @@ def train(rx: ResolvedExperiment, training_name: str, site_name: str, reporter: 
     dm.setup("fit")
     model = app(**cfg, **getattr(dm, "model_kwargs", {}))
 
+    last = ckpt_dir / "last.ckpt"
+    start_from = str(last) if last.exists() else None
+    forked = None
+    if start_from is None and training.fork_from:
+        # a fork starts a new run from the weights (and optimiser state) of an earlier run's last checkpoint
+        parent = find_run_checkpoint(Path(site.paths.outputs), training.fork_from)
+        if parent is None:
+            raise TrainingError(f"training {training_name!r}: no checkpoint of run {training.fork_from} to fork "
+                                f"from under {site.paths.outputs}")
+        start_from, forked = str(parent), training.fork_from
+        state["forked_from"] = forked
+
     mode = choose_mode(training, site, tracking_uri)
     logger = None
     uri = None
@@ -64,7 +91,8 @@ def train(rx: ResolvedExperiment, training_name: str, site_name: str, reporter: 
         logger = MLFlowLogger(experiment_name=training.mlflow.experiment or rx.name, run_name=training_name,
                               tracking_uri=uri, run_id=state.get("run_id"),
                               tags={"maelflow.experiment": rx.name, "maelflow.site": site_name,
-                                    "maelflow.training": training_name, "maelflow.mode": mode})
+                                    "maelflow.training": training_name, "maelflow.mode": mode,
+                                    **({"forkedRun": "True", "forkedRunId": forked} if forked else {})})
         run_id = logger.run_id
         state.update(run_id=run_id, tracking_uri=uri, experiment_id=logger.experiment_id, mode=mode)
         write_atomic(state_file, json.dumps(state, indent=2) + "\n")
@@ -73,7 +101,6 @@ def train(rx: ResolvedExperiment, training_name: str, site_name: str, reporter: 
                                      "datasets": {str(p): dataset_uuid(p) for p in paths}})
         logger.experiment.log_dict(run_id, prov, "provenance.json")
 
-    last = ckpt_dir / "last.ckpt"
     plugins = []
     if os.environ.get("SLURM_JOB_ID"):
         # the suite resubmits a timed-out job itself; Lightning's own `scontrol requeue` would race it
@@ -85,6 +112,6 @@ def train(rx: ResolvedExperiment, training_name: str, site_name: str, reporter: 
         devices=training.gpus_per_node or 1, num_nodes=training.nodes, logger=logger if logger else False,
         callbacks=[EcflowProgress(reporter), ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_epochs=1)],
         default_root_dir=str(out), enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1)
-    trainer.fit(model, datamodule=dm, ckpt_path=str(last) if last.exists() else None)
+    trainer.fit(model, datamodule=dm, ckpt_path=start_from)
     checkpoints = sorted(ckpt_dir.glob("*.ckpt"))
     return TrainingResult(out, state.get("run_id"), uri, checkpoints, trainer.global_step, trainer.current_epoch)
