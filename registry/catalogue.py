@@ -14,6 +14,7 @@ operations (what the anemoi-registry client uses for task ownership and plots).
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import threading
 from typing import Any, Callable
@@ -56,8 +57,6 @@ class Catalogue:
         return row
 
     def record(self, collection: str, key: str) -> dict:
-        import json
-
         return json.loads(self.row(collection, key)["record"])
 
     def list(self, collection: str, filters: dict[str, str], limit: int | None = None, offset: int = 0) -> list[str]:
@@ -210,8 +209,6 @@ class Catalogue:
         row = self.index.get("datasets", check_key(dataset, "dataset name"))
         if row is None:
             raise Unprocessable(f"dataset '{dataset}' is not registered")
-        import json
-
         locations = json.loads(row["record"]).get("locations") or {}
         if location in locations and len(locations) == 1:
             raise Conflict(f"refusing to delete '{dataset}' at '{location}': it is the dataset's last copy")

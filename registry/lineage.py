@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Protocol
 
-from maelflow_registry.keys import COLLECTIONS, KEY_RE
+from maelflow_registry.keys import KEY_RE
 
 # column order of the lineage picture
 COLUMNS = {"datasets": 0, "trainings": 1, "weights": 2, "experiments": 3, "models": 3, "tasks": 4}

@@ -31,7 +31,7 @@ class CatalogueService(ManagedService):
         s3 = S3Service(self.ws)
         if not (s3.running() and s3._safe_healthy()):
             s3.up()
-        info = super().up()
+        super().up()
         # a lost index is rebuilt in the background while the server already answers /health; give a
         # small catalogue the time to finish, so that the caller's first request is not a 503
         wait_until(lambda: self.index_state() == "ready", self.ready_timeout, interval=0.1)

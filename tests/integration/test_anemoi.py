@@ -20,8 +20,6 @@ from maelflow.reporting import Reporter
 from maelflow.training.launch import dataset_path, run_dir
 from tests.conftest import REPO, write_yaml
 
-pytest.importorskip("anemoi.training")
-pytest.importorskip("anemoi.datasets")
 
 pytestmark = pytest.mark.integration
 
