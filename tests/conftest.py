@@ -26,6 +26,6 @@ def config_root(tmp_path) -> Path:
 
 
 # suite tests about scheduling, killing or relaying need a dataset, not its build with
-# anemoi-datasets (which the demo test and test_anemoi do): they use the numpy-made synth-small
-FAST_DATASET = "synth-small"
-PREBUILT = "training.tiny.datasets=[synth-small]"
+# anemoi-datasets (which the demo test and test_anemoi do): they use the numpy-made synth-small-numpy-10p0-2020-2020-6h-v1
+FAST_DATASET = "synth-small-numpy-10p0-2020-2020-6h-v1"
+PREBUILT = "training.tiny.datasets=[synth-small-numpy-10p0-2020-2020-6h-v1]"

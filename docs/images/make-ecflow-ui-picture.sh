@@ -66,7 +66,7 @@ demo_pid=$!
 for _ in $(seq 120); do mf status demo >/dev/null 2>&1 && break; sleep 1; done   # /demo loaded first
 # expected to abort: exit status 1
 mf deploy demo name=broken 'description=demo whose dataset source is missing' 'trainings=[]' \
-   dataset.synth-demo.recipe=null dataset.synth-demo.source=/nonexistent/synth-demo.zarr \
+   dataset.synth-demo-local-5p0-2020-2020-6h-v1.recipe=null dataset.synth-demo-local-5p0-2020-2020-6h-v1.source=/nonexistent/synth-demo-local-5p0-2020-2020-6h-v1.zarr \
    --wait --timeout 120 || true
 port="$(mf services status --json | "$PYTHON" -c 'import json, sys; print(json.load(sys.stdin)["ecflow"]["port"])')"
 say "ecflow_server on 127.0.0.1:$port"

@@ -40,7 +40,7 @@ def hpc_stack(tmp_path_factory):
 
 def _deploy(ws, config_root, name, *overrides):
     exp = write_yaml(config_root / "experiments" / f"{name}.yaml",
-                     {"name": name, "sites": ["localhpc"], "datasets": ["synth-small"], "trainings": ["tiny"]})
+                     {"name": name, "sites": ["localhpc"], "datasets": ["synth-small-numpy-10p0-2020-2020-6h-v1"], "trainings": ["tiny"]})
     rx = load_experiment(str(exp), [PREBUILT, *overrides], placeholders=placeholders_for(ws))
     prepare_datasets(rx)
     client = client_for(ws)
@@ -68,7 +68,7 @@ def test_suite_completes_through_ssh_slurm_and_relay(hpc_stack, config_root):
     record = json.loads(ws.path("suites", "h_run", "jobs", "h_run", "localhpc", "train", "tiny",
                                 "train.job1.sub").read_text())
     assert record["kind"] == "slurm" and record["job_id"].isdigit()
-    stage = find(data, "/h_run/localhpc/data/synth_small/stage")
+    stage = find(data, "/h_run/localhpc/data/synth_small_numpy_10p0_2020_2020_6h_v1/stage")
     assert stage["meters"]["progress"]["value"] == 100 and stage["events"]["verified"] is True
     assert "/home/" in stage["labels"]["info"]
     # compute nodes have no network: the run was logged offline and synced by the server-side task
@@ -105,10 +105,10 @@ def test_unusable_credential_aborts_fast_with_renew_hint(hpc_stack, config_root)
     hidden = key.with_name(key.name + ".away")
     key.rename(hidden)
     try:
-        wait_for(client, "/h_cred/publish/synth_small/publish", {"complete"}, timeout=120)
+        wait_for(client, "/h_cred/publish/synth_small_numpy_10p0_2020_2020_6h_v1/publish", {"complete"}, timeout=120)
         t0 = time.monotonic()
         control(client, "resume", "/h_cred/localhpc")
-        node = wait_for(client, "/h_cred/localhpc/data/synth_small/stage", {"aborted"}, timeout=30)
+        node = wait_for(client, "/h_cred/localhpc/data/synth_small_numpy_10p0_2020_2020_6h_v1/stage", {"aborted"}, timeout=30)
         assert time.monotonic() - t0 < 10
         assert "maelflow services up --with-hpc" in node["aborted_reason"]  # the site's renew hint
         assert str(key) in node["aborted_reason"]

@@ -36,14 +36,14 @@ def test_train_resume_and_fork(stack, config_root, monkeypatch):
     ws, infos = stack
     url = infos["mlflow"].url
     write_yaml(config_root / "experiments" / "lapp.yaml",
-               {"name": "lapp", "sites": ["local"], "datasets": ["synth-small"], "trainings": ["tiny"]})
-    base = ["training.tiny.datasets=[synth-small]", "training.tiny.config.max_epochs=2"]
+               {"name": "lapp", "sites": ["local"], "datasets": ["synth-small-numpy-10p0-2020-2020-6h-v1"], "trainings": ["tiny"]})
+    base = ["training.tiny.datasets=[synth-small-numpy-10p0-2020-2020-6h-v1]", "training.tiny.config.max_epochs=2"]
     rx = load_experiment(str(config_root / "experiments" / "lapp.yaml"), base, placeholders={"workspace": str(ws.root)})
     prepare_datasets(rx)
     # the staged copy the training reads on the site
     import shutil
 
-    shutil.copytree(rx.datasets["synth-small"].source, dataset_path(rx, "local", "synth-small"), dirs_exist_ok=True)
+    shutil.copytree(rx.datasets["synth-small-numpy-10p0-2020-2020-6h-v1"].source, dataset_path(rx, "local", "synth-small-numpy-10p0-2020-2020-6h-v1"), dirs_exist_ok=True)
 
     monkeypatch.setenv("MAELFLOW_DEPLOY_ID", "first")
     rec = Recorder()

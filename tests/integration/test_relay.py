@@ -53,7 +53,7 @@ def test_relay_suite_completes_and_restart_loses_nothing(services, tmp_path, con
     ws = Workspace(tmp_path / "ws_relay")
     services(ws, "ecflow", "s3", "mlflow", "relay")
     exp = write_yaml(config_root / "experiments" / "t_relay.yaml",
-                     {"name": "t_relay", "sites": ["local"], "datasets": ["synth-small"], "trainings": ["tiny"]})
+                     {"name": "t_relay", "sites": ["local"], "datasets": ["synth-small-numpy-10p0-2020-2020-6h-v1"], "trainings": ["tiny"]})
     rx = load_experiment(str(exp), [PREBUILT, "site.local.reporting=relay", "training.tiny.config.max_epochs=40"],
                          placeholders=placeholders_for(ws))
     prepare_datasets(rx)
@@ -74,7 +74,7 @@ def test_relay_suite_completes_and_restart_loses_nothing(services, tmp_path, con
     assert train["meters"]["epoch"]["value"] == 40
     assert train["events"]["checkpoint"] is True
     assert train["labels"]["mlflow"].startswith("run ")
-    stage = find(data, "/t_relay/local/data/synth_small/stage")
+    stage = find(data, "/t_relay/local/data/synth_small_numpy_10p0_2020_2020_6h_v1/stage")
     assert stage["meters"]["progress"]["value"] == 100
     spooled = _spooled(Path(spool_dir(rx, "local")))
     assert spooled[("/t_relay/local/train/tiny/train", "init")] == 1

@@ -26,7 +26,7 @@ MAELFLOW = str(Path(sys.executable).with_name("maelflow"))
 
 
 def _experiment(config_root: Path, name: str, **fields) -> str:
-    data = {"name": name, "sites": ["local"], "datasets": ["synth-small"], "trainings": ["tiny"], **fields}
+    data = {"name": name, "sites": ["local"], "datasets": ["synth-small-numpy-10p0-2020-2020-6h-v1"], "trainings": ["tiny"], **fields}
     return str(write_yaml(config_root / "experiments" / f"{name}.yaml", data))
 
 
@@ -55,7 +55,7 @@ def test_demo_end_to_end_through_the_cli(stack):
     assert train["meters"]["epoch"]["value"] == 3
     assert train["events"]["checkpoint"] is True
     assert "loss" in train["labels"]["info"] or "done" in train["labels"]["info"]
-    stage = find(status, "/demo/local/data/synth_demo/stage")
+    stage = find(status, "/demo/local/data/synth_demo_local_5p0_2020_2020_6h_v1/stage")
     assert stage["meters"]["progress"]["value"] == 100 and stage["events"]["verified"] is True
     # metrics reached the MLflow server, under the run id shown in the label
     assert train["labels"]["mlflow"].startswith("run "), train["labels"]
@@ -64,7 +64,7 @@ def test_demo_end_to_end_through_the_cli(stack):
     history = client.get_metric_history(run_id, "train_loss_epoch")
     assert len(history) == 3
     # the anemoi training ran through the same suite: built dataset, checkpoints, metrics in MLflow
-    assert find(status, "/demo/publish/synth_demo/build")["state"] == "complete"
+    assert find(status, "/demo/publish/synth_demo_local_5p0_2020_2020_6h_v1/build")["state"] == "complete"
     anemoi_train = find(status, "/demo/local/train/tiny_anemoi/train")
     assert anemoi_train["events"]["checkpoint"] is True
     anemoi_run = anemoi_train["labels"]["mlflow"].split()[1]
@@ -79,28 +79,28 @@ def test_demo_end_to_end_through_the_cli(stack):
 
     cat = CatalogueClient.for_workspace(ws)
     entry = cat.get("trainings", lineage["key"])
-    assert entry["run_id"] == run_id and entry["datasets"] == ["synth-demo"]
+    assert entry["run_id"] == run_id and entry["datasets"] == ["synth-demo-local-5p0-2020-2020-6h-v1"]
     for c in lineage["checkpoints"]:
         assert cat.get("weights", c["uuid"])["metadata"]["run_id"] == run_id
     graph = json.dumps(cat.lineage(lineage["key"], "trainings"))
-    assert lineage["checkpoints"][0]["uuid"] in graph and "synth-demo" in graph
+    assert lineage["checkpoints"][0]["uuid"] in graph and "synth-demo-local-5p0-2020-2020-6h-v1" in graph
     assert (ws.root / "suites/demo/runs/provenance.json").exists()
 
 
 def test_abort_shows_reason_then_requeue_completes(stack, config_root):
     ws, _ = stack
     exp = _experiment(config_root, "t_abort", trainings=[])
-    rx = load_experiment(exp, ["dataset.synth-small.source=" + str(ws.root / "data" / "t_abort.zarr")],
+    rx = load_experiment(exp, ["dataset.synth-small-numpy-10p0-2020-2020-6h-v1.source=" + str(ws.root / "data" / "t_abort.zarr")],
                          placeholders={"workspace": str(ws.root)})
     client = client_for(ws)
     deploy(rx, ws, client)
-    node = wait_for(client, "/t_abort/publish/synth_small/publish", {"aborted"})
+    node = wait_for(client, "/t_abort/publish/synth_small_numpy_10p0_2020_2020_6h_v1/publish", {"aborted"})
     assert "does not exist" in node["aborted_reason"] and "t_abort.zarr" in node["aborted_reason"]
-    assert find(tree(client, "t_abort"), "/t_abort/local/data/synth_small/stage")["state"] == "queued"
+    assert find(tree(client, "t_abort"), "/t_abort/local/data/synth_small_numpy_10p0_2020_2020_6h_v1/stage")["state"] == "queued"
     prepare_datasets(rx)  # the operator fixes the cause ...
-    control(client, "requeue", "/t_abort/publish/synth_small/publish")  # ... and requeues
+    control(client, "requeue", "/t_abort/publish/synth_small_numpy_10p0_2020_2020_6h_v1/publish")  # ... and requeues
     wait_for(client, "/t_abort", {"complete"}, timeout=120)
-    assert find(tree(client, "t_abort"), "/t_abort/local/data/synth_small/stage")["events"]["verified"] is True
+    assert find(tree(client, "t_abort"), "/t_abort/local/data/synth_small_numpy_10p0_2020_2020_6h_v1/stage")["events"]["verified"] is True
 
 
 def test_kill_stops_the_running_process(stack, config_root):
@@ -150,7 +150,7 @@ def test_server_restart_mid_suite_resumes_from_checkpoint(services, tmp_path, co
     client = client_for(ws)
     data = tree(client, "t_restart")
     assert data["server_state"] == "RUNNING"
-    assert find(data, "/t_restart/publish/synth_small/publish")["state"] == "complete"  # from the checkpoint
+    assert find(data, "/t_restart/publish/synth_small_numpy_10p0_2020_2020_6h_v1/publish")["state"] == "complete"  # from the checkpoint
     wait_for(client, "/t_restart", {"complete"}, timeout=240)
     train = find(tree(client, "t_restart"), "/t_restart/local/train/tiny/train")
     assert train["meters"]["epoch"]["value"] == 150 and train["try_no"] == 1

@@ -237,11 +237,11 @@ def test_suite_publishes_stages_and_registers(tstack, config_root):
     wait_for(client, "/t_data", {"complete"}, timeout=150)
     data = tree(client, "t_data")
     for site in ("local", "localhpc"):
-        node = find(data, f"/t_data/{site}/data/synth_small/stage")
+        node = find(data, f"/t_data/{site}/data/synth_small_numpy_10p0_2020_2020_6h_v1/stage")
         assert node["meters"]["progress"]["value"] == 100 and node["events"]["verified"] is True
         assert "MiB/s" in node["labels"]["rate"]
-        locate = find(data, f"/t_data/{site}/data/synth_small/locate")  # beside the server, after the stage
-        assert "catalogue: synth-small located at " + site in locate["labels"]["info"], locate["labels"]
+        locate = find(data, f"/t_data/{site}/data/synth_small_numpy_10p0_2020_2020_6h_v1/locate")  # beside the server, after the stage
+        assert "catalogue: synth-small-numpy-10p0-2020-2020-6h-v1 located at " + site in locate["labels"]["info"], locate["labels"]
     record = cat.get("datasets", FAST_DATASET)
     assert record["locations"]["localhpc"]["path"] == f"{rx.sites['localhpc'].paths.datasets}/{FAST_DATASET}.zarr"
     assert record["locations"]["local"]["path"].endswith(f"/{FAST_DATASET}.zarr")

@@ -31,8 +31,8 @@ def test_structure_triggers_limits(config_root, tmp_path):
         "local_jobs": 2, "local_transfers": 2, "lumi_jobs": 8, "lumi_transfers": 4}
     assert defs.find_abs_node("/demo/lumi/train").get_trigger().get_expression() == "data == complete"
     assert defs.find_abs_node("/demo/lumi/register").get_trigger().get_expression() == "train == complete"
-    stage = defs.find_abs_node("/demo/lumi/data/synth_demo/stage")
-    assert stage.get_trigger().get_expression() == "/demo/publish/synth_demo/publish == complete"
+    stage = defs.find_abs_node("/demo/lumi/data/synth_demo_local_5p0_2020_2020_6h_v1/stage")
+    assert stage.get_trigger().get_expression() == "/demo/publish/synth_demo_local_5p0_2020_2020_6h_v1/publish == complete"
     assert [m.name() for m in stage.meters] == ["progress"]
     train = defs.find_abs_node("/demo/local/train/tiny/train")
     assert {e.name() for e in train.events} == {"checkpoint", "timeout"}
@@ -60,7 +60,7 @@ def test_job_creation_resolves_site_include(config_root, tmp_path, monkeypatch):
     job = next((built.out_dir / ".jobcheck").rglob("stage.job*")).read_text()
     assert "module load LUMI/24.03 partition/G" in job
     assert "%" not in job.replace("%%", "")
-    assert "task stage --dataset synth-demo --site lumi" in job
+    assert "task stage --dataset synth-demo-local-5p0-2020-2020-6h-v1 --site lumi" in job
 
 
 def test_invalid_config_writes_nothing(config_root, tmp_path, monkeypatch):

@@ -19,7 +19,7 @@ def test_demo_resolves_its_parts(config_root):
     rx = load_experiment("demo", config_root=config_root, placeholders={"workspace": "/ws"})
     assert list(rx.sites) == ["local"]
     assert rx.sites["local"].paths.datasets == "/ws/sites/local/datasets"
-    assert rx.datasets["synth-demo"].source == "/ws/data/synth-demo.zarr"
+    assert rx.datasets["synth-demo-local-5p0-2020-2020-6h-v1"].source == "/ws/data/synth-demo-local-5p0-2020-2020-6h-v1.zarr"
     assert rx.trainings["tiny"].application.endswith(":TinyForecaster")
 
 
