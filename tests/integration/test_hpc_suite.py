@@ -119,9 +119,11 @@ def test_unusable_credential_aborts_fast_with_renew_hint(hpc_stack, config_root)
 def test_timeout_is_resubmitted_and_resumes_from_checkpoint(hpc_stack, config_root):
     """SLURM stops the job at a 1-minute limit; the suite resubmits it; training continues."""
     ws = hpc_stack
-    epochs = 300
+    # ~12 steps an epoch at 0.25 s a step: about 2 minutes of training, more than one 60-90 s job
+    epochs = 40
     rx, client = _deploy(ws, config_root, "h_timeout", "training.tiny.time_limit=00:01:00",
-                         f"training.tiny.config.max_epochs={epochs}", "training.tiny.max_resubmissions=4")
+                         f"training.tiny.config.max_epochs={epochs}", "training.tiny.config.step_seconds=0.25",
+                         "training.tiny.max_resubmissions=5")
     path = "/h_timeout/localhpc/train/tiny/train"
     wait_for(client, "/h_timeout", {"complete", "aborted"}, timeout=600)
     data = tree(client, "h_timeout")

@@ -51,7 +51,7 @@ def test_relay_suite_completes_and_restart_loses_nothing(services, tmp_path, con
     from maelflow.workspace import Workspace
 
     ws = Workspace(tmp_path / "ws_relay")
-    services(ws, "ecflow", "s3", "mlflow", "relay")
+    services(ws, "ecflow", "s3", "mlflow", "catalogue", "relay")
     exp = write_yaml(config_root / "experiments" / "t_relay.yaml",
                      {"name": "t_relay", "sites": ["local"], "datasets": ["synth-small-numpy-10p0-2020-2020-6h-v1"], "trainings": ["tiny"]})
     rx = load_experiment(str(exp), [PREBUILT, "site.local.reporting=relay", "training.tiny.config.max_epochs=40"],

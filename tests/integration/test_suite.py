@@ -133,7 +133,7 @@ def test_kill_stops_the_running_process(stack, config_root):
 
 def test_server_restart_mid_suite_resumes_from_checkpoint(services, tmp_path, config_root):
     ws = Workspace(tmp_path / "ws_restart")
-    services(ws, "ecflow", "s3", "mlflow")
+    services(ws, "ecflow", "s3", "mlflow", "catalogue")
     exp = _experiment(config_root, "t_restart")
     rx = load_experiment(exp, [PREBUILT, "training.tiny.config.max_epochs=150"], placeholders={"workspace": str(ws.root)})
     prepare_datasets(rx)

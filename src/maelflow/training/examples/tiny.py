@@ -7,6 +7,8 @@ show a falling loss, checkpoints and resumption.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytorch_lightning as pl
 import torch
@@ -50,9 +52,11 @@ class ZarrPairs(pl.LightningDataModule):
 
 
 class TinyForecaster(pl.LightningModule):
-    def __init__(self, n_variables: int = 4, lr: float = 0.01, **_: object):
+    def __init__(self, n_variables: int = 4, lr: float = 0.01, step_seconds: float = 0.0, **_: object):
+        """``step_seconds`` paces each training step, to stand in for a heavier model (time limits)."""
         super().__init__()
         self.save_hyperparameters("n_variables", "lr")
+        self.step_seconds = step_seconds
         self.mix = torch.nn.Linear(n_variables, n_variables)
         torch.nn.init.zeros_(self.mix.weight)
         torch.nn.init.zeros_(self.mix.bias)
@@ -65,6 +69,8 @@ class TinyForecaster(pl.LightningModule):
         return torch.nn.functional.mse_loss(self(x), y)
 
     def training_step(self, batch, batch_idx):
+        if self.step_seconds:
+            time.sleep(self.step_seconds)
         loss = self._loss(batch)
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True)
         return loss
