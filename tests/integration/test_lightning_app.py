@@ -32,12 +32,14 @@ class Recorder(Reporter):
         self.calls.append(("event", name, value))
 
 
-def test_train_resume_and_fork(stack, config_root, monkeypatch):
+def test_train_resume_and_fork(stack, config_root, monkeypatch, tmp_path):
     ws, infos = stack
     url = infos["mlflow"].url
     write_yaml(config_root / "experiments" / "lapp.yaml",
                {"name": "lapp", "sites": ["local"], "datasets": ["synth-small-numpy-10p0-2020-2020-6h-v1"], "trainings": ["tiny"]})
-    base = ["training.tiny.datasets=[synth-small-numpy-10p0-2020-2020-6h-v1]", "training.tiny.config.max_epochs=2"]
+    # a datasets folder of its own: the shared stack's local site is staged to by the suite tests
+    site = f"site.local.paths.datasets={tmp_path / 'datasets'}"
+    base = ["training.tiny.datasets=[synth-small-numpy-10p0-2020-2020-6h-v1]", "training.tiny.config.max_epochs=2", site]
     rx = load_experiment(str(config_root / "experiments" / "lapp.yaml"), base, placeholders={"workspace": str(ws.root)})
     prepare_datasets(rx)
     # the staged copy the training reads on the site
@@ -52,13 +54,13 @@ def test_train_resume_and_fork(stack, config_root, monkeypatch):
     assert ("meter", "epoch", 2) in rec.calls and ("event", "checkpoint", True) in rec.calls
     # resumed (a resubmitted job): same run, the step count goes on
     more = load_experiment(str(config_root / "experiments" / "lapp.yaml"),
-                           [*base[:1], "training.tiny.config.max_epochs=4"], placeholders={"workspace": str(ws.root)})
+                           [*base[:1], "training.tiny.config.max_epochs=4", site], placeholders={"workspace": str(ws.root)})
     again = train(more, "tiny", "local", Recorder(), tracking_uri=url)
     assert again.run_id == first.run_id and again.global_step == 2 * first.global_step
     # forked in a new deploy: a new run, tagged with its parent, starting from the parent's weights
     monkeypatch.setenv("MAELFLOW_DEPLOY_ID", "fork")
     fork_rx = load_experiment(str(config_root / "experiments" / "lapp.yaml"),
-                              [*base[:1], "training.tiny.config.max_epochs=5", f"training.tiny.fork_from={first.run_id}"],
+                              [*base[:1], "training.tiny.config.max_epochs=5", f"training.tiny.fork_from={first.run_id}", site],
                               placeholders={"workspace": str(ws.root)})
     fork = train(fork_rx, "tiny", "local", Recorder(), tracking_uri=url)
     assert fork.run_id != first.run_id
