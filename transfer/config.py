@@ -16,20 +16,8 @@ from typing import Any
 from maelflow_transfer.errors import CredentialsError, TransferError
 
 
-def _expand(value: Any, placeholders: dict[str, str]) -> Any:
-    if isinstance(value, str):
-        for k, v in placeholders.items():
-            value = value.replace("{" + k + "}", v)
-        return os.path.expanduser(value) if value.startswith("~") else value
-    if isinstance(value, dict):
-        return {k: _expand(v, placeholders) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_expand(v, placeholders) for v in value]
-    return value
-
-
 def _part(kind: str, name: str, ws, overrides: tuple[str, ...] = ()) -> dict | None:
-    from maelflow.config.loader import apply_part_overrides, compose_file, default_config_root
+    from maelflow.config.loader import apply_part_overrides, compose_file, default_config_root, expand_placeholders
     from maelflow.placeholders import placeholders_for
 
     path = default_config_root() / kind / f"{name}.yaml"
@@ -40,7 +28,7 @@ def _part(kind: str, name: str, ws, overrides: tuple[str, ...] = ()) -> dict | N
     if problems:
         raise TransferError("; ".join(f"{p.field}: {p.reason}" for p in problems))
     data.setdefault("name", name)
-    return _expand(data, placeholders_for(ws))
+    return expand_placeholders(data, placeholders_for(ws))
 
 
 def load_site(name: str, ws, overrides: tuple[str, ...] = ()):

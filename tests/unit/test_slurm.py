@@ -22,7 +22,7 @@ pytestmark = pytest.mark.unit
 
 PLACEHOLDERS = {"hpc_port": "2222", "hpc_user": "maelhpc", "hpc_identity": "/ws/hpc/id_ed25519",
                 "hpc_known_hosts": "/ws/hpc/known_hosts", "hpc_home": "/home/maelhpc",
-                "hpc_root": "/home/maelhpc/maelflow-0123abcd",
+                "hpc_root": "/users/maelhpc/maelflow-0123abcd",
                 "maelflow": "/opt/maelflow/bin/maelflow", "workspace": "/ws"}
 SITE_FILES = sorted((REPO / "configs" / "sites").glob("*.yaml"))
 
@@ -94,7 +94,7 @@ def test_localhpc_site_fills_its_placeholders():
     ssh = site.connection.ssh
     assert (ssh.host, ssh.port, ssh.user, ssh.auth) == ("127.0.0.1", 2222, "maelhpc", "key")
     assert ssh.identity_file == "/ws/hpc/id_ed25519" and ssh.known_hosts == "/ws/hpc/known_hosts"
-    assert site.paths.root == "/home/maelhpc/maelflow-0123abcd"
+    assert site.paths.root == "/users/maelhpc/maelflow-0123abcd"
     assert site.maelflow_command == "/opt/maelflow/bin/maelflow"
     assert (site.reporting, site.internet.compute, site.slurm.partition) == ("relay", False, "debug")
 

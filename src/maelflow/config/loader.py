@@ -205,16 +205,16 @@ def apply_part_overrides(data: dict[str, Any], overrides: tuple[str, ...], file:
     return OmegaConf.to_container(cfg, resolve=True), problems  # type: ignore[return-value]
 
 
-def _expand(value: Any, placeholders: dict[str, str]) -> Any:
+def expand_placeholders(value: Any, placeholders: dict[str, str]) -> Any:
     """Expand {workspace}-style placeholders and ~ in path strings of a part."""
     if isinstance(value, str):
         for k, v in placeholders.items():
             value = value.replace("{" + k + "}", v)
         return os.path.expanduser(value) if value.startswith("~") else value
     if isinstance(value, dict):
-        return {k: _expand(v, placeholders) for k, v in value.items()}
+        return {k: expand_placeholders(v, placeholders) for k, v in value.items()}
     if isinstance(value, list):
-        return [_expand(v, placeholders) for v in value]
+        return [expand_placeholders(v, placeholders) for v in value]
     return value
 
 
@@ -279,7 +279,7 @@ def load_experiment(ref: str, overrides: list[str] | tuple[str, ...] = (), *, co
                 problems.append(ConfigProblem(str(part_file), "name", data["name"],
                                               f"must match the file name {name!r}"))
                 continue
-            expanded = _expand(data, placeholders)
+            expanded = expand_placeholders(data, placeholders)
             unknown = _unresolved(expanded)
             if unknown:
                 from maelflow.placeholders import hint
