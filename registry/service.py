@@ -12,7 +12,7 @@ import sys
 import urllib.request
 from typing import Any, Sequence
 
-from maelflow.services.base import LOOPBACK, ManagedService, ServiceError, wait_until
+from maelflow.services.base import LOOPBACK, ManagedService, ServiceError, wait_until, http_healthy
 
 
 class CatalogueService(ManagedService):
@@ -54,11 +54,7 @@ class CatalogueService(ManagedService):
                 "--port", str(port)], {"PYTHONUNBUFFERED": "1"}
 
     def healthy(self) -> bool:
-        port = self.state().get("port")
-        if not port:
-            return False
-        with urllib.request.urlopen(f"http://{LOOPBACK}:{port}/health", timeout=2) as resp:
-            return resp.status == 200
+        return http_healthy(self.state().get("port"))
 
     def extra(self) -> dict[str, Any]:
         url = self.url()

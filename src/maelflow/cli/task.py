@@ -33,69 +33,28 @@ def command() -> None:
     """Task bodies called from the suite's job scripts (not for interactive use)."""
 
 
-@command.command("provenance")
-def provenance() -> None:
-    """Record config, code version and packages of the suite."""
-    from maelflow.suite import tasks
-    _run(tasks.provenance)
+# task name -> (options it takes, help); each calls maelflow.suite.tasks.<name>(ctx, *options)
+TASKS: dict[str, tuple[tuple[str, ...], str]] = {
+    "provenance": ((), "Record config, code version and packages of the suite."),
+    "build": (("dataset",), "Build DATASET from its anemoi-datasets recipe."),
+    "publish": (("dataset",), "Publish DATASET to the European Weather Cloud."),
+    "stage": (("dataset", "site"), "Stage DATASET onto SITE."),
+    "locate": (("dataset", "site"), "Register DATASET's location on SITE in the catalogue."),
+    "train": (("training", "site"), "Run TRAINING on SITE."),
+    "register": (("training", "site"), "Register what TRAINING produced on SITE in the catalogue."),
+    "sync": (("training", "site"), "Sync the offline MLflow run of TRAINING on SITE to the tracking server."),
+}
 
 
-@command.command("build")
-@click.option("--dataset", required=True)
-def build(dataset: str) -> None:
-    """Build DATASET from its anemoi-datasets recipe."""
-    from maelflow.suite import tasks
-    _run(tasks.build, dataset)
+def _task_command(name: str, options: tuple[str, ...], help_text: str) -> click.Command:
+    def callback(**values: str) -> None:
+        from maelflow.suite import tasks
+
+        _run(getattr(tasks, name), *(values[o] for o in options))
+
+    params = [click.Option([f"--{o}"], required=True) for o in options]
+    return click.Command(name, callback=callback, params=params, help=help_text)
 
 
-@command.command("publish")
-@click.option("--dataset", required=True)
-def publish(dataset: str) -> None:
-    """Publish DATASET to the European Weather Cloud."""
-    from maelflow.suite import tasks
-    _run(tasks.publish, dataset)
-
-
-@command.command("stage")
-@click.option("--dataset", required=True)
-@click.option("--site", required=True)
-def stage(dataset: str, site: str) -> None:
-    """Stage DATASET onto SITE."""
-    from maelflow.suite import tasks
-    _run(tasks.stage, dataset, site)
-
-
-@command.command("locate")
-@click.option("--dataset", required=True)
-@click.option("--site", required=True)
-def locate(dataset: str, site: str) -> None:
-    """Register DATASET's location on SITE in the catalogue."""
-    from maelflow.suite import tasks
-    _run(tasks.locate, dataset, site)
-
-
-@command.command("train")
-@click.option("--training", required=True)
-@click.option("--site", required=True)
-def train(training: str, site: str) -> None:
-    """Run TRAINING on SITE."""
-    from maelflow.suite import tasks
-    _run(tasks.train, training, site)
-
-
-@command.command("register")
-@click.option("--training", required=True)
-@click.option("--site", required=True)
-def register(training: str, site: str) -> None:
-    """Record what TRAINING produced on SITE."""
-    from maelflow.suite import tasks
-    _run(tasks.register, training, site)
-
-
-@command.command("sync")
-@click.option("--training", required=True)
-@click.option("--site", required=True)
-def sync(training: str, site: str) -> None:
-    """Sync the offline MLflow run of TRAINING on SITE to the tracking server."""
-    from maelflow.suite import tasks
-    _run(tasks.sync, training, site)
+for _name, (_options, _help) in TASKS.items():
+    command.add_command(_task_command(_name, _options, _help))

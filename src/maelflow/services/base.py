@@ -243,6 +243,26 @@ class ManagedService:
             pass
 
 
+def venv_binary(name: str) -> str | None:
+    """A tool installed beside this interpreter (the venv's), else on PATH: the server then runs the
+    same version as the clients that import it (and not, say, Debian's older rclone)."""
+    import shutil
+    import sys
+
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.is_file() else shutil.which(name)
+
+
+def http_healthy(port: int | None, path: str = "/health", timeout: float = 2.0) -> bool:
+    """An HTTP service on loopback answers 200 on its health route."""
+    import urllib.request
+
+    if not port:
+        return False
+    with urllib.request.urlopen(f"http://{LOOPBACK}:{port}{path}", timeout=timeout) as resp:
+        return resp.status == 200
+
+
 def tail(path: Path, lines: int = 15) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])

