@@ -129,7 +129,7 @@ class _Run:
         return True
 
     def _fetch_ranged(self, e: Entry, moved: list[int]) -> bool:
-        part = self.tree.writer(e)
+        part = self.tree.writer(e, ranged=True)
         lock = threading.Lock()
 
         def one_range(start: int, end: int) -> None:

@@ -3,8 +3,8 @@
 Control calls (list, head, put, multipart, delete) go through the boto3 client made by
 ``maelflow.s3.s3_client``, created on first use. Reads (the manifest, and the thousands of objects
 of a stage) are the hot path: botocore spends over a millisecond of Python per request under the
-GIL, so each GET is presigned (``sigv4``: SigV4, path-style, ~20 us) and streamed over a per-thread
-keep-alive ``http.client`` connection into the caller's sink. A stage therefore never loads boto3
+GIL, so each GET is presigned (``sigv4``: SigV4, path-style, ~20 us) and read over a per-thread
+keep-alive connection (``http_get``) a whole buffer at a time into the caller's sink. A stage therefore never loads boto3
 at all. Errors of both paths map to the same messages, and transient ones (resets, time-outs, 5xx,
 throttling) are retried with back-off.
 """
@@ -12,7 +12,7 @@ throttling) are retried with back-off.
 from __future__ import annotations
 
 import hashlib
-import http.client
+import mmap
 import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +20,7 @@ from typing import Any, Callable, TypeVar
 
 from maelflow_transfer.errors import (CredentialsError, NotPublished, StoreError, TransferError,
                                       TransientError)
+from maelflow_transfer.http_get import Connection
 from maelflow_transfer.manifest import MANIFEST_NAME, Entry, Manifest
 from maelflow_transfer.retry import DEFAULT, Backoff
 
@@ -59,6 +60,7 @@ class Store:
         self.timeout = timeout
         self.backoff = backoff
         self._local = threading.local()
+        self._conns: list[Connection] = []
         self._lock = threading.Lock()
         self.presigner = Presigner(endpoint_url, *keys, region=region, expires=PRESIGN_SECONDS)
 
@@ -224,74 +226,67 @@ class Store:
             raise
 
     # -- reads: the hot path -----------------------------------------------------------------
-    def _connection(self, scheme: str, netloc: str) -> http.client.HTTPConnection:
-        conns = getattr(self._local, "conns", None)
-        if conns is None:
-            conns = self._local.conns = {}
-            self._local.buf = bytearray(BUF)
-        conn = conns.get((scheme, netloc))
+    def _connection(self) -> Connection:
+        conn = getattr(self._local, "conn", None)
         if conn is None:
-            cls = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
-            conn = conns[(scheme, netloc)] = cls(netloc, timeout=self.timeout)
+            p = self.presigner
+            conn = self._local.conn = Connection(p.scheme, p.host, timeout=self.timeout)
+            self._local.buf = mmap.mmap(-1, BUF)   # page-aligned: the sink may write it with O_DIRECT
+            with self._lock:
+                self._conns.append(conn)
         return conn
-
-    def _drop(self, scheme: str, netloc: str) -> None:
-        conn = getattr(self._local, "conns", {}).pop((scheme, netloc), None)
-        if conn is not None:
-            conn.close()
 
     def get(self, rel: str, sink: Sink, *, start: int | None = None, end: int | None = None,
             stop: threading.Event | None = None) -> int:
-        """Stream object ``rel`` (bytes ``start``..``end`` inclusive, if given) into ``sink``; returns
-        the byte count. One try: a TransientError means "retry from the start" (the caller's sink
-        must start over too), other errors are final."""
-        p = self.presigner
-        conn = self._connection(p.scheme, p.host)
-        headers = {"Range": f"bytes={start}-{end}"} if start is not None else {}
+        """Stream object ``rel`` (bytes ``start``..``end`` inclusive, if given) into ``sink``, a
+        full buffer (1 MiB) at a time but the last; returns the byte count. One try: a
+        TransientError means "retry from the start" (the caller's sink must start over too),
+        other errors are final."""
+        conn = self._connection()
+        headers = {"Range": f"bytes={start}-{end}"} if start is not None else None
         what = f"reading s3://{self.bucket}/{self.key(rel)}"
         try:
-            conn.request("GET", p.path(self.bucket, self.key(rel)), headers=headers)
-            resp = conn.getresponse()
-        except (OSError, http.client.HTTPException) as exc:
-            self._drop(p.scheme, p.host)
+            resp = conn.get(self.presigner.path(self.bucket, self.key(rel)), headers)
+        except OSError as exc:
             raise TransientError(f"{what}: {type(exc).__name__}: {exc}") from None
         if resp.status not in (200, 206):
             try:
                 body = resp.read()
-            except (OSError, http.client.HTTPException):
+            except OSError:
                 body = b""
-                self._drop(p.scheme, p.host)
+                conn.close()
             code = _code_of(body)
             if resp.status in RETRY_STATUS or code in ("SlowDown", "InternalError", "RequestTimeout"):
                 raise TransientError(f"{what}: HTTP {resp.status} {code}")
             if code == "NoSuchKey" or (resp.status == 404 and code != "NoSuchBucket"):
                 raise ObjectMissing(f"{what}: the object is missing from the store, although the manifest "
-                                 "lists it (the published copy was damaged: publish the dataset again)")
+                                    "lists it (the published copy was damaged: publish the dataset again)")
             raise self.error(code, body.decode(errors="replace")[:200], what, resp.status)
-        buf = self._local.buf
-        view = memoryview(buf)
+        view = memoryview(self._local.buf)
         n = 0
         while True:
             if stop is not None and stop.is_set():
-                self._drop(p.scheme, p.host)   # the rest of the body is not wanted
+                conn.close()                   # the rest of the body is not wanted
                 raise TransientError(f"{what}: stopped")
             try:
-                k = resp.readinto(buf)
-            except (OSError, http.client.HTTPException) as exc:
-                self._drop(p.scheme, p.host)
+                filled = resp.readinto(view)   # a whole buffer: aligned blocks for O_DIRECT writers
+            except OSError as exc:
+                conn.close()
                 raise TransientError(f"{what}: {type(exc).__name__}: {exc} after {n} bytes") from None
-            if not k:
-                break
-            try:
-                sink(view[:k])
-            except BaseException:
-                self._drop(p.scheme, p.host)   # unread body: the connection cannot be reused
-                raise
-            n += k
-        return n
+            if filled:
+                try:
+                    sink(view[:filled])
+                except BaseException:
+                    conn.close()               # unread body: the connection cannot be reused
+                    raise
+                n += filled
+            if filled < BUF:
+                return n
 
     def close(self) -> None:
-        for conn in getattr(self._local, "conns", {}).values():
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for conn in conns:
             conn.close()
 
 
