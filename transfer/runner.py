@@ -25,7 +25,7 @@ from maelflow_transfer.stage import Result, stage
 
 VIAS = ("auto", "here", "login", "sftp")
 PULL_WORKERS = 32
-PUSH_WORKERS = 8
+PUSH_WORKERS = 4
 
 
 def choose_via(site, via: str = "auto") -> str:
@@ -58,12 +58,19 @@ def _ssh_errors(fn: Callable[[], Result]) -> Result:
 def stage_dataset(ws, dataset: str, *, site_name: str | None = None, site=None, dest: str | None = None,
                   prefix: str | None = None, via: str = "auto", credentials: str | None = None,
                   sinks: list[Callable[[Snapshot], None]] | None = None, workers: int | None = None,
-                  max_rate: float | None = None) -> tuple[Result, str, str]:
+                  max_rate: float | None = None, source: str | None = None) -> tuple[Result, str, str]:
     """Stage ``dataset`` for ``site``; returns (result, destination, how).
 
-    ``workers``: objects at once; default 32 for a pull (latency hiding: S3 GETs are short), 8 for
-    an SFTP push (each worker holds its own SSH connection to the login node)."""
+    ``workers``: objects at once; default 32 for a pull (latency hiding: S3 GETs are short), 4 for
+    an SFTP push (each worker holds its own SSH connection to the login node, every request in
+    flight). ``source``: read the objects from this local copy (checked against the published
+    manifest) instead of the store: a push (or a local copy) from where the dataset was built."""
     prefix = prefix or dataset_prefix(dataset, ws)
+    if source is not None:
+        if via not in ("auto", "here", "sftp"):
+            raise TransferError(f"--from reads a folder on this machine: it cannot run --via {via}")
+        if via == "auto":
+            via = "sftp" if site is not None and site.connection.type == "ssh" else "here"
     via = choose_via(site, via)
     if dest is None:
         if site is None:
@@ -74,21 +81,30 @@ def stage_dataset(ws, dataset: str, *, site_name: str | None = None, site=None, 
     if via == "here":
         from maelflow_transfer.trees import LocalTree
 
-        store = open_store(ewc_settings(ws, site=site, credentials=credentials), prefix, workers)
-        return stage(store, LocalTree(dest), dataset, workers=workers, progress=progress, max_rate=max_rate), dest, via
+        store = _source(open_store(ewc_settings(ws, site=site, credentials=credentials), prefix, workers), source)
+        return stage(store, LocalTree(dest), dataset, workers=workers, progress=progress, max_rate=max_rate,
+                     retries=0 if source else 3), dest, via
     session = _session(site_name, site)
     if via == "sftp":
         from maelflow_transfer.trees import SftpTree
 
-        store = open_store(ewc_settings(ws, credentials=credentials), prefix, workers)
+        store = _source(open_store(ewc_settings(ws, credentials=credentials), prefix, workers), source)
 
         def push() -> Result:
             session.makedirs(str(PurePosixPath(dest).parent))
             return stage(store, SftpTree(session, dest), dataset, workers=workers, progress=progress,
-                         max_rate=max_rate)
+                         max_rate=max_rate, retries=0 if source else 3)
         return _ssh_errors(push), dest, via
     return _ssh_errors(lambda: remote_stage(ws, session, site, dataset, prefix, dest, progress, workers,
                                             max_rate)), dest, via
+
+
+def _source(store, folder: str | None):
+    if folder is None:
+        return store
+    from maelflow_transfer.local_source import LocalSource
+
+    return LocalSource(folder, store)
 
 
 def ensure_site_credentials(ws, session, site) -> str:

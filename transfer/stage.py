@@ -21,6 +21,7 @@ from maelflow_transfer.manifest import Entry, Manifest
 from maelflow_transfer.progress import Progress
 from maelflow_transfer.store import Store
 
+DAMAGED_STORE = "the copy in the store is corrupt; publish the dataset again from its source"
 RANGE_THRESHOLD = 64 << 20     # objects above this are fetched as parallel ranges (local trees)
 RANGE_SIZE = 16 << 20
 
@@ -70,6 +71,7 @@ class _Run:
         self.stop = threading.Event()
         self.lock = threading.Lock()
         self.copied = self.bytes = 0
+        self.done: set[str] = set()
         self.error: BaseException | None = None
         self.range_pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="range") if tree.ranged else None
 
@@ -93,18 +95,14 @@ class _Run:
                 self.progress.moved(-moved[0])
                 raise
             if ok:
-                with self.lock:
-                    self.copied += 1
-                    self.bytes += e.size
-                self.progress.object_done()
                 return
             self.progress.moved(-moved[0])
             wrong += 1
             if wrong > self.retries:
+                hint = getattr(self.store, "damaged_hint", DAMAGED_STORE)
                 raise ChecksumMismatch(
                     f"dataset {self.manifest.dataset!r}: object {e.key} at {self.store.url}/{e.key} does not match "
-                    f"its manifest checksum after {wrong} downloads: the copy in the store is corrupt; "
-                    "publish the dataset again from its source", e.key)
+                    f"its manifest checksum after {wrong} reads: {hint}", e.key)
             self.store.backoff.sleep(wrong - 1, self.stop)
 
     def _fetch_stream(self, e: Entry, moved: list[int]) -> bool:
@@ -125,7 +123,7 @@ class _Run:
         if n != e.size or h.hexdigest() != e.sha256:
             part.abort()
             return False
-        self.tree.record(e, part.commit())
+        part.commit(lambda: self.placed(e))
         return True
 
     def _fetch_ranged(self, e: Entry, moved: list[int]) -> bool:
@@ -169,8 +167,16 @@ class _Run:
         if not ok:
             part.abort()
             return False
-        self.tree.record(e, part.commit())
+        part.commit(lambda: self.placed(e))
         return True
+
+    def placed(self, e: Entry) -> None:
+        """``e`` is in place and journalled (for a site: the answer to its rename came back)."""
+        with self.lock:
+            self.done.add(e.key)
+            self.copied += 1
+            self.bytes += e.size
+        self.progress.object_done()
 
     # -- all objects ---------------------------------------------------------------------------
     def run(self, todo: list[Entry], workers: int) -> None:
@@ -200,7 +206,10 @@ class _Run:
             t.join()
         if self.range_pool:
             self.range_pool.shutdown(wait=True)
-        self.tree.close()
+        try:
+            self.tree.close(drain=self.error is None)    # the site's last answers: failures surface here
+        except BaseException as exc:  # noqa: BLE001
+            self.error = self.error or exc
         if self.error is not None:
             raise self.error
 
@@ -232,13 +241,24 @@ def stage(store: Store, tree, dataset: str, *, workers: int = 32, progress: Prog
     progress.start(manifest.total_bytes, n)
     progress.skipped(sum(e.size for e in manifest.entries if e.key in done), len(done))
     tree.makedirs([e.key for e in todo])
-    run = _Run(store, tree, manifest, progress, retries, workers, RateLimit(max_rate))
-    try:
-        run.run(todo, workers)
-    except TransferError:
-        raise
-    except OSError as exc:
-        raise TransferError(f"dataset {dataset!r}: writing to {tree} failed: {exc}") from None
+    copied = nbytes = 0
+    for attempt in range(2):
+        run = _Run(store, tree, manifest, progress, retries, workers, RateLimit(max_rate))
+        try:
+            run.run(todo, workers)
+        except TransferError:
+            raise
+        except OSError as exc:
+            raise TransferError(f"dataset {dataset!r}: writing to {tree} failed: {exc}") from None
+        copied, nbytes = copied + run.copied, nbytes + run.bytes
+        # objects sent whose confirmation was lost with a dropped connection: fetched once more
+        todo = [e for e in todo if e.key not in run.done]
+        if not todo:
+            break
+        progress.moved(-sum(e.size for e in todo))
+    if todo:
+        raise TransferError(f"dataset {dataset!r}: {len(todo)} objects (first {todo[0].key}) were sent to {tree} "
+                            "but never confirmed in place; run the stage again")
     tree.finish(manifest)
     progress.finish()
-    return Result(n, run.copied, run.bytes, time.monotonic() - t0, already=len(done))
+    return Result(n, copied, nbytes, time.monotonic() - t0, already=len(done))

@@ -17,6 +17,7 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
+from typing import Callable
 
 from maelflow_transfer.errors import DestinationConflict, DiskFull, TransferError
 from maelflow_transfer.manifest import MANIFEST_NAME, Entry, Manifest, extra_files, sha256_file, verify_tree
@@ -122,11 +123,12 @@ class LocalPart:
     def sha256(self) -> str:
         return sha256_file(self.tmp)
 
-    def commit(self) -> int:
+    def commit(self, on_done: Callable[[int], None]) -> None:
+        """Rename into place; ``on_done(mtime_ns)`` (the journal line, the count) once it is there."""
         os.close(self.fd)
         self.fd = -1
         os.replace(self.tmp, self.target)
-        return os.stat(self.target).st_mtime_ns
+        on_done(os.stat(self.target).st_mtime_ns)
 
     def abort(self) -> None:
         if self.fd >= 0:
@@ -136,6 +138,24 @@ class LocalPart:
             os.unlink(self.tmp)
         except OSError:
             pass
+
+
+class _Committing:
+    """A LocalPart whose commit journals the object before telling the stage."""
+
+    def __init__(self, part: LocalPart, tree: "LocalTree", entry: Entry):
+        self.part, self.tree, self.entry = part, tree, entry
+        self.write, self.pwrite, self.sha256, self.abort = part.write, part.pwrite, part.sha256, part.abort
+
+    @property
+    def direct(self) -> bool:
+        return self.part.direct
+
+    def commit(self, on_done: Callable[[], None]) -> None:
+        def placed(stamp: int) -> None:
+            self.tree.record(self.entry, stamp)
+            on_done()
+        self.part.commit(placed)
 
 
 class LocalTree:
@@ -224,10 +244,11 @@ class LocalTree:
                 raise _disk_error(exc, str(self.partial / d)) from None
 
     # -- objects -------------------------------------------------------------------------------
-    def writer(self, entry: Entry, ranged: bool = False) -> LocalPart:
-        """``ranged``: written at offsets and hashed by reading it back, so kept in the page cache."""
+    def writer(self, entry: Entry, ranged: bool = False) -> "_Committing":
+        """``ranged``: written at offsets and hashed by reading it back, so kept in the page cache.
+        ``commit(on_done)`` journals the object, then calls ``on_done()``."""
         try:
-            return LocalPart(self.partial / entry.key, entry.size, direct=not ranged)
+            return _Committing(LocalPart(self.partial / entry.key, entry.size, direct=not ranged), self, entry)
         except OSError as exc:
             raise _disk_error(exc, str(self.partial / entry.key)) from None
 
@@ -238,7 +259,7 @@ class LocalTree:
                 self._journal = open(self.journal_path, "a", buffering=1)
             self._journal.write(line)
 
-    def close(self) -> None:
+    def close(self, drain: bool = True) -> None:
         with self._lock:
             if self._journal is not None:
                 self._journal.close()
@@ -267,24 +288,32 @@ class LocalTree:
 
 
 class SftpPart:
-    """An object being written on a site over SFTP: through the thread's OpenSSH wire (fast: the
-    cipher work is done in C), or paramiko's SFTP where there is no ``ssh`` binary."""
+    """An object being written on a site over SFTP: through the thread's OpenSSH wire (pipelined,
+    the cipher work done in C; the object is confirmed when the site's answer to its rename comes
+    back), or paramiko's SFTP where there is no ``ssh`` binary (each step waited for)."""
 
     def __init__(self, tree: "SftpTree", entry: Entry):
         folder, name = _part(entry.key)
         base = tree.partial if folder == "." else f"{tree.partial}/{folder}"
+        self.tree, self.entry = tree, entry
         self.tmp = f"{base}/{name}"
         self.target = f"{tree.partial}/{entry.key}"
         self.wire = tree.session.sftp_wire()
-        self.renamer = self.wire or tree.session
-        self.fh = self.wire.open_writer(self.tmp) if self.wire else tree.session.open_writer(self.tmp)
+        self.fh = self.wire.upload(self.tmp) if self.wire else tree.session.open_writer(self.tmp)
 
     def write(self, data: memoryview) -> None:
         self.fh.write(data)
 
-    def commit(self) -> None:
-        self.fh.close()
-        self.renamer.rename(self.tmp, self.target)
+    def commit(self, on_done: Callable[[], None]) -> None:
+        def placed() -> None:
+            self.tree.record(self.entry, None, self.wire)
+            on_done()
+        if self.wire is not None:
+            self.fh.commit(self.target, placed)
+        else:
+            self.fh.close()
+            self.tree.session.rename(self.tmp, self.target)
+            placed()
 
     def abort(self) -> None:
         self.fh.abort()
@@ -409,14 +438,21 @@ class SftpTree:
     def writer(self, entry: Entry, ranged: bool = False) -> SftpPart:
         return SftpPart(self, entry)
 
-    def record(self, entry: Entry, stamp: int | None) -> None:
+    def record(self, entry: Entry, stamp: int | None, wire=None) -> None:
+        """A journal line: through ``wire`` (appended on the site, in flight) when there is one."""
         line = (json.dumps({"k": entry.key, "s": entry.size, "h": entry.sha256}) + "\n").encode()
+        if wire is not None:
+            wire.append_line(self.journal_path, line)
+            return
         with self._lock:
             if self._journal is None:
                 self._journal = self.session.open_writer(self.journal_path, append=True)
             self._journal.write(line)
 
-    def close(self) -> None:
+    def close(self, drain: bool = True) -> None:
+        """``drain``: wait for the site's answers to everything sent (raising what it refused)."""
+        if drain:
+            self.session.sync_wires()
         with self._lock:
             if self._journal is not None:
                 try:

@@ -296,3 +296,52 @@ def test_sftp_push_without_an_ssh_binary_uses_paramiko(tstack, tmp_path, monkeyp
     res, dest, via = stage_dataset(ws, "tr-paramiko", site_name="localhpc", site=site, workers=3)
     assert via == "sftp" and res.copied == 17
     assert _cli(ws, "transfer", "verify", "tr-paramiko", "--site", "localhpc").exit_code == 0
+
+
+def test_sftp_push_from_a_local_copy_killed_and_resumed(tstack, tmp_path):
+    """The push with every SFTP request in flight: killed midway, the site's folder is never
+    visible; the re-run (from the store this time) copies only the rest; the journal lines
+    appended through the wires are what it trusts."""
+    ws = tstack
+    n = 300
+    src = _published(ws, tmp_path, "tr-push", chunks=n - 2, size=16_384)
+    site = load_site("localhpc", ws)
+    dest = Path(f"{site.paths.datasets}/tr-push.zarr")          # the loopback site's disk is this disk
+    partial = dest.with_name(".tr-push.zarr.partial")
+    env = {**os.environ, "MAELFLOW_WORKSPACE": str(ws.root)}
+    proc = subprocess.Popen([MAELFLOW, "transfer", "stage", "tr-push", "--site", "localhpc", "-o",
+                             "internet.login=false", "--from", str(src), "--workers", "2",
+                             "--max-rate", str(1_000_000), "--json"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline:
+            assert not dest.exists(), "the destination became visible before the push finished"
+            data = partial / "data"
+            if data.is_dir() and sum(1 for _ in data.glob("*.0")) >= n // 2:
+                break
+            assert proc.poll() is None, proc.stdout.read().decode()
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    time.sleep(0.5)                     # the site's sftp sessions finish what reached them
+    assert not dest.exists()
+    complete = [p for p in partial.rglob("*") if p.is_file() and not p.name.endswith(".part")
+                and p.name != ".maelflow-journal"]
+    journal = (partial / ".maelflow-journal").read_text().splitlines()
+    assert n // 2 <= len(complete) < n and journal and all(json.loads(line)["k"] for line in journal)
+    res = _cli(ws, "transfer", "stage", "tr-push", "--site", "localhpc", "-o", "internet.login=false", "--json")
+    assert res.exit_code == 0, res.output
+    result = json.loads(res.output.strip().splitlines()[-1])["result"]
+    assert result["already"] == len(complete) and result["copied"] == n - len(complete), (result, len(complete))
+    assert _cli(ws, "transfer", "verify", "tr-push", "--site", "localhpc").exit_code == 0
+    assert not partial.exists()
+    # a local copy that differs from the published dataset is refused, the site left as it was
+    (src / "data" / "7.0").write_bytes(b"\0" * 16_384)
+    other = f"{site.paths.root}/elsewhere/tr-push.zarr"
+    res = _cli(ws, "transfer", "stage", "tr-push", "--site", "localhpc", "--from", str(src), "--dest", other)
+    assert res.exit_code == 1 and "the local copy differs from the published dataset" in res.output, res.output
+    assert not Path(other).exists()

@@ -244,3 +244,24 @@ def test_presigned_url_matches_botocore(monkeypatch):
     a, b = urlsplit(req.url), urlsplit(ours)
     assert a.path == b.path
     assert parse_qs(a.query) == parse_qs(b.query)
+
+
+def test_stage_from_a_local_copy_is_checked_against_the_published_manifest(tmp_path):
+    from maelflow_transfer.local_source import LocalSource
+
+    objects = _objects(12, 300_000)
+    store = MemoryStore(objects)
+    copy = tmp_path / "built.zarr"
+    for key, data in objects.items():
+        (copy / key).parent.mkdir(parents=True, exist_ok=True)
+        (copy / key).write_bytes(data)
+    res = stage(LocalSource(copy, store), LocalTree(tmp_path / "a.zarr"), "ds", workers=3, retries=0)
+    assert res.copied == 13 and store.gets == []                  # nothing read from the store
+    assert verify_tree(tmp_path / "a.zarr", store.manifest) == []
+    (copy / "data/4.0").write_bytes(b"\0" * 300_000)              # the local copy drifted
+    with pytest.raises(ChecksumMismatch, match="the local copy differs from the published dataset"):
+        stage(LocalSource(copy, store), LocalTree(tmp_path / "b.zarr"), "ds", workers=3, retries=0)
+    assert not (tmp_path / "b.zarr").exists()
+    (copy / "data/4.0").unlink()
+    with pytest.raises(StoreError, match="missing from the local copy"):
+        stage(LocalSource(copy, store), LocalTree(tmp_path / "c.zarr"), "ds", workers=3, retries=0)

@@ -123,7 +123,9 @@ def test_direct_writer_writes_aligned_blocks_and_a_buffered_tail(tmp_path):
     view = memoryview(buf)
     part.write(view[: 2 * ALIGN * 64])                    # aligned: O_DIRECT where the file system allows
     part.write(view[2 * ALIGN * 64:])                     # the rest, with the unaligned tail
-    part.commit()
+    stamps = []
+    part.commit(stamps.append)
+    assert stamps == [(tmp_path / "obj").stat().st_mtime_ns]
     assert (tmp_path / "obj").read_bytes() == data
     assert not (tmp_path / ".obj.part").exists()
 
@@ -132,7 +134,7 @@ def test_direct_writer_falls_back_for_unaligned_buffers_and_refusing_file_system
     data = os.urandom(512 * 1024)
     part = LocalPart(tmp_path / "a", len(data), direct=True)
     part.write(memoryview(b"x" + data)[1:])               # an odd address: EINVAL, then buffered writes
-    part.commit()
+    part.commit(lambda stamp: None)
     assert (tmp_path / "a").read_bytes() == data
 
     from maelflow_transfer import trees
@@ -147,7 +149,7 @@ def test_direct_writer_falls_back_for_unaligned_buffers_and_refusing_file_system
     part = LocalPart(tmp_path / "b", len(data), direct=True)
     assert not part.direct
     part.write(memoryview(data))
-    part.commit()
+    part.commit(lambda stamp: None)
     assert hashlib.sha256((tmp_path / "b").read_bytes()).digest() == hashlib.sha256(data).digest()
 
 

@@ -96,6 +96,9 @@ def publish(zarr: str, dataset: str | None, prefix: str | None, replace: bool, w
               help="here: this machine writes; login: pull on the site's login node over SSH; sftp: pull here "
               "and push over SFTP; auto: by the site's connection and internet.login.")
 @click.option("--prefix", default=None, help="Key prefix in the bucket (default from the dataset config).")
+@click.option("--from", "source", default=None, metavar="DIR",
+              help="Read the objects from this local copy (checked against the published manifest) "
+              "instead of the store: a push from where the dataset was built.")
 @click.option("--credentials", default=None, help="EWC credentials file (default: workspace or site).")
 @click.option("--max-rate", type=float, default=None, help="Bytes per second at most.")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines on stdout instead of a progress bar.")
@@ -104,7 +107,7 @@ def publish(zarr: str, dataset: str | None, prefix: str | None, replace: bool, w
 @workers_option
 @workspace_option
 def stage(dataset: str, site_name: str | None, dest: str | None, via: str, prefix: str | None,
-          credentials: str | None, max_rate: float | None, as_json: bool, no_register: bool,
+          source: str | None, credentials: str | None, max_rate: float | None, as_json: bool, no_register: bool,
           overrides: tuple[str, ...], workers: int | None, workspace: str | None) -> None:
     """Stage the published DATASET to a site (resumable, verified, visible only when complete)."""
     from maelflow_transfer import catalogue_hook as hook
@@ -118,12 +121,13 @@ def stage(dataset: str, site_name: str | None, dest: str | None, via: str, prefi
         if as_json:
             res, where, how = stage_dataset(ws, dataset, site_name=site_name, site=site, dest=dest, prefix=prefix,
                                             via=via, credentials=credentials, sinks=[json_sink()],
-                                            workers=workers, max_rate=max_rate)
+                                            workers=workers, max_rate=max_rate, source=source)
         else:
             with RichBar(f"stage {dataset}", console=err_console) as bar:
                 res, where, how = stage_dataset(ws, dataset, site_name=site_name, site=site, dest=dest,
                                                 prefix=prefix, via=via, credentials=credentials,
-                                                sinks=[bar.sink], workers=workers, max_rate=max_rate)
+                                                sinks=[bar.sink], workers=workers, max_rate=max_rate,
+                                                source=source)
     except TransferError as exc:
         _fail(exc, as_json)
     if as_json:

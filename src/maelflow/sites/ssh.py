@@ -15,7 +15,6 @@ operator opened after their 2FA login (a 2FA prompt can only be answered by a pe
 from __future__ import annotations
 
 import atexit
-import fcntl
 import getpass
 import io
 import math
@@ -33,6 +32,8 @@ from pathlib import PurePosixPath
 from typing import BinaryIO, Callable, TypeVar
 
 from maelflow.config.models import SshSettings
+from maelflow.sites.sftp_wire import OPENSSH_CIPHERS, SftpWire
+from maelflow.sites.sftp_wire import sftp_path as _sftp_path
 
 CONTROL_PATH_ENV = "MAELFLOW_SSH_CONTROL_PATH"
 DEFAULT_CONTROL_PATH = "~/.ssh/maelflow-%r@%h:%p"
@@ -92,13 +93,6 @@ class ConnectionLost(ConnectionError):
 
 
 # ------------------------------------------------------------------------------------- helpers
-def _sftp_path(path: str) -> str:
-    """SFTP paths are relative to the login directory; it does not expand ``~`` like a shell."""
-    if path == "~":
-        return "."
-    return path[2:] if path.startswith("~/") else path
-
-
 def shell_path(path: str) -> str:
     """A path quoted for the remote shell, keeping a leading ``~/`` meaningful."""
     if path == "~":
@@ -688,198 +682,6 @@ class _OpenSshBackend(_Backend):
 
 
 # ------------------------------------------------------------------------------------- SFTP wire
-# SFTP v3 message types and status codes (draft-ietf-secsh-filexfer-02), the few a push needs
-_FXP_INIT, _FXP_VERSION, _FXP_OPEN, _FXP_CLOSE, _FXP_WRITE = 1, 2, 3, 4, 6
-_FXP_MKDIR, _FXP_RENAME, _FXP_STATUS, _FXP_HANDLE, _FXP_EXTENDED = 14, 18, 101, 102, 200
-_FXF_WRITE_CREAT_TRUNC = 0x02 | 0x08 | 0x10
-_FX_EOF, _FX_NO_SUCH_FILE, _FX_PERMISSION_DENIED = 1, 2, 3
-OPENSSH_CIPHERS = "aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com,aes128-ctr,aes256-ctr"
-
-
-def _sstr(data: str | bytes) -> bytes:
-    raw = data.encode() if isinstance(data, str) else data
-    return len(raw).to_bytes(4, "big") + raw
-
-
-class SftpWire:
-    """SFTP over an OpenSSH ``ssh -s sftp`` subprocess, for bulk pushes of many files.
-
-    paramiko does the SSH cipher and packet work in Python: about 100 MB/s for a dataset push here.
-    The OpenSSH client does it in C, and this side only frames SFTP messages, with writes of up to
-    255 KiB (OpenSSH's sftp-server takes messages up to 256 KiB) kept in flight without waiting: the
-    push then costs this process little more than its pipe writes. One wire serves one thread.
-    Errors: FileNotFoundError / PermissionError / OSError for what the server refuses,
-    ConnectionLost when the ssh process is gone (its stderr says why: credentials, host key...).
-    """
-
-    WRITE_CHUNK = 255 * 1024
-    IN_FLIGHT = 16
-
-    def __init__(self, argv: list[str], target: str):
-        import struct
-
-        self._struct = struct
-        self.target = target
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     bufsize=0, start_new_session=True)
-        self._stdin = self.proc.stdin.fileno()
-        try:    # a 1 MiB pipe: ssh takes four writes per wake-up instead of a quarter of one
-            fcntl.fcntl(self._stdin, fcntl.F_SETPIPE_SZ, 1 << 20)
-        except OSError:
-            pass
-        self._id = 0
-        self._send(_FXP_INIT, (3).to_bytes(4, "big"))
-        kind, body = self._recv()
-        if kind != _FXP_VERSION:
-            raise self._lost(f"unexpected SFTP answer {kind} to INIT")
-        self.extensions = set()
-        pos = 4
-        while pos < len(body):
-            n = int.from_bytes(body[pos:pos + 4], "big")
-            name = body[pos + 4:pos + 4 + n].decode(errors="replace")
-            pos += 4 + n
-            pos += 4 + int.from_bytes(body[pos:pos + 4], "big")
-            self.extensions.add(name)
-
-    # -- framing -------------------------------------------------------------------------------
-    def _lost(self, what: str) -> ConnectionLost:
-        """The wire cannot be trusted any more (gone, or out of step): end it, so the next
-        ``sftp_wire()`` opens a new one."""
-        err = b""
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        if self.proc.stderr is not None:
-            err = self.proc.stderr.read() or b""
-        detail = err.decode(errors="replace").strip().splitlines()
-        return ConnectionLost(f"{self.target}: SFTP {what}" + (f": {detail[-1]}" if detail else ""), sent=True)
-
-    def _send(self, kind: int, payload: bytes, data: bytes | memoryview = b"") -> None:
-        head = (len(payload) + len(data) + 1).to_bytes(4, "big") + bytes([kind]) + payload
-        parts = [head, data] if data else [head]
-        try:
-            while parts:                       # one system call per message, whatever its size
-                n = os.writev(self._stdin, parts)
-                while parts and n >= len(parts[0]):
-                    n -= len(parts[0])
-                    parts.pop(0)
-                if parts and n:
-                    parts[0] = memoryview(parts[0])[n:]
-        except (BrokenPipeError, OSError, ValueError):
-            raise self._lost("connection closed") from None
-
-    def _read(self, n: int) -> bytes:
-        buf = bytearray()
-        while len(buf) < n:
-            chunk = self.proc.stdout.read(n - len(buf))
-            if not chunk:
-                raise self._lost("connection closed")
-            buf += chunk
-        return bytes(buf)
-
-    def _recv(self) -> tuple[int, bytes]:
-        head = self._read(5)
-        return head[4], self._read(int.from_bytes(head[:4], "big") - 1)
-
-    def _request(self, kind: int, payload: bytes, data: bytes | memoryview = b"") -> int:
-        self._id = (self._id + 1) & 0xFFFFFFFF
-        self._send(kind, self._id.to_bytes(4, "big") + payload, data)
-        return self._id
-
-    def _answer(self, rid: int, path: str) -> tuple[int, bytes]:
-        kind, body = self._recv()
-        if int.from_bytes(body[:4], "big") != rid:
-            raise self._lost(f"answer out of order (expected {rid})")
-        if kind == _FXP_STATUS:
-            code = int.from_bytes(body[4:8], "big")
-            if code:
-                n = int.from_bytes(body[8:12], "big")
-                msg = body[12:12 + n].decode(errors="replace")
-                if code == _FX_NO_SUCH_FILE:
-                    raise FileNotFoundError(2, msg or "No such file", path)
-                if code == _FX_PERMISSION_DENIED:
-                    raise PermissionError(13, msg or "Permission denied", path)
-                raise OSError(f"{self.target}: SFTP error {code} on {path}: {msg}")
-        return kind, body[4:]
-
-    # -- operations ----------------------------------------------------------------------------
-    def open_writer(self, remote_path: str) -> RemoteWriter:
-        path = _sftp_path(remote_path)
-        rid = self._request(_FXP_OPEN, _sstr(path) + _FXF_WRITE_CREAT_TRUNC.to_bytes(4, "big") + (0).to_bytes(4, "big"))
-        kind, body = self._answer(rid, path)
-        if kind != _FXP_HANDLE:
-            raise self._lost(f"unexpected answer {kind} to OPEN {path}")
-        handle = body[4:4 + int.from_bytes(body[:4], "big")]
-        wire = self
-
-        class _Writer(RemoteWriter):
-            def __init__(self) -> None:
-                self.offset = 0
-                self.pending: list[int] = []
-                self.closed = False
-
-            def write(self, data) -> None:
-                # straight from the caller's buffer into the pipe: no copy, no allocation
-                view = memoryview(data)
-                for i in range(0, len(view), wire.WRITE_CHUNK):
-                    chunk = view[i:i + wire.WRITE_CHUNK]
-                    rid = wire._request(_FXP_WRITE, _sstr(handle) + self.offset.to_bytes(8, "big")
-                                        + len(chunk).to_bytes(4, "big"), chunk)
-                    self.offset += len(chunk)
-                    self.pending.append(rid)
-                    while len(self.pending) > wire.IN_FLIGHT:
-                        wire._answer(self.pending.pop(0), path)
-
-            def close(self) -> None:
-                if self.closed:
-                    return
-                self.closed = True
-                while self.pending:
-                    wire._answer(self.pending.pop(0), path)
-                wire._answer(wire._request(_FXP_CLOSE, _sstr(handle)), path)
-
-            def abort(self) -> None:
-                if self.closed:
-                    return
-                self.closed = True
-                try:
-                    while self.pending:
-                        try:
-                            wire._answer(self.pending.pop(0), path)
-                        except OSError:
-                            pass          # a refused write: its answer was read, the wire is in step
-                    wire._answer(wire._request(_FXP_CLOSE, _sstr(handle)), path)
-                except (OSError, ConnectionLost):
-                    pass
-        return _Writer()
-
-    def rename(self, src: str, dst: str) -> None:
-        a, b = _sftp_path(src), _sftp_path(dst)
-        if "posix-rename@openssh.com" in self.extensions:
-            rid = self._request(_FXP_EXTENDED, _sstr("posix-rename@openssh.com") + _sstr(a) + _sstr(b))
-        else:
-            rid = self._request(_FXP_RENAME, _sstr(a) + _sstr(b))
-        self._answer(rid, a)
-
-    def mkdir(self, remote_path: str) -> None:
-        path = _sftp_path(remote_path)
-        self._answer(self._request(_FXP_MKDIR, _sstr(path) + (0).to_bytes(4, "big")), path)
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def close(self) -> None:
-        try:
-            self.proc.stdin.close()
-        except OSError:
-            pass
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
 # ------------------------------------------------------------------------------------- session
 class SshSession:
     """Commands and files on one site's login node, over one reusable connection."""
@@ -1065,6 +867,15 @@ class SshSession:
             with self._lock:
                 self.__dict__.setdefault("_all_wires", []).append(wire)
         return wire
+
+    def sync_wires(self) -> None:
+        """Wait for every answer on this session's wires (after the threads using them are done):
+        raises the first request the site refused."""
+        with self._lock:
+            wires = list(self.__dict__.get("_all_wires", []))
+        for wire in wires:
+            if wire.alive():
+                wire.sync()
 
     def close_wires(self) -> None:
         with self._lock:
