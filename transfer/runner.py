@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 from pathlib import PurePosixPath
 from typing import Callable
@@ -25,7 +26,7 @@ from maelflow_transfer.stage import Result, stage
 
 VIAS = ("auto", "here", "login", "sftp")
 PULL_WORKERS = 32
-PUSH_WORKERS = 4
+PUSH_WORKERS = min(4, os.cpu_count() or 1)   # one wire (an ssh process, a thread) per core
 
 
 def choose_via(site, via: str = "auto") -> str:
@@ -61,9 +62,9 @@ def stage_dataset(ws, dataset: str, *, site_name: str | None = None, site=None, 
                   max_rate: float | None = None, source: str | None = None) -> tuple[Result, str, str]:
     """Stage ``dataset`` for ``site``; returns (result, destination, how).
 
-    ``workers``: objects at once; default 32 for a pull (latency hiding: S3 GETs are short), 4 for
-    an SFTP push (each worker holds its own SSH connection to the login node, every request in
-    flight). ``source``: read the objects from this local copy (checked against the published
+    ``workers``: objects at once; default 32 for a pull (latency hiding: S3 GETs are short), one per
+    core up to 4 for an SFTP push (each worker holds its own SSH connection to the login node, with
+    every request in flight: the push is bound by CPU, not by round trips). ``source``: read the objects from this local copy (checked against the published
     manifest) instead of the store: a push (or a local copy) from where the dataset was built."""
     prefix = prefix or dataset_prefix(dataset, ws)
     if source is not None:

@@ -124,7 +124,9 @@ def test_drop_during_idempotent_run_is_retried(hpcsite, monkeypatch):
     assert s.run("echo retried").stdout == "retried\n" and dropped
     dropped.clear()
     with pytest.raises(ssh_mod.ConnectionLost) as info:
-        s.run("echo not-idempotent", retry=False)
+        # still running when the connection drops: a bare echo could finish (and be reported as
+        # finished, rightly) before the drop reaches paramiko's reader thread
+        s.run("sleep 2; echo not-idempotent", retry=False)
     assert info.value.sent
     s.close()
 

@@ -76,6 +76,32 @@ def _published(ws, tmp_path, name: str, chunks: int = 40, size: int = 20_000) ->
     return src
 
 
+def _kill_midway(args: list[str], env: dict, dest: Path, partial: Path, objects: int,
+                 settle: float = 0.0) -> list[Path]:
+    """Run ``maelflow transfer stage ARGS``, SIGKILL it once ``objects`` chunks are in the partial
+    folder (checking all along that the destination never appears); the complete files left."""
+    proc = subprocess.Popen([MAELFLOW, "transfer", "stage", *args, "--json"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline:
+            assert not dest.exists(), "the destination became visible before the stage finished"
+            data = partial / "data"
+            if data.is_dir() and sum(1 for _ in data.glob("*.0")) >= objects:
+                break
+            assert proc.poll() is None, proc.stdout.read().decode()
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    time.sleep(settle)
+    assert not dest.exists()
+    return [p for p in partial.rglob("*") if p.is_file() and not p.name.endswith(".part")
+            and p.name != ".maelflow-journal"]
+
+
 def _catalogue(ws):
     return hook.client(ws)
 
@@ -112,28 +138,8 @@ def test_killed_stage_resumes_and_is_never_visible(tstack, tmp_path):
     dest = tmp_path / "site" / "tr-kill.zarr"
     partial = dest.with_name(".tr-kill.zarr.partial")
     env = {**os.environ, "MAELFLOW_WORKSPACE": str(ws.root)}
-    proc = subprocess.Popen([MAELFLOW, "transfer", "stage", "tr-kill", "--dest", str(dest), "--workers", "4",
-                             "--max-rate", str(1_500_000), "--json"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
-    done_objects = 0
-    deadline = time.monotonic() + 60
-    try:
-        while time.monotonic() < deadline:
-            assert not dest.exists(), "the destination became visible before the stage finished"
-            if partial.is_dir():
-                done_objects = sum(1 for p in (partial / "data").glob("*.0")) if (partial / "data").is_dir() else 0
-                if done_objects >= n // 2:
-                    break
-            assert proc.poll() is None, proc.stdout.read().decode()
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert not dest.exists()
-    complete = [p for p in partial.rglob("*") if p.is_file() and not p.name.endswith(".part")
-                and p.name != ".maelflow-journal"]
+    complete = _kill_midway(["tr-kill", "--dest", str(dest), "--workers", "4", "--max-rate", str(1_500_000)],
+                            env, dest, partial, n // 2)
     assert n // 2 <= len(complete) < n
     settings = ewc_settings(ws)
     store = open_store(settings, "datasets/tr-kill.zarr")
@@ -309,28 +315,9 @@ def test_sftp_push_from_a_local_copy_killed_and_resumed(tstack, tmp_path):
     dest = Path(f"{site.paths.datasets}/tr-push.zarr")          # the loopback site's disk is this disk
     partial = dest.with_name(".tr-push.zarr.partial")
     env = {**os.environ, "MAELFLOW_WORKSPACE": str(ws.root)}
-    proc = subprocess.Popen([MAELFLOW, "transfer", "stage", "tr-push", "--site", "localhpc", "-o",
-                             "internet.login=false", "--from", str(src), "--workers", "2",
-                             "--max-rate", str(1_000_000), "--json"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    try:
-        while time.monotonic() < deadline:
-            assert not dest.exists(), "the destination became visible before the push finished"
-            data = partial / "data"
-            if data.is_dir() and sum(1 for _ in data.glob("*.0")) >= n // 2:
-                break
-            assert proc.poll() is None, proc.stdout.read().decode()
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    time.sleep(0.5)                     # the site's sftp sessions finish what reached them
-    assert not dest.exists()
-    complete = [p for p in partial.rglob("*") if p.is_file() and not p.name.endswith(".part")
-                and p.name != ".maelflow-journal"]
+    complete = _kill_midway(["tr-push", "--site", "localhpc", "-o", "internet.login=false", "--from", str(src),
+                             "--workers", "2", "--max-rate", str(1_000_000)], env, dest, partial, n // 2,
+                            settle=0.5)     # the site's sftp sessions finish what reached them
     journal = (partial / ".maelflow-journal").read_text().splitlines()
     assert n // 2 <= len(complete) < n and journal and all(json.loads(line)["k"] for line in journal)
     res = _cli(ws, "transfer", "stage", "tr-push", "--site", "localhpc", "-o", "internet.login=false", "--json")
