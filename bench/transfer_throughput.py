@@ -122,7 +122,7 @@ def main() -> None:
     from maelflow.services import hpc
     from maelflow.services import stack as stack_mod
     from maelflow.workspace import Workspace
-    from maelflow_transfer.config import load_site
+    from maelflow_transfer.config import ewc_settings, load_site, open_store
 
     tmp = Path(tempfile.mkdtemp(prefix="maelflow-bench-transfer-"))
     ws = Workspace(tmp / "ws")
@@ -149,6 +149,10 @@ def main() -> None:
         maelflow = str(BIN / "maelflow")
         dt = timed([maelflow, "transfer", "publish", str(src), "--dataset", DATASET, "--prefix", prefix], env)
         print(f"publish (maelflow): {size / 2**20 / dt:.0f} MiB/s ({dt:.1f}s)", flush=True)
+        # rclone serve s3 computes an object's ETag (an MD5 of it) the first time it lists or serves
+        # it and keeps it; a real object store has it stored. One listing here, so that no tool pays
+        # for the whole bucket's MD5s in its first run.
+        open_store(ewc_settings(ws), prefix).list()
 
         global SIZE
         SIZE = size

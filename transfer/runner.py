@@ -25,7 +25,7 @@ from maelflow_transfer.progress import Progress, Snapshot
 from maelflow_transfer.stage import Result, stage
 
 VIAS = ("auto", "here", "login", "sftp")
-PULL_WORKERS = 32
+PULL_WORKERS = 16
 PUSH_WORKERS = min(4, os.cpu_count() or 1)   # one wire (an ssh process, a thread) per core
 
 
@@ -62,7 +62,7 @@ def stage_dataset(ws, dataset: str, *, site_name: str | None = None, site=None, 
                   max_rate: float | None = None, source: str | None = None) -> tuple[Result, str, str]:
     """Stage ``dataset`` for ``site``; returns (result, destination, how).
 
-    ``workers``: objects at once; default 32 for a pull (latency hiding: S3 GETs are short), one per
+    ``workers``: objects at once; default 16 for a pull (latency hiding: S3 GETs are short; more only add GIL hand-offs here), one per
     core up to 4 for an SFTP push (each worker holds its own SSH connection to the login node, with
     every request in flight: the push is bound by CPU, not by round trips). ``source``: read the objects from this local copy (checked against the published
     manifest) instead of the store: a push (or a local copy) from where the dataset was built."""

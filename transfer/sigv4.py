@@ -30,6 +30,7 @@ class Presigner:
         self.base_path = u.path.rstrip("/")
         self.access_key, self.secret_key, self.region, self.expires = access_key, secret_key, region, expires
         self._keys: dict[str, bytes] = {}
+        self._second: tuple[int, tuple[str, str, str, bytes]] | None = None
 
     def _signing_key(self, day: str) -> bytes:
         key = self._keys.get(day)
@@ -40,19 +41,31 @@ class Presigner:
             key = self._keys[day] = k
         return key
 
-    def path(self, bucket: str, key: str, now: float | None = None) -> str:
-        """Path and query of a presigned GET of ``bucket/key`` (what an HTTP request line carries)."""
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if now is None else now))
+    def _query(self, now: float) -> tuple[str, str, str, bytes]:
+        """(stamp, scope, canonical query, signing key) of this second: the same for every object
+        signed within it, so built once per second, not per object."""
+        second = int(now)
+        cached = self._second
+        if cached is not None and cached[0] == second:
+            return cached[1]
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(second))
         day = stamp[:8]
         scope = f"{day}/{self.region}/s3/aws4_request"
-        uri = f"{self.base_path}/{quote(bucket, safe='')}/{quote(key, safe='/~')}"
         params = sorted({"X-Amz-Algorithm": ALGORITHM, "X-Amz-Credential": f"{self.access_key}/{scope}",
                          "X-Amz-Date": stamp, "X-Amz-Expires": str(self.expires),
                          "X-Amz-SignedHeaders": "host"}.items())
         query = "&".join(f"{quote(k, safe='-_.~')}={quote(v, safe='-_.~')}" for k, v in params)
-        canonical = "\n".join(["GET", uri, query, f"host:{self.host}\n", "host", "UNSIGNED-PAYLOAD"])
-        to_sign = "\n".join([ALGORITHM, stamp, scope, hashlib.sha256(canonical.encode()).hexdigest()])
-        signature = hmac.new(self._signing_key(day), to_sign.encode(), hashlib.sha256).hexdigest()
+        parts = (stamp, scope, query, self._signing_key(day))
+        self._second = (second, parts)
+        return parts
+
+    def path(self, bucket: str, key: str, now: float | None = None) -> str:
+        """Path and query of a presigned GET of ``bucket/key`` (what an HTTP request line carries)."""
+        stamp, scope, query, signing_key = self._query(time.time() if now is None else now)
+        uri = f"{self.base_path}/{quote(bucket, safe='')}/{quote(key, safe='/~')}"
+        canonical = f"GET\n{uri}\n{query}\nhost:{self.host}\n\nhost\nUNSIGNED-PAYLOAD"
+        to_sign = f"{ALGORITHM}\n{stamp}\n{scope}\n{hashlib.sha256(canonical.encode()).hexdigest()}"
+        signature = hmac.new(signing_key, to_sign.encode(), hashlib.sha256).hexdigest()
         return f"{uri}?{query}&X-Amz-Signature={signature}"
 
     def url(self, bucket: str, key: str, now: float | None = None) -> str:

@@ -9,13 +9,15 @@ fake kernels for. On a CUDA machine it does nothing, so a working torchvision is
 
 from __future__ import annotations
 
-import importlib.abc
 import sys
 
 _LIB = None  # must outlive the hook: a collected Library drops its definitions
 
 
-class _TorchvisionShim(importlib.abc.MetaPathFinder):
+class _TorchvisionShim:
+    """A meta path finder (it needs only ``find_spec``; importlib.abc would cost every Python start
+    in this environment 7 ms)."""
+
     def find_spec(self, name, path=None, target=None):
         global _LIB
         if name == "torchvision":

@@ -79,9 +79,12 @@ class S3Service(ManagedService):
         # --no-checksum: rclone's VFS otherwise re-reads and MD5s every object it serves to check
         # its own read of the local file (about 1.4 s of CPU per GiB served, as much again as the
         # serving itself). EWC's object store does no such thing, and maelflow checks what it
-        # reads against the manifest's SHA-256. ETags stay MD5s.
+        # reads against the manifest's SHA-256. ETags stay MD5s, computed once per object and kept
+        # with the VFS's directory entries: --dir-cache-time keeps those for the life of the
+        # process (every write comes through this server, which updates them), where the default
+        # 5 minutes made the first reader after each expiry pay for MD5-ing the whole bucket again.
         argv = [rclone_binary() or "rclone", "serve", "s3", "--config", "", "--no-checksum",
-                "--addr", f"{LOOPBACK}:{port}", str(self.data_dir)]
+                "--dir-cache-time", "1000h", "--addr", f"{LOOPBACK}:{port}", str(self.data_dir)]
         # the key pair goes through the environment, not argv, so `ps` does not show the secret;
         # rclone reads RCLONE_AUTH_KEY as CSV, hence the quotes around "access,secret"
         return argv, {"RCLONE_AUTH_KEY": f'"{access},{secret}"'}
