@@ -92,6 +92,7 @@ def stage_dataset(ws, dataset: str, *, site_name: str | None = None, site=None, 
         store = _source(open_store(ewc_settings(ws, credentials=credentials), prefix, workers), source)
 
         def push() -> Result:
+            session.prestart_wires(workers)      # their handshakes overlap the checks below
             session.makedirs(str(PurePosixPath(dest).parent))
             return stage(store, SftpTree(session, dest), dataset, workers=workers, progress=progress,
                          max_rate=max_rate, retries=0 if source else 3)

@@ -68,17 +68,23 @@ class SftpWire:
         self._pending: collections.deque[tuple[int, Callable[[int, bytes], None] | None]] = collections.deque()
         self._inbuf = bytearray()
         self._appenders: dict[str, _Upload] = {}
-        self._send(_INIT, _u32(3))
-        kind, body = self._read_message()
-        if kind != _VERSION:
-            raise self._lost(f"unexpected SFTP answer {kind} to INIT")
-        self.extensions = set()
-        pos = 4
-        while pos < len(body):
-            n = int.from_bytes(body[pos:pos + 4], "big")
-            self.extensions.add(body[pos + 4:pos + 4 + n].decode(errors="replace"))
-            pos += 4 + n
-            pos += 4 + int.from_bytes(body[pos:pos + 4], "big")
+        self._extensions: set[str] | None = None
+        self._send(_INIT, _u32(3))    # the answer is read at first use: the handshake runs meanwhile
+
+    @property
+    def extensions(self) -> set[str]:
+        if self._extensions is None:
+            kind, body = self._read_message()
+            if kind != _VERSION:
+                raise self._lost(f"unexpected SFTP answer {kind} to INIT")
+            found, pos = set(), 4
+            while pos < len(body):
+                n = int.from_bytes(body[pos:pos + 4], "big")
+                found.add(body[pos + 4:pos + 4 + n].decode(errors="replace"))
+                pos += 4 + n
+                pos += 4 + int.from_bytes(body[pos:pos + 4], "big")
+            self._extensions = found
+        return self._extensions
 
     # -- framing -------------------------------------------------------------------------------
     def _lost(self, what: str) -> WireLost:
@@ -124,6 +130,8 @@ class SftpWire:
 
     def _request(self, kind: int, payload: bytes, data: bytes | memoryview = b"",
                  on_answer: Callable[[int, bytes], None] | None = None) -> int:
+        if self._extensions is None:
+            self.extensions                     # the VERSION answer comes before any other
         rid = next(self._ids)
         self._send(kind, _u32(rid & 0xFFFFFFFF) + payload, data)
         self._pending.append((rid, on_answer))

@@ -858,6 +858,12 @@ class SshSession:
         local = self.__dict__.setdefault("_wires", threading.local())
         wire = getattr(local, "wire", None)
         if wire is None or not wire.alive():
+            with self._lock:
+                spares = self.__dict__.get("_spare_wires") or []
+                wire = spares.pop() if spares else None
+            if wire is not None and wire.alive():
+                local.wire = wire
+                return wire
             self.check()
             with self._lock:
                 # sshd drops handshakes beyond MaxStartups (10 by default): open a few at a time
@@ -867,6 +873,19 @@ class SshSession:
             with self._lock:
                 self.__dict__.setdefault("_all_wires", []).append(wire)
         return wire
+
+    def prestart_wires(self, n: int) -> None:
+        """Start ``n`` wires' ssh processes now, for ``sftp_wire()`` to hand out: their handshakes
+        (a quarter of a second each) then overlap the caller's next steps. A bad credential still
+        surfaces as the CredentialError of the caller's first command."""
+        if self.dry_run or not shutil.which("ssh"):
+            return
+        with self._lock:
+            spares = self.__dict__.setdefault("_spare_wires", [])
+            for _ in range(min(n, 4) - len(spares)):     # sshd's MaxStartups: a few at a time
+                wire = SftpWire(self.openssh_argv("-s", self.settings.host, "sftp"), self.target)
+                spares.append(wire)
+                self.__dict__.setdefault("_all_wires", []).append(wire)
 
     def sync_wires(self) -> None:
         """Wait for every answer on this session's wires (after the threads using them are done):
@@ -881,6 +900,7 @@ class SshSession:
         with self._lock:
             wires = self.__dict__.pop("_all_wires", [])
             self.__dict__.pop("_wires", None)
+            self.__dict__.pop("_spare_wires", None)
         for wire in wires:
             wire.close()
 
