@@ -20,10 +20,18 @@ def prepare_datasets(rx: ResolvedExperiment) -> list[Path]:
     return made
 
 
+# what each kind of suite task talks to, beyond ecFlow (tests check the demo starts all of them)
+TASK_SERVICES = {"publish": "s3", "stage": "s3", "train": "mlflow", "sync": "mlflow",
+                 "locate": "catalogue", "register": "catalogue"}
+
+
 def services_needed(rx: ResolvedExperiment) -> list[str]:
-    names = ["ecflow", "s3", "mlflow"]
+    """ecFlow, and what the suite's tasks use: the S3 store, MLflow, the catalogue (``locate`` and
+    ``register`` record datasets, trainings and checkpoints); with the loopback HPC site, the site
+    and the relay its jobs report through."""
+    names = ["ecflow", "s3", "mlflow", "catalogue"]
     if any(s.name == "localhpc" for s in rx.sites.values()):
-        names.append("hpc")
+        names += ["hpc", "relay"]
     return names
 
 

@@ -106,3 +106,33 @@ def built_site(built):
     from maelflow.config.loader import ResolvedExperiment
 
     return ResolvedExperiment.from_json(json.loads((built.out_dir / "experiment.json").read_text())).sites["lumi"]
+
+
+@pytest.mark.parametrize("sites", ["[local]", "[local,localhpc]"])
+def test_the_demo_starts_every_service_its_suite_tasks_use(config_root, tmp_path, sites):
+    """`maelflow demo` on an empty workspace starts its own services: it must start what the
+    suite's tasks talk to (the catalogue for locate/register, the relay for loopback-site jobs)."""
+    from maelflow import demo
+    from maelflow.suite.layout import FamilySpec, suite_layout
+
+    ws = Workspace(tmp_path / "ws")
+    site = {"hpc_port": "2222", "hpc_user": "maelhpc", "hpc_identity": str(tmp_path / "id"),
+            "hpc_known_hosts": str(tmp_path / "known_hosts"), "hpc_home": str(tmp_path / "home"),
+            "hpc_root": str(tmp_path / "home" / "root"), "maelflow": "maelflow"}   # as `services up --with-hpc` sets them
+    rx = load_experiment("demo", [f"sites={sites}"], config_root=config_root,
+                         placeholders={"workspace": str(ws.root), **site})
+
+    def scripts(node):
+        if isinstance(node, FamilySpec):
+            for child in node.children:
+                yield from scripts(child)
+        else:
+            yield node.script
+    found = set()
+    for child in suite_layout(rx, {}).children:
+        found |= set(scripts(child))
+    needed = {demo.TASK_SERVICES[s] for s in found if s in demo.TASK_SERVICES}
+    assert {"s3", "mlflow", "catalogue"} <= needed
+    started = set(demo.services_needed(rx))
+    assert needed <= started
+    assert ("relay" in started) == ("localhpc" in sites)
