@@ -9,7 +9,6 @@ bucket from the workspace's S3 service, or from the site's ``.maelflow/ewc.json`
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -84,9 +83,9 @@ def ewc_settings(ws, *, site=None, credentials: str | None = None) -> dict[str, 
         except (OSError, ValueError) as exc:
             raise CredentialsError(f"cannot read the EWC credentials at {credentials}: {exc}") from None
     if site is not None:
-        path = Path(ewc.site_credentials_path(site.paths.root))
-        if path.is_file() and os.access(path, os.R_OK):
-            return json.loads(path.read_text())
+        found = ewc.site_settings(site.paths.root)
+        if found:
+            return found
     try:
         return workspace_s3(ws)
     except ServiceError as exc:
@@ -99,7 +98,7 @@ def workspace_s3(ws) -> dict[str, Any]:
     import socket
     from urllib.parse import urlsplit
 
-    from maelflow.ewc import DEFAULT_BUCKET
+    from maelflow.ewc import settings_from_service
     from maelflow.services.base import ServiceError
     from maelflow.services.stack import service
 
@@ -113,9 +112,7 @@ def workspace_s3(ws) -> dict[str, Any]:
     except OSError as exc:
         raise ServiceError(f"the S3 service of workspace {ws.root} does not answer at {extra['endpoint_url']} "
                            f"({exc}): run 'maelflow services up'") from None
-    return {"endpoint_url": extra["endpoint_url"], "access_key": extra["access_key"],
-            "secret_key": extra["secret_key"], "region": extra.get("region", "us-east-1"),
-            "bucket": extra.get("bucket", DEFAULT_BUCKET)}
+    return settings_from_service(extra)
 
 
 def open_store(settings: dict[str, Any], prefix: str, workers: int = 16):
