@@ -10,7 +10,6 @@ the published dataset or nothing, with the same atomicity and resumption as from
 
 from __future__ import annotations
 
-import mmap
 import os
 import threading
 from pathlib import Path
@@ -18,8 +17,8 @@ from pathlib import Path
 from maelflow_transfer.errors import StoreError, TransientError
 from maelflow_transfer.manifest import Manifest
 from maelflow_transfer.retry import Backoff
+from maelflow_transfer.store import BUF, thread_buffer
 
-BUF = 1 << 20
 
 
 class LocalSource:
@@ -33,7 +32,6 @@ class LocalSource:
         self.root = Path(root).absolute()
         self.store = store
         self.backoff = Backoff(attempts=2, base=0.01, cap=0.01)   # a file read again is read the same
-        self._local = threading.local()
         if not self.root.is_dir():
             raise StoreError(f"--from {self.root}: no such folder")
 
@@ -52,10 +50,7 @@ class LocalSource:
             stop: threading.Event | None = None) -> int:
         """Read ``rel`` (bytes ``start``..``end`` inclusive, if given) into ``sink``, a page-aligned
         MiB at a time, like ``Store.get``."""
-        buf = getattr(self._local, "buf", None)
-        if buf is None:
-            buf = self._local.buf = mmap.mmap(-1, BUF)
-        view = memoryview(buf)
+        view = thread_buffer()
         path = self.root / rel
         try:
             fd = os.open(path, os.O_RDONLY)

@@ -36,6 +36,18 @@ PART_SIZE = 16 << 20
 PRESIGN_SECONDS = 3600
 
 
+_buffers = threading.local()
+
+
+def thread_buffer() -> memoryview:
+    """This thread's read buffer: one MiB, page-aligned (an mmap), so that the sink may write it
+    with O_DIRECT. Shared by every source a thread reads through (the store, a local copy)."""
+    buf = getattr(_buffers, "buf", None)
+    if buf is None:
+        buf = _buffers.buf = memoryview(mmap.mmap(-1, BUF))
+    return buf
+
+
 class ObjectMissing(StoreError):
     """The object is not in the store."""
 
@@ -231,7 +243,6 @@ class Store:
         if conn is None:
             p = self.presigner
             conn = self._local.conn = Connection(p.scheme, p.host, timeout=self.timeout)
-            self._local.buf = mmap.mmap(-1, BUF)   # page-aligned: the sink may write it with O_DIRECT
             with self._lock:
                 self._conns.append(conn)
         return conn
@@ -262,7 +273,7 @@ class Store:
                 raise ObjectMissing(f"{what}: the object is missing from the store, although the manifest "
                                     "lists it (the published copy was damaged: publish the dataset again)")
             raise self.error(code, body.decode(errors="replace")[:200], what, resp.status)
-        view = memoryview(self._local.buf)
+        view = thread_buffer()
         n = 0
         while True:
             if stop is not None and stop.is_set():
