@@ -68,8 +68,11 @@ class LocalPart:
     O_DIRECT, an unaligned buffer) falls back to ordinary writes for the rest of the object.
     """
 
-    def __init__(self, target: Path, size: int, direct: bool = False):
+    def __init__(self, target: Path, size: int, direct: bool = False,
+                 journal: Callable[[int], None] | None = None):
+        """``journal(mtime_ns)`` records the object once it is in place (the tree's journal line)."""
         self.target = target
+        self.journal = journal
         self.tmp = target.with_name(f".{target.name}.part")
         self.direct = direct and size >= DIRECT_MIN and hasattr(os, "O_DIRECT")
         try:
@@ -123,12 +126,14 @@ class LocalPart:
     def sha256(self) -> str:
         return sha256_file(self.tmp)
 
-    def commit(self, on_done: Callable[[int], None]) -> None:
-        """Rename into place; ``on_done(mtime_ns)`` (the journal line, the count) once it is there."""
+    def commit(self, on_done: Callable[[], None]) -> None:
+        """Rename into place, journal it, then ``on_done()`` (the stage counts it)."""
         os.close(self.fd)
         self.fd = -1
         os.replace(self.tmp, self.target)
-        on_done(os.stat(self.target).st_mtime_ns)
+        if self.journal is not None:
+            self.journal(os.stat(self.target).st_mtime_ns)
+        on_done()
 
     def abort(self) -> None:
         if self.fd >= 0:
@@ -138,24 +143,6 @@ class LocalPart:
             os.unlink(self.tmp)
         except OSError:
             pass
-
-
-class _Committing:
-    """A LocalPart whose commit journals the object before telling the stage."""
-
-    def __init__(self, part: LocalPart, tree: "LocalTree", entry: Entry):
-        self.part, self.tree, self.entry = part, tree, entry
-        self.write, self.pwrite, self.sha256, self.abort = part.write, part.pwrite, part.sha256, part.abort
-
-    @property
-    def direct(self) -> bool:
-        return self.part.direct
-
-    def commit(self, on_done: Callable[[], None]) -> None:
-        def placed(stamp: int) -> None:
-            self.tree.record(self.entry, stamp)
-            on_done()
-        self.part.commit(placed)
 
 
 class LocalTree:
@@ -244,11 +231,12 @@ class LocalTree:
                 raise _disk_error(exc, str(self.partial / d)) from None
 
     # -- objects -------------------------------------------------------------------------------
-    def writer(self, entry: Entry, ranged: bool = False) -> "_Committing":
+    def writer(self, entry: Entry, ranged: bool = False) -> LocalPart:
         """``ranged``: written at offsets and hashed by reading it back, so kept in the page cache.
         ``commit(on_done)`` journals the object, then calls ``on_done()``."""
         try:
-            return _Committing(LocalPart(self.partial / entry.key, entry.size, direct=not ranged), self, entry)
+            return LocalPart(self.partial / entry.key, entry.size, direct=not ranged,
+                             journal=lambda stamp: self.record(entry, stamp))
         except OSError as exc:
             raise _disk_error(exc, str(self.partial / entry.key)) from None
 
