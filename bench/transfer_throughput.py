@@ -17,6 +17,8 @@ reach S3". The same job, S3 to the site:
   s5cmd+rsync     download with s5cmd, then rsync: the same job by hand
 and from a local copy of the dataset (the S3 leg not counted):
   maelflow-local  ``maelflow transfer stage --via sftp --from ZARR`` (verified against the manifest)
+  maelflow-openssh  the same with ``-o sftp_server=openssh``: OpenSSH's sftp-server on the site
+                  instead of maelflow's (not a competitor: what maelflow's server is worth)
   rsync           ``rsync -a -e ssh`` from the local copy
 Every tool's ssh uses the same cipher as maelflow's (aes128-gcm), so the comparison is of tools.
 
@@ -25,7 +27,8 @@ tool, each run after a ``sync`` into a fresh folder; the best is kept (the machi
 Outputs are deleted at the end of a round and the next round starts a minute later: on this
 journal-less ext4, a file created within a minute of a deletion in its block group makes the
 kernel walk the recently deleted inodes, which would slow whichever tool comes next.
-BENCH_SMALL=1: 256 chunk files, 64 MiB, one round (about a minute). Tools missing from the
+BENCH_SMALL=1: 256 chunk files, 64 MiB, one round (about a minute). BENCH_ONLY=TOOL,TOOL runs only
+those tools (e.g. ``maelflow-local,rsync``) for a focused re-measurement. Tools missing from the
 environment are skipped with a note (pip install -e '.[bench]'; Debian rsync).
 The last line is the headline: maelflow's throughput and its ratio to the best competitor.
 """
@@ -47,6 +50,8 @@ SMALL = bool(os.environ.get("BENCH_SMALL"))
 CHUNKS = 256 if SMALL else 2048
 CHUNK_BYTES = 256 * 1024 if SMALL else 512 * 1024
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "1" if SMALL else "3"))
+# BENCH_ONLY=maelflow-local,rsync: only these tools (a focused re-measurement); default all
+ONLY = {t for t in os.environ.get("BENCH_ONLY", "").split(",") if t}
 DATASET = "bench-transfer"
 CIPHER = "aes128-gcm@openssh.com"
 
@@ -95,6 +100,8 @@ def run_rounds(title: str, cmds_for, check=None, clean=None) -> dict[str, list[f
         names = list(cmds_for("probe"))
         names = names[r % len(names):] + names[:r % len(names)]
         for name in names:
+            if ONLY and name not in ONLY:
+                continue
             argv = cmds_for(f"r{r}-{name}")[name]
             if argv is None:
                 if r == 0:
@@ -210,6 +217,9 @@ def main() -> None:
                                     f"'s3://{bucket}/{prefix}/*' {local}/ >/dev/null && rsync -a -e '{rsh}' "
                                     f"{local}/ {info['user']}@127.0.0.1:{d}/") if tool("s5cmd") else None,
                     "maelflow-local": [*stage, "--from", str(src)],
+                    # the same push served by OpenSSH's sftp-server on the site: what maelflow's own
+                    # server (O_DIRECT writes) is worth
+                    "maelflow-openssh": [*stage, "--from", str(src), "-o", "sftp_server=openssh"],
                     "rsync": ["rsync", "-a", "-e", rsh, f"{src}/", f"{info['user']}@127.0.0.1:{d}/"],
                 }
             push = run_rounds("SFTP push", push_cmds,
@@ -219,13 +229,14 @@ def main() -> None:
         else:
             print("  SFTP push: skipped (needs root for the loopback HPC site, and rsync)", flush=True)
 
-        def table(title: str, runs: dict[str, list[float]], peers: list[str], mine: str = "maelflow"):
+        def table(title: str, runs: dict[str, list[float]], peers: list[str], mine: str = "maelflow",
+              also: tuple[str, ...] = ()):
             print(f"\n{title} ({files} files, {size / 2**20:.0f} MiB, best of {ROUNDS}):")
             rates = {k: size / 2**20 / min(v) for k, v in runs.items()}
             others = {k: rates[k] for k in peers if k in rates}
             best = max(others, key=others.get) if others else None
             for k, v in sorted(rates.items(), key=lambda kv: -kv[1]):
-                if k not in peers and k != mine:
+                if k not in peers and k != mine and k not in also:
                     continue
                 ratio = f"{v / others[best]:.2f}x the best competitor" if best and k == mine else ""
                 print(f"  {k:14s} {v:7.0f} MiB/s  {min(runs[k]):6.2f}s  {ratio}")
@@ -236,7 +247,8 @@ def main() -> None:
                     f"({b_pull} {r_pull:.0f} MiB/s)") if r_pull else f"maelflow stage S3 pull {m_pull:.0f} MiB/s"
         if push:
             m_push, b_push, r_push = table("SFTP push, S3 to the site", push, ["rclone", "s5cmd+rsync"])
-            m_loc, b_loc, r_loc = table("SFTP push from a local copy", push, ["rsync"], mine="maelflow-local")
+            m_loc, b_loc, r_loc = table("SFTP push from a local copy", push, ["rsync"], mine="maelflow-local",
+                                        also=("maelflow-openssh",))
             if r_push:
                 headline += f"; SFTP push from S3 {m_push:.0f} MiB/s = {m_push / r_push:.2f}x {b_push}"
             if r_loc:

@@ -91,10 +91,11 @@ def stage_dataset(ws, dataset: str, *, site_name: str | None = None, site=None, 
 
         store = _source(open_store(ewc_settings(ws, credentials=credentials), prefix, workers), source)
 
+        server = wire_server(site) if site.sftp_server == "maelflow" else None
+
         def push() -> Result:
-            session.prestart_wires(workers)      # their handshakes overlap the checks below
-            session.makedirs(str(PurePosixPath(dest).parent))
-            return stage(store, SftpTree(session, dest), dataset, workers=workers, progress=progress,
+            session.prestart_wires(workers, server)      # their handshakes overlap the checks below
+            return stage(store, SftpTree(session, dest, server), dataset, workers=workers, progress=progress,
                          max_rate=max_rate, retries=0 if source else 3)
         return _ssh_errors(push), dest, via
     return _ssh_errors(lambda: remote_stage(ws, session, site, dataset, prefix, dest, progress, workers,
@@ -125,6 +126,14 @@ def ensure_site_credentials(ws, session, site) -> str:
 def remote_command(site, args: list[str]) -> str:
     lines = list(site.environment or [])
     lines.append(f"{site.maelflow_command} " + " ".join(shlex.quote(a) for a in args))
+    return "\n".join(lines)
+
+
+def wire_server(site) -> str:
+    """The command that serves a push's SFTP wires on the site: its own maelflow's server, which
+    writes with O_DIRECT (``maelflow.sites.sftp_server``); a site without it gets OpenSSH's."""
+    lines = remote_command(site, ["transfer", "sftp-server"]).split("\n")
+    lines[-1] = "exec " + lines[-1]
     return "\n".join(lines)
 
 

@@ -286,7 +286,7 @@ class SftpPart:
         self.tree, self.entry = tree, entry
         self.tmp = f"{base}/{name}"
         self.target = f"{tree.partial}/{entry.key}"
-        self.wire = tree.session.sftp_wire()
+        self.wire = tree.session.sftp_wire(tree.server)
         self.fh = self.wire.upload(self.tmp) if self.wire else tree.session.open_writer(self.tmp)
 
     def write(self, data: memoryview) -> None:
@@ -312,14 +312,18 @@ class SftpTree:
 
     ranged = False
 
-    def __init__(self, session, dest: str):
+    def __init__(self, session, dest: str, server: str | None = None):
+        """``server``: the site's command serving the push's SFTP wires (``wire_server``); None:
+        OpenSSH's sftp-server."""
         self.session = session
+        self.server = server
         self.dest = dest.rstrip("/")
         parent = str(PurePosixPath(self.dest).parent)
         self.partial = f"{parent}/{partial_name(PurePosixPath(self.dest).name)}"
         self.journal_path = f"{self.partial}/{JOURNAL_NAME}"
         self._journal = None
         self._lock = threading.Lock()
+        self._survey: dict | None = None      # what ``state`` found on the site
 
     def __str__(self) -> str:
         return f"{self.session.target}:{self.dest}"
@@ -330,17 +334,53 @@ class SftpTree:
         return shell_path(path)
 
     def state(self, manifest: Manifest) -> str:
-        mf = f"{self.dest}/{MANIFEST_NAME}"
-        if self.session.exists(mf):
+        """One command on the site (a login node may be 50 ms away: one round trip, not six) looks
+        at the destination and, when there is none, creates the partial folder with every folder
+        of the dataset and reports its journal, its files and the free space: ``prepare``,
+        ``free_bytes`` and ``makedirs`` then use what it found."""
+        dirs = sorted({str(PurePosixPath(e.key).parent) for e in manifest.entries} - {"."})
+        mark = "@@maelflow-survey"
+        script = (f"D={self._q(self.dest)}; P={self._q(self.partial)}\n"
+                  f'if [ -f "$D/{MANIFEST_NAME}" ]; then echo {mark}-manifest; cat "$D/{MANIFEST_NAME}"; echo; fi\n'
+                  f'if [ -e "$D" ]; then echo {mark}-exists; exit 0; fi\n'
+                  f'mkdir -p "$P" && cd "$P" && xargs -0 -r mkdir -p -- || exit 3\n'
+                  f"echo {mark}-journal; cat {JOURNAL_NAME} 2>/dev/null; echo\n"
+                  f"echo {mark}-files; find . -type f -printf '%s %P\\n'\n"
+                  f"echo {mark}-df; df -Pk . | tail -1\n")
+        res = self.session.run(script, input=b"".join(d.encode() + b"\0" for d in dirs), timeout=600, check=False)
+        if res.rc == 3:
+            if "No space" in res.stderr or "quota" in res.stderr.lower():
+                raise DiskFull(f"{self}: {res.stderr.strip()}")
+            raise TransferError(f"{self}: creating {self.partial} failed: {res.stderr.strip()}")
+        if res.rc != 0:
+            raise TransferError(f"{self}: looking at the destination failed (exit {res.rc}): {res.stderr.strip()}")
+        parts: dict[str, list[str]] = {}
+        current: list[str] | None = None
+        for line in res.stdout.splitlines():
+            if line.startswith(mark + "-"):
+                current = parts.setdefault(line[len(mark) + 1:], [])
+            elif current is not None:
+                current.append(line)
+        if "manifest" in parts:
             try:
-                other = Manifest.from_json(self.session.read_bytes(mf))
+                other = Manifest.from_json("\n".join(parts["manifest"]))
             except (ValueError, KeyError, TypeError):
                 other = None
             if other == manifest:
                 return "complete"
             raise _conflict(str(self), manifest, other)
-        if self.session.exists(self.dest):
+        if "exists" in parts:
             raise _conflict(str(self), manifest, None)
+        files = {}
+        for line in parts.get("files", []):
+            size, _, rel = line.partition(" ")
+            if rel:
+                files[rel] = int(size)
+        try:
+            free = int(parts.get("df", [""])[0].split()[3]) * 1024
+        except (IndexError, ValueError):
+            free = None
+        self._survey = {"journal": parts.get("journal", []), "files": files, "free": free, "dirs": set(dirs)}
         return "absent"
 
     def _listing(self, root: str) -> dict[str, int]:
@@ -366,23 +406,20 @@ class SftpTree:
         return out
 
     def prepare(self, manifest: Manifest, workers: int = 4) -> set[str]:
-        try:
-            self.session.makedirs(self.partial)
-        except OSError as exc:
-            raise _disk_error(exc, str(self)) from None
+        """The objects already in the partial folder and correct (``state`` has looked)."""
+        survey = self._survey if self._survey is not None else self._look(manifest)
         journal: dict[str, dict] = {}
-        if self.session.exists(self.journal_path):
-            for line in self.session.read_bytes(self.journal_path).decode(errors="replace").splitlines():
-                try:
-                    rec = json.loads(line)
-                    journal[rec["k"]] = rec
-                except (ValueError, KeyError):
-                    continue
+        for line in survey["journal"]:
+            try:
+                rec = json.loads(line)
+                journal[rec["k"]] = rec
+            except (ValueError, KeyError, TypeError):
+                continue       # a line cut short by a kill
         wanted = manifest.by_key()
         done: set[str] = set()
         stale: list[str] = []
         to_hash: list[str] = []
-        for rel, size in self._listing(self.partial).items():
+        for rel, size in survey["files"].items():
             if rel == JOURNAL_NAME:
                 continue
             e = wanted.get(rel)
@@ -405,15 +442,17 @@ class SftpTree:
             self.session.run(f"cd {self._q(self.partial)} && xargs -0 rm -f --", input=data, timeout=600)
         return done
 
+    def _look(self, manifest: Manifest) -> dict:
+        if self.state(manifest) != "absent":
+            raise TransferError(f"{self}: the destination appeared while the stage was preparing")
+        return self._survey
+
     def free_bytes(self) -> int | None:
-        res = self.session.run(f"df -Pk {self._q(self.partial)} | tail -1", check=False)
-        try:
-            return int(res.stdout.split()[3]) * 1024
-        except (IndexError, ValueError):
-            return None
+        return self._survey["free"] if self._survey is not None else None
 
     def makedirs(self, keys: list[str]) -> None:
-        dirs = sorted({str(PurePosixPath(k).parent) for k in keys} - {"."})
+        dirs = sorted({str(PurePosixPath(k).parent) for k in keys} - {"."}
+                      - (self._survey["dirs"] if self._survey is not None else set()))
         if dirs:
             data = b"".join(d.encode() + b"\0" for d in dirs)
             res = self.session.run(f"cd {self._q(self.partial)} && xargs -0 mkdir -p --", input=data,
@@ -450,10 +489,18 @@ class SftpTree:
                 self._journal = None
 
     def finish(self, manifest: Manifest) -> None:
+        """The manifest (from stdin, written aside and renamed), the journal dropped, the folder
+        renamed into place: one command, one round trip."""
         self.close()
-        self.session.put_text(f"{self.partial}/{MANIFEST_NAME}", manifest.to_json(), mode=0o644)
-        self.session.run(f"rm -f {self._q(self.journal_path)}")
-        self.session.rename(self.partial, self.dest)
+        tmp = f"{self.partial}/.{MANIFEST_NAME}.tmp"
+        script = (f"umask 022 && cat > {self._q(tmp)} && mv -f {self._q(tmp)} {self._q(self.partial + '/' + MANIFEST_NAME)}"
+                  f" && rm -f {self._q(self.journal_path)} && mv -T {self._q(self.partial)} {self._q(self.dest)}")
+        res = self.session.run(script, input=manifest.to_json().encode(), timeout=600, check=False)
+        if res.rc != 0:
+            err = res.stderr.strip()
+            if "No space" in err or "quota" in err.lower():
+                raise DiskFull(f"{self}: {err}")
+            raise TransferError(f"{self}: publishing the staged folder failed: {err}")
 
     def verify(self, manifest: Manifest, workers: int = 4) -> tuple[list[str], list[str]]:
         listing = self._listing(self.dest)

@@ -1,10 +1,12 @@
-"""The pipelined SFTP wire against OpenSSH's own ``sftp-server`` on a pipe (what ``ssh -s sftp``
-runs on the site, without the SSH leg): every request in flight, objects confirmed by their
+"""The pipelined SFTP wire against both servers a push's wires reach on a site, on a pipe (without
+the SSH leg): OpenSSH's own ``sftp-server`` (what ``ssh -s sftp`` runs) and maelflow's
+(``maelflow transfer sftp-server``, O_DIRECT). Every request in flight, objects confirmed by their
 rename's answer, refusals raised where their answers are read, O_APPEND journal lines, aborts."""
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,11 +17,19 @@ pytestmark = pytest.mark.integration
 SFTP_SERVER = Path("/usr/lib/openssh/sftp-server")   # Debian openssh-sftp-server (scripts/install.sh)
 
 
-@pytest.fixture
-def wire(tmp_path):
+MAELFLOW_SERVER = [str(Path(sys.executable).with_name("maelflow")), "transfer", "sftp-server"]
+
+
+def openssh_server(root: Path) -> list[str]:
     if not SFTP_SERVER.exists():
         pytest.fail(f"{SFTP_SERVER} is missing: run scripts/install.sh (openssh-server)")
-    w = SftpWire([str(SFTP_SERVER), "-d", str(tmp_path)], "local sftp-server")
+    return [str(SFTP_SERVER), "-d", str(root)]
+
+
+@pytest.fixture(params=["openssh", "maelflow"])
+def wire(request, tmp_path):
+    argv = openssh_server(tmp_path) if request.param == "openssh" else MAELFLOW_SERVER
+    w = SftpWire(argv, f"local {request.param} sftp-server")
     yield w
     w.close()
 
@@ -76,3 +86,54 @@ def test_a_dead_server_is_a_lost_wire(tmp_path):
     w = SftpWire(["sh", "-c", "echo 'ssh: Permission denied (publickey)' >&2; exit 255"], "site")
     with pytest.raises(WireLost, match="Permission denied"):
         w.upload(str(tmp_path / "x"))
+
+
+def test_a_server_that_does_not_start_falls_back_to_the_other(tmp_path):
+    w = SftpWire(["sh", "-c", "echo 'maelflow: command not found' >&2; exit 127"], "site",
+                 fallback=openssh_server(tmp_path))
+    done = []
+    up = w.upload(str(tmp_path / ".a.part"))
+    up.write(b"a" * 1000)
+    up.commit(str(tmp_path / "a"), lambda: done.append(1))
+    w.sync()
+    w.close()
+    assert done == [1] and (tmp_path / "a").read_bytes() == b"a" * 1000
+    assert w.argv == openssh_server(tmp_path)
+
+
+def test_maelflow_server_writes_large_objects_whole_and_refuses_what_it_does_not_serve(tmp_path):
+    w = SftpWire(MAELFLOW_SERVER, "maelflow sftp-server")
+    data = os.urandom(5 * 2**20 + 12_345)             # O_DIRECT blocks, then an unaligned tail
+    done = []
+    up = w.upload(str(tmp_path / ".big.part"))
+    for i in range(0, len(data), 700_001):            # the wire cuts these into 255 KiB messages
+        up.write(memoryview(data)[i:i + 700_001])
+    up.commit(str(tmp_path / "big"), lambda: done.append(1))
+    small = w.upload(str(tmp_path / ".small.part"))
+    small.write(b"s" * 10)
+    small.commit(str(tmp_path / "small"), lambda: done.append(2))
+    w.sync()
+    assert done == [1, 2]
+    assert (tmp_path / "big").read_bytes() == data and (tmp_path / "small").read_bytes() == b"s" * 10
+    opendir = 11
+    with pytest.raises(OSError, match="SFTP error 8 .*not supported"):
+        w._call(opendir, len(str(tmp_path)).to_bytes(4, "big") + str(tmp_path).encode(), str(tmp_path))
+    w.close()
+
+
+def test_maelflow_server_reports_a_failed_write_of_an_answered_block(tmp_path):
+    """/dev/full: every write fails with ENOSPC, also the blocks written after their WRITE was
+    answered (O_DIRECT, by the writer thread): the failure reaches the file's next answer."""
+    w = SftpWire(MAELFLOW_SERVER, "maelflow sftp-server")
+    for size in (600_000, 3 * 2**20 + 5):          # the tail only; whole blocks and a tail
+        up = w.upload("/dev/full")
+        with pytest.raises(OSError, match="No space left"):
+            up.write(b"x" * size)
+            up.finish()
+    done = []
+    ok = w.upload(str(tmp_path / ".ok.part"))         # the wire goes on
+    ok.write(b"k" * 10)
+    ok.commit(str(tmp_path / "ok"), lambda: done.append(1))
+    w.sync()
+    assert done == [1]
+    w.close()

@@ -332,3 +332,34 @@ def test_sftp_push_from_a_local_copy_killed_and_resumed(tstack, tmp_path):
     res = _cli(ws, "transfer", "stage", "tr-push", "--site", "localhpc", "--from", str(src), "--dest", other)
     assert res.exit_code == 1 and "the local copy differs from the published dataset" in res.output, res.output
     assert not Path(other).exists()
+
+
+def test_sftp_push_is_served_by_the_sites_maelflow_else_by_openssh(tstack, tmp_path):
+    """The push's wires reach ``maelflow transfer sftp-server`` on the site (O_DIRECT writes, whole
+    blocks per WRITE); a site whose maelflow cannot start it gets OpenSSH's sftp-server, and the
+    push works the same."""
+    from maelflow.sites.ssh import session_for
+    from maelflow_transfer.runner import wire_server
+
+    ws = tstack
+    site = load_site("localhpc", ws)
+    session = session_for("localhpc", site.connection.ssh)
+    wire = session.sftp_wire(wire_server(site))
+    data = os.urandom(3 * 2**20 + 777)
+    target = f"{site.paths.root}/wire-check"
+    session.makedirs(site.paths.root)
+    up = wire.upload(target + ".part")
+    up.write(memoryview(data))
+    done = []
+    up.commit(target, lambda: done.append(1))
+    wire.sync()
+    assert done == [1] and "-s" not in wire.argv and wire.write_chunk == 2**20, wire.argv
+    assert session.read_bytes(target) == data
+    session.close_wires()
+
+    _published(ws, tmp_path, "tr-fallback", chunks=12, size=300_000)
+    res = _cli(ws, "transfer", "stage", "tr-fallback", "--site", "localhpc", "-o", "internet.login=false",
+               "-o", "maelflow_command=/nonexistent/maelflow", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output.strip().splitlines()[-1])["result"]["copied"] == 14
+    assert _cli(ws, "transfer", "verify", "tr-fallback", "--site", "localhpc").exit_code == 0

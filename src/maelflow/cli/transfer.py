@@ -195,3 +195,11 @@ def worker(site_name: str | None, once: bool, poll: float, max_tasks: int | None
     except TransferError as exc:
         _fail(exc)
     console.print(f"worker for {site_name}: {n} task(s) done", highlight=False, soft_wrap=True)
+
+
+@command.command("sftp-server", hidden=True)
+def sftp_server() -> None:
+    """Serve a push's SFTP wire on stdin/stdout (started on the site by the pushing side over SSH)."""
+    from maelflow.sites.sftp_server import main as serve
+
+    sys.exit(serve())

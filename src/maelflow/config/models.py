@@ -126,6 +126,10 @@ class Site(Strict):
     environment: list[str] = Field(default_factory=list,
                                    description="Shell lines run at the start of every job (module load ...).")
     maelflow_command: str = Field("maelflow", description="How jobs call maelflow on the site.")
+    sftp_server: Literal["maelflow", "openssh"] = Field(
+        "maelflow", description="What serves a dataset push's SFTP connections on the login node: the "
+        "site's maelflow (writes with O_DIRECT, keeping a shared node's page cache; OpenSSH's sftp-server "
+        "is used anyway where it does not start), or OpenSSH's sftp-server.")
 
     _check_name = field_validator("name")(classmethod(lambda cls, v: check_name(v)))
 

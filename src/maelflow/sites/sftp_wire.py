@@ -1,4 +1,7 @@
-"""SFTP over an OpenSSH ``ssh -s sftp`` subprocess, pipelined: the bulk path of a dataset push.
+"""SFTP over an OpenSSH ``ssh`` subprocess, pipelined: the bulk path of a dataset push.
+
+The server at the other end is maelflow's own on the site (``sftp_server.py``: O_DIRECT, 1 MiB
+writes) where the site's maelflow starts it, else OpenSSH's ``sftp`` subsystem (``fallback``).
 
 paramiko does the SSH cipher and packet work in Python (about 100 MB/s for a push here); the OpenSSH
 client does it in C, and this side only frames SFTP messages into a pipe. Nothing waits on the
@@ -27,6 +30,8 @@ _FXF_WRITE, _FXF_APPEND, _FXF_CREAT, _FXF_TRUNC = 0x02, 0x04, 0x08, 0x10
 _FX_NO_SUCH_FILE, _FX_PERMISSION_DENIED = 2, 3
 OPENSSH_CIPHERS = "aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com,aes128-ctr,aes256-ctr"
 PIPE_SIZE = 1 << 20
+MAX_WRITE_EXTENSION = "max-write@maelflow"     # maelflow's server: the WRITE size it takes (decimal)
+MAX_ANSWER = 1 << 20      # answers are statuses and handles: a longer one is not SFTP
 
 
 class WireLost(ConnectionError):
@@ -54,8 +59,32 @@ class SftpWire:
     WRITE_CHUNK = 255 * 1024
     WINDOW = 256              # requests in flight before the oldest answer is waited for
 
-    def __init__(self, argv: list[str], target: str):
+    def __init__(self, argv: list[str], target: str, fallback: list[str] | None = None):
+        """``fallback``: the argv to start instead when ``argv``'s server dies before it answers
+        INIT (maelflow's own server where the site's maelflow lacks it: OpenSSH's subsystem)."""
         self.target = target
+        self.fallback = fallback
+        self._ids = itertools.count(1)
+        self._pending: collections.deque[tuple[int, Callable[[int, bytes], None] | None]] = collections.deque()
+        self._inbuf = bytearray()
+        self._appenders: dict[str, _Upload] = {}
+        self._extensions: dict[str, bytes] | None = None
+        self._start(argv)
+        try:
+            self._send(_INIT, _u32(3))    # the answer is read at first use: the handshake runs meanwhile
+        except WireLost:
+            if not self.fallback:
+                raise
+            self._use_fallback()
+
+    def _use_fallback(self) -> None:
+        """Nothing but INIT was sent: start over with the other server."""
+        argv, self.fallback = self.fallback, None
+        self._start(argv)
+        self._send(_INIT, _u32(3))
+
+    def _start(self, argv: list[str]) -> None:
+        self.argv = argv
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      bufsize=0, start_new_session=True)
         self._out, self._in = self.proc.stdin.fileno(), self.proc.stdout.fileno()
@@ -64,25 +93,40 @@ class SftpWire:
                 fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
             except OSError:
                 pass
-        self._ids = itertools.count(1)
-        self._pending: collections.deque[tuple[int, Callable[[int, bytes], None] | None]] = collections.deque()
-        self._inbuf = bytearray()
-        self._appenders: dict[str, _Upload] = {}
-        self._extensions: set[str] | None = None
-        self._send(_INIT, _u32(3))    # the answer is read at first use: the handshake runs meanwhile
 
     @property
-    def extensions(self) -> set[str]:
+    def write_chunk(self) -> int:
+        """Bytes per WRITE: 255 KiB (what OpenSSH's sftp-server takes) unless the server says more
+        (maelflow's: a whole block, a quarter of the messages and of the work per byte on both sides)."""
+        try:
+            n = int(self.extensions.get(MAX_WRITE_EXTENSION, b"0"))
+        except ValueError:
+            n = 0
+        return min(max(n, self.WRITE_CHUNK), 1 << 24)
+
+    @property
+    def extensions(self) -> dict[str, bytes]:
+        """The server's extensions (name: data), from its answer to INIT."""
         if self._extensions is None:
-            kind, body = self._read_message()
-            if kind != _VERSION:
-                raise self._lost(f"unexpected SFTP answer {kind} to INIT")
-            found, pos = set(), 4
+            try:
+                kind, body = self._read_message()
+                if kind != _VERSION:
+                    raise self._lost(f"unexpected SFTP answer {kind} to INIT")
+            except WireLost:
+                if not self.fallback:
+                    raise
+                self._use_fallback()
+                kind, body = self._read_message()
+                if kind != _VERSION:
+                    raise self._lost(f"unexpected SFTP answer {kind} to INIT")
+            found, pos = {}, 4
             while pos < len(body):
                 n = int.from_bytes(body[pos:pos + 4], "big")
-                found.add(body[pos + 4:pos + 4 + n].decode(errors="replace"))
+                name = body[pos + 4:pos + 4 + n].decode(errors="replace")
                 pos += 4 + n
-                pos += 4 + int.from_bytes(body[pos:pos + 4], "big")
+                m = int.from_bytes(body[pos:pos + 4], "big")
+                found[name] = body[pos + 4:pos + 4 + m]
+                pos += 4 + m
             self._extensions = found
         return self._extensions
 
@@ -116,6 +160,9 @@ class SftpWire:
         while True:
             if len(buf) >= 5:
                 n = int.from_bytes(buf[:4], "big") + 4
+                if n > MAX_ANSWER:
+                    raise self._lost("answer too long: is something on the site (a login script) writing "
+                                     "into the channel?")
                 if len(buf) >= n:
                     kind, body = buf[4], bytes(buf[5:n])
                     del buf[:n]
@@ -270,7 +317,7 @@ class _Upload:
     def write(self, data: bytes | memoryview) -> None:
         handle = _sstr(self._ready())
         view = memoryview(data)
-        step = self.wire.WRITE_CHUNK
+        step = self.wire.write_chunk
         for i in range(0, len(view), step):
             chunk = view[i:i + step]
             self.wire._request(_WRITE, handle + self.offset.to_bytes(8, "big") + _u32(len(chunk)), chunk,

@@ -849,7 +849,15 @@ class SshSession:
             argv += ["-J", st.proxy_jump]
         return argv + list(extra)
 
-    def sftp_wire(self) -> SftpWire | None:
+    def _new_wire(self, server: str | None) -> SftpWire:
+        """``server``: a command on the site serving SFTP on its stdin/stdout (maelflow's own,
+        ``sites/sftp_server.py``), OpenSSH's ``sftp`` subsystem where it does not start."""
+        subsystem = self.openssh_argv("-s", self.settings.host, "sftp")
+        if server is None:
+            return SftpWire(subsystem, self.target)
+        return SftpWire(self.openssh_argv(self.settings.host, server), self.target, fallback=subsystem)
+
+    def sftp_wire(self, server: str | None = None) -> SftpWire | None:
         """This thread's SFTP-over-OpenSSH channel (see SftpWire), or None where there is no ``ssh``
         binary (callers fall back to ``open_writer``). The credential is checked first, so a bad one
         fails here with the CredentialError and renew hint, not as a dead subprocess."""
@@ -869,12 +877,12 @@ class SshSession:
                 # sshd drops handshakes beyond MaxStartups (10 by default): open a few at a time
                 gate = self.__dict__.setdefault("_handshakes", threading.BoundedSemaphore(4))
             with gate:
-                wire = local.wire = SftpWire(self.openssh_argv("-s", self.settings.host, "sftp"), self.target)
+                wire = local.wire = self._new_wire(server)
             with self._lock:
                 self.__dict__.setdefault("_all_wires", []).append(wire)
         return wire
 
-    def prestart_wires(self, n: int) -> None:
+    def prestart_wires(self, n: int, server: str | None = None) -> None:
         """Start ``n`` wires' ssh processes now, for ``sftp_wire()`` to hand out: their handshakes
         (a quarter of a second each) then overlap the caller's next steps. A bad credential still
         surfaces as the CredentialError of the caller's first command."""
@@ -883,7 +891,7 @@ class SshSession:
         with self._lock:
             spares = self.__dict__.setdefault("_spare_wires", [])
             for _ in range(min(n, 4) - len(spares)):     # sshd's MaxStartups: a few at a time
-                wire = SftpWire(self.openssh_argv("-s", self.settings.host, "sftp"), self.target)
+                wire = self._new_wire(server)
                 spares.append(wire)
                 self.__dict__.setdefault("_all_wires", []).append(wire)
 
