@@ -131,9 +131,15 @@ def remote_command(site, args: list[str]) -> str:
 
 def wire_server(site) -> str:
     """The command that serves a push's SFTP wires on the site: its own maelflow's server, which
-    writes with O_DIRECT (``maelflow.sites.sftp_server``); a site without it gets OpenSSH's."""
-    lines = remote_command(site, ["transfer", "sftp-server"]).split("\n")
-    lines[-1] = "exec " + lines[-1]
+    writes with O_DIRECT (``maelflow.sites.sftp_server``); a site without it gets OpenSSH's. Run by
+    the interpreter beside the site's maelflow where there is one (a tenth of a second sooner
+    than the CLI), else through the CLI."""
+    lines = list(site.environment or [])
+    cmd = site.maelflow_command
+    lines.append(f"m={cmd}" if " " not in cmd else f"m={shlex.quote(cmd)}")
+    lines.append('case "$m" in */maelflow) p="${m%/maelflow}/python"; '
+                 '[ -x "$p" ] && exec "$p" -m maelflow.sites.sftp_server;; esac')
+    lines.append("exec $m transfer sftp-server")
     return "\n".join(lines)
 
 

@@ -347,7 +347,7 @@ class SftpTree:
                   f"echo {mark}-journal; cat {JOURNAL_NAME} 2>/dev/null; echo\n"
                   f"echo {mark}-files; find . -type f -printf '%s %P\\n'\n"
                   f"echo {mark}-df; df -Pk . | tail -1\n")
-        res = self.session.run(script, input=b"".join(d.encode() + b"\0" for d in dirs), timeout=600, check=False)
+        res = self.session.run_standalone(script, input=b"".join(d.encode() + b"\0" for d in dirs))
         if res.rc == 3:
             if "No space" in res.stderr or "quota" in res.stderr.lower():
                 raise DiskFull(f"{self}: {res.stderr.strip()}")
@@ -489,10 +489,22 @@ class SftpTree:
                 self._journal = None
 
     def finish(self, manifest: Manifest) -> None:
-        """The manifest (from stdin, written aside and renamed), the journal dropped, the folder
-        renamed into place: one command, one round trip."""
+        """The manifest written aside and renamed, the journal dropped, then the folder renamed into
+        place: over one of the push's wires, already open (paramiko's session is not needed for a
+        fresh push at all), else as one command."""
         self.close()
         tmp = f"{self.partial}/.{MANIFEST_NAME}.tmp"
+        wire = self.session.idle_wire(self.server)
+        if wire is not None:
+            try:
+                up = wire.upload(tmp)
+                up.write(manifest.to_json().encode())
+                up.commit(f"{self.partial}/{MANIFEST_NAME}", lambda: None)
+                wire.remove(self.journal_path, missing_ok=True)      # answered after the rename's
+                wire.rename(self.partial, self.dest)                 # only once those succeeded
+            except OSError as exc:
+                raise _disk_error(exc, str(self)) from None
+            return
         script = (f"umask 022 && cat > {self._q(tmp)} && mv -f {self._q(tmp)} {self._q(self.partial + '/' + MANIFEST_NAME)}"
                   f" && rm -f {self._q(self.journal_path)} && mv -T {self._q(self.partial)} {self._q(self.dest)}")
         res = self.session.run(script, input=manifest.to_json().encode(), timeout=600, check=False)

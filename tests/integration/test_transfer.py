@@ -363,3 +363,18 @@ def test_sftp_push_is_served_by_the_sites_maelflow_else_by_openssh(tstack, tmp_p
     assert res.exit_code == 0, res.output
     assert json.loads(res.output.strip().splitlines()[-1])["result"]["copied"] == 14
     assert _cli(ws, "transfer", "verify", "tr-fallback", "--site", "localhpc").exit_code == 0
+
+
+def test_sftp_push_with_a_refused_or_missing_key_says_how_to_renew(tstack, tmp_path):
+    """A push's first look at the site goes over OpenSSH (no paramiko on a fresh push): a key the
+    site refuses, or one that is not there, is still the site's credential error with its hint."""
+    ws = tstack
+    _published(ws, tmp_path, "tr-badkey", chunks=5)
+    other = tmp_path / "other_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    for key, says in ((other, "refused the key"), (tmp_path / "missing_key", "private key file is missing")):
+        res = _cli(ws, "transfer", "stage", "tr-badkey", "--site", "localhpc", "-o", "internet.login=false",
+                   "-o", f"connection.ssh.identity_file={key}")
+        assert res.exit_code == 1 and says in res.output and "services up --with-hpc" in res.output, res.output
+    site = load_site("localhpc", ws)
+    assert not Path(f"{site.paths.datasets}/tr-badkey.zarr").exists()

@@ -40,5 +40,8 @@ def load_or_exit(experiment: str, overrides: tuple[str, ...], ws: Workspace, as_
 
 
 def fail(message: str, code: int = 1) -> None:
-    err_console.print(f"[bold red]error[/]: {message}", highlight=False)
+    """``message`` as written: a credential error's ``[file]`` is text, not markup."""
+    from rich.markup import escape
+
+    err_console.print(f"[bold red]error[/]: {escape(message)}", highlight=False)
     sys.exit(code)

@@ -35,7 +35,9 @@ def _fail(exc: Exception, as_json: bool = False) -> None:
             data["key"] = exc.key
         click.echo(json.dumps(data))
     else:
-        err_console.print(f"[bold red]error[/]: {exc}", highlight=False, soft_wrap=True)
+        from rich.markup import escape
+
+        err_console.print(f"[bold red]error[/]: {escape(str(exc))}", highlight=False, soft_wrap=True)
     sys.exit(1)
 
 

@@ -29,6 +29,10 @@ _STATUS, _HANDLE, _EXTENDED = 101, 102, 200
 _FXF_WRITE, _FXF_APPEND, _FXF_CREAT, _FXF_TRUNC = 0x02, 0x04, 0x08, 0x10
 _FX_NO_SUCH_FILE, _FX_PERMISSION_DENIED = 2, 3
 OPENSSH_CIPHERS = "aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com,aes128-ctr,aes256-ctr"
+# curve25519 ahead of the client's defaults: OpenSSH 9's first choice, the post-quantum hybrid
+# sntrup761x25519, costs 0.1 s more per connection here (0.25 s against 0.15 s for `ssh host true`),
+# and a push opens one connection per core; a server that offers only the hybrid still gets it
+OPENSSH_KEX = "^curve25519-sha256,curve25519-sha256@libssh.org"
 PIPE_SIZE = 1 << 20
 MAX_WRITE_EXTENSION = "max-write@maelflow"     # maelflow's server: the WRITE size it takes (decimal)
 MAX_ANSWER = 1 << 20      # answers are statuses and handles: a longer one is not SFTP
@@ -69,13 +73,15 @@ class SftpWire:
         self._inbuf = bytearray()
         self._appenders: dict[str, _Upload] = {}
         self._extensions: dict[str, bytes] | None = None
+        self._dead: WireLost | None = None       # gone before INIT could be sent: raised at first use
         self._start(argv)
         try:
             self._send(_INIT, _u32(3))    # the answer is read at first use: the handshake runs meanwhile
-        except WireLost:
-            if not self.fallback:
-                raise
-            self._use_fallback()
+        except WireLost as exc:
+            if self.fallback:
+                self._use_fallback()
+            else:
+                self._dead = exc
 
     def _use_fallback(self) -> None:
         """Nothing but INIT was sent: start over with the other server."""
@@ -108,6 +114,8 @@ class SftpWire:
     def extensions(self) -> dict[str, bytes]:
         """The server's extensions (name: data), from its answer to INIT."""
         if self._extensions is None:
+            if self._dead is not None:
+                raise self._dead
             try:
                 kind, body = self._read_message()
                 if kind != _VERSION:
@@ -262,6 +270,14 @@ class SftpWire:
             rid = self._request(_RENAME, _sstr(a) + _sstr(b), on_answer=check)
         if now:
             self.wait(rid)
+
+    def remove(self, remote_path: str, missing_ok: bool = False) -> None:
+        path = sftp_path(remote_path)
+        try:
+            self._call(_REMOVE, _sstr(path), path)
+        except FileNotFoundError:
+            if not missing_ok:
+                raise
 
     def mkdir(self, remote_path: str) -> None:
         path = sftp_path(remote_path)

@@ -32,7 +32,7 @@ from pathlib import PurePosixPath
 from typing import BinaryIO, Callable, TypeVar
 
 from maelflow.config.models import SshSettings
-from maelflow.sites.sftp_wire import OPENSSH_CIPHERS, SftpWire
+from maelflow.sites.sftp_wire import OPENSSH_CIPHERS, OPENSSH_KEX, SftpWire
 from maelflow.sites.sftp_wire import sftp_path as _sftp_path
 
 CONTROL_PATH_ENV = "MAELFLOW_SSH_CONTROL_PATH"
@@ -759,6 +759,34 @@ class SshSession:
             raise RemoteCommandError(self.target, command, result)
         return result
 
+    def run_standalone(self, command: str, *, input: bytes | None = None, timeout: float = 600) -> RemoteResult:
+        """``command`` over a connection of its own made by the OpenSSH client, with the key exchange
+        the wires use: 0.15 s here, where importing paramiko and its handshake take 0.25 s that a
+        push would wait for before its first byte (its wires' handshakes run meanwhile). ``run``
+        where there is no ``ssh`` binary, and for credentials that need the session's own checks
+        (certificate expiry) or its 2FA master. Never retried: the caller's command may have run."""
+        st = self.settings
+        if self.dry_run or st.auth not in ("key", "agent") or not shutil.which("ssh"):
+            return self.run(command, input=input, timeout=timeout, check=False)
+        if st.auth == "key" and st.identity_file and not os.path.exists(os.path.expanduser(st.identity_file)):
+            raise self.credential_error("private key file is missing", os.path.expanduser(st.identity_file))
+        argv = self.openssh_argv("-T", st.host, command)
+        try:
+            proc = subprocess.run(argv, input=input or None, stdin=None if input else subprocess.DEVNULL,
+                                  capture_output=True, timeout=timeout, start_new_session=True)
+        except subprocess.TimeoutExpired:
+            raise RemoteTimeout(f"{self.target}: `{command[:120]}` still running after {timeout:.0f} s") from None
+        err = proc.stderr.decode(errors="replace")
+        if proc.returncode == 255:          # ssh's own failures ("user@host: Permission denied (...)")
+            if "Permission denied" in err:
+                raise self.credential_error(f"the login node refused the key ({err.strip()})",
+                                            os.path.expanduser(st.identity_file or "~/.ssh"))
+            if "Host key verification failed" in err:
+                raise HostKeyError(f"site {self.site_name}: {err.strip()}")
+            if _SSH_FAILURE_RE.search(err):
+                raise ConnectionLost(f"{self.target}: {err.strip()}", sent=True)
+        return RemoteResult(proc.returncode, proc.stdout.decode(errors="replace"), err)
+
     def put_text(self, remote_path: str, text: str, mode: int | None = None) -> None:
         """Write a file so that readers see the old one or the whole new one, never a part."""
         data = text.encode()
@@ -836,6 +864,7 @@ class SshSession:
         argv = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={math.ceil(st.connect_timeout)}",
                 "-o", "PasswordAuthentication=no", "-o", "KbdInteractiveAuthentication=no",
                 "-o", "ControlMaster=no", "-o", "ControlPath=none", "-c", OPENSSH_CIPHERS,
+                "-o", f"KexAlgorithms={OPENSSH_KEX}",
                 "-p", str(st.port), "-l", self.user]
         if st.auth in ("key", "certificate"):
             identity = os.path.expanduser(st.identity_file) if st.identity_file else _ParamikoBackend(self)._identity()
@@ -894,6 +923,13 @@ class SshSession:
                 wire = self._new_wire(server)
                 spares.append(wire)
                 self.__dict__.setdefault("_all_wires", []).append(wire)
+
+    def idle_wire(self, server: str | None = None) -> SftpWire | None:
+        """A wire for one more step once the threads that used the session's wires are done (a
+        push's last steps): one of theirs, already open, else this thread's."""
+        with self._lock:
+            wires = [w for w in self.__dict__.get("_all_wires", []) if w.alive()]
+        return wires[0] if wires else self.sftp_wire(server)
 
     def sync_wires(self) -> None:
         """Wait for every answer on this session's wires (after the threads using them are done):
