@@ -64,8 +64,9 @@ def test_journal_lines_are_appended_and_an_abort_leaves_nothing(wire, tmp_path):
 
 def test_refusals_are_raised_naming_the_path_and_the_wire_stays_in_step(wire, tmp_path):
     up = wire.upload(str(tmp_path / "no-such-folder" / "obj.part"))
-    with pytest.raises(FileNotFoundError) as err:
-        up.write(b"data")
+    with pytest.raises(FileNotFoundError) as err:   # at the write (OpenSSH: the open's answer is
+        up.write(b"data")                           # waited for) or at the close (maelflow's server:
+        up.finish()                                 # the client's own handle, nothing waited for)
     assert "no-such-folder" in str(err.value)
     ok = wire.upload(str(tmp_path / ".a.part"))
     ok.write(b"a" * 10)

@@ -24,8 +24,8 @@ site_option = click.option("--site", "site_name", default=None, help="Site name 
 override_option = click.option("-o", "--override", "overrides", multiple=True, metavar="FIELD=VALUE",
                                help="Override a field of the site, e.g. -o internet.login=false.")
 workers_option = click.option("--workers", type=click.IntRange(1, 256), default=None,
-                              help="Objects transferred at once [default: 32 for a pull, 8 SFTP connections "
-                              "for a push, 16 for a publish].")
+                              help="Objects transferred at once [default: 16 for a pull, one SFTP connection "
+                              "per core up to 4 for a push, 16 for a publish].")
 
 
 def _fail(exc: Exception, as_json: bool = False) -> None:

@@ -2,20 +2,25 @@
 
 Why not the site's ``sftp-server``: OpenSSH's writes every byte through the page cache. On a login
 node that evicts everyone else's cached files for a dataset of terabytes, and allocating and
-filling those pages costs more CPU than the cipher (measured here: 2.4 s of system time per GiB
+filling those pages can cost more CPU than the cipher (measured here: 2.4 s of system time per GiB
 into fresh pages, 0.3 s with O_DIRECT). This server speaks the subset of SFTP v3 that
 ``sftp_wire.SftpWire`` sends (open, write, close, remove, mkdir, rename, posix-rename) over the
-ssh channel's stdin/stdout, started as ``maelflow transfer sftp-server`` by the site's own
-maelflow, exactly as rsync starts its remote half. Anything else is answered "unsupported", and
-a site without maelflow gets OpenSSH's server instead (the wire falls back by itself).
+ssh channel's stdin/stdout, started by the site's own maelflow, exactly as rsync starts its remote
+half. Anything else is answered "unsupported", and a site without maelflow gets OpenSSH's server
+instead (the wire falls back by itself).
 
-Each file being written collects the incoming data in a page-aligned 1 MiB buffer that is written
-with O_DIRECT when full, while the next one fills (one writer thread: the disk and the pipe work
-at once); the unaligned tail goes through the page cache at close. A write is answered once it is
-buffered; a failure to write it (a full disk) is answered to the file's next write or its close,
-so an object is never confirmed unless all of it reached the file. Writes that are not in
-sequence, and file systems without O_DIRECT, use ordinary writes. Standard library only: it runs
-in whatever Python the site's maelflow has, before any of maelflow's dependencies is imported.
+Two threads. The reader takes the channel: message heads in small reads, write data straight
+into page-aligned 1 MiB buffers (reused for every file: fresh ones would pay their page faults
+again), one per file being written. Everything that touches the disk, and every answer, is a job
+for the executor, which runs them in order: full blocks written with O_DIRECT, a file's last
+block and its unaligned tail at its close, renames after the closes before them. So the reader
+never waits for the disk (an O_DIRECT write of an object's last block would otherwise stall the
+channel once per object) until a few blocks are waiting for it, and the answers still go out in
+the order of the requests, as the wire requires. A write is answered once its data is taken; a
+failure to write it (a full disk) is the answer to the file's next write or its close, so an
+object is never confirmed unless all of it reached the file. Writes out of sequence, append
+handles and file systems without O_DIRECT use ordinary writes. Standard library only: it runs in
+whatever Python the site's maelflow has, before any of maelflow's dependencies is imported.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ _OK, _EOF, _NO_SUCH_FILE, _PERMISSION_DENIED, _FAILURE, _BAD_MESSAGE, _OP_UNSUPP
 _ATTR_SIZE, _ATTR_UIDGID, _ATTR_PERMISSIONS, _ATTR_ACMODTIME, _ATTR_EXTENDED = 0x1, 0x2, 0x4, 0x8, 0x80000000
 BLOCK = 1 << 20            # one O_DIRECT write
 ALIGN = 4096
+OPEN_AS = b"open-as@maelflow"   # OPEN with a handle the client chose ("c..."): it writes without waiting
 MAX_MESSAGE = 1 << 24      # the wire sends 255 KiB writes; anything far larger is a broken stream
 
 
@@ -69,166 +75,107 @@ class _Reader:
         return bytes(buf)
 
 
-class _Blocks(threading.Thread):
-    """Writes full blocks while the reader fills the next. The page-aligned buffers are reused for
-    every file (a fresh one per file would pay its page faults again); at most ``in_flight`` wait
-    for the disk before the reader waits too."""
+class _Pool:
+    """Page-aligned blocks, reused; at most ``waiting`` full ones queued for the disk before the
+    reader waits too (back-pressure down the channel)."""
 
-    def __init__(self, in_flight: int = 3) -> None:
-        super().__init__(name="sftp-server-writer", daemon=True)
-        self.jobs: queue.Queue = queue.Queue()
-        self.free: queue.Queue = queue.Queue()
-        self.in_flight, self.limit = 0, in_flight
-        self.lock = threading.Lock()
+    def __init__(self, waiting: int = 8) -> None:
+        self.free: list[mmap.mmap] = []
+        self.lock = threading.Condition()
+        self.queued, self.waiting = 0, waiting
 
     def take(self) -> mmap.mmap:
-        try:
-            return self.free.get_nowait()
-        except queue.Empty:
-            pass
         with self.lock:
-            behind = self.in_flight >= self.limit
-        if behind:                          # the disk is behind: stop reading the channel until a
-            return self.free.get()          # block is written (one of those in flight comes back)
-        return mmap.mmap(-1, BLOCK)
+            return self.free.pop() if self.free else mmap.mmap(-1, BLOCK)
 
-    def ship(self, f: "_File", buf: mmap.mmap, offset: int, length: int) -> None:
+    def give(self, buf: mmap.mmap) -> None:
         with self.lock:
-            self.in_flight += 1
-        self.jobs.put((f, buf, offset, length))
+            self.free.append(buf)
 
-    def run(self) -> None:
-        while True:
-            job = self.jobs.get()
-            if job is None:
-                return
-            f, buf, offset, length = job
-            try:
-                if f.error is None:
-                    try:
-                        f.write_out(memoryview(buf)[:length], offset)
-                    except OSError as exc:
-                        if exc.errno != errno.EINVAL:       # a file system that opens O_DIRECT but
-                            raise                           # refuses its writes: the page cache then
-                        f.no_direct()
-                        f.write_out(memoryview(buf)[:length], offset)
-            except OSError as exc:
-                f.error = exc
-            finally:
-                with self.lock:
-                    self.in_flight -= 1
-                self.free.put(buf)
-                with f.cond:
-                    f.pending -= 1
-                    f.cond.notify_all()
+    def queue_one(self) -> None:
+        with self.lock:
+            self.lock.wait_for(lambda: self.queued < self.waiting)
+            self.queued += 1
+
+    def done_one(self) -> None:
+        with self.lock:
+            self.queued -= 1
+            self.lock.notify_all()
 
 
 class _File:
-    """One open file. ``error``: the first failure of a write already answered, reported next."""
+    """One open file. The reader fills ``buf``; the executor owns ``fd`` and sets ``error``, the
+    first failure of a write already answered, reported at the file's next answer."""
 
-    def __init__(self, path: str, fd: int, direct: bool, append: bool, blocks: _Blocks):
-        self.path, self.fd, self.direct, self.append = path, fd, direct, append
-        self.blocks = blocks
+    def __init__(self, path: str, append: bool):
+        self.path, self.append = path, append
+        self.fd = -1
+        self.direct = False
         self.error: OSError | None = None
-        self.cond = threading.Condition()
-        self.pending = 0                   # blocks given to the writer thread, not yet written
         self.buf: mmap.mmap | None = None
-        self.base = self.fill = 0          # file offset of buf[0]; bytes in buf
+        self.base = self.fill = 0          # file offset of buf[0]; bytes in buf (the reader's)
+        self.sequential = not append       # every write so far continued the previous one
 
-    def write_out(self, data: memoryview, offset: int) -> None:
-        while len(data):
-            n = os.pwrite(self.fd, data, offset)
-            data, offset = data[n:], offset + n
-
-    def _ship(self) -> None:
-        """The buffer's aligned part to the writer thread; its unaligned rest moves to the next."""
-        aligned = self.fill - self.fill % ALIGN
-        if self.buf is None or not aligned:
-            return
-        nxt, rest = self.blocks.take(), self.fill - aligned
-        if rest:
-            nxt[:rest] = self.buf[aligned:self.fill]
-        with self.cond:
-            self.pending += 1
-        self.blocks.ship(self, self.buf, self.base, aligned)
-        self.buf, self.base, self.fill = nxt, self.base + aligned, rest
-
-    def _drain(self) -> None:
-        with self.cond:
-            self.cond.wait_for(lambda: self.pending == 0)
+    # -- executor side ----------------------------------------------------------------------------
+    def write_out(self, data, offset: int) -> None:
+        view = memoryview(data)
+        while len(view):
+            n = os.pwrite(self.fd, view, offset)
+            view, offset = view[n:], offset + n
 
     def no_direct(self) -> None:
-        fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
-
-    def _buffered(self) -> None:
-        """From here on ordinary writes: the unaligned tail, writes out of sequence, no O_DIRECT."""
         if self.direct:
-            self._ship()
-            self._drain()
             self.direct = False
-            self.no_direct()
-        if self.buf is not None:
-            if self.fill and self.error is None:
-                self.write_out(memoryview(self.buf)[:self.fill], self.base)
-            self.base, self.fill = self.base + self.fill, 0
-            self.blocks.free.put(self.buf)
-            self.buf = None
+            fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
 
-    def write(self, offset: int, length: int, reader: _Reader) -> None:
-        """Take ``length`` bytes of the channel for ``offset``; raises a failure to report."""
-        if self.direct and offset == self.base + self.fill:
-            if self.buf is None:
-                self.buf = self.blocks.take()
-            view = memoryview(self.buf)
-            while length:
-                k = min(length, BLOCK - self.fill)
-                reader.into(view[self.fill:self.fill + k])
-                self.fill += k
-                length -= k
-                if self.fill == BLOCK:
-                    self._ship()
-                    view = memoryview(self.buf)
-        else:
-            data = memoryview(reader.exact(length))          # read whole first: the stream stays in step
-            if self.error is None:
-                try:
-                    self._buffered()
-                    if self.append:
-                        while len(data):
-                            data = data[os.write(self.fd, data):]
-                    else:
-                        self.write_out(data, offset)
-                except OSError as exc:
-                    self.error = exc
-        if self.error is not None:
-            raise self.error
-
-    def close(self) -> None:
+    def put(self, data, offset: int, direct: bool) -> None:
+        """Write ``data`` at ``offset``: O_DIRECT if it is aligned and the file allows, else not."""
+        if self.error is not None or self.fd < 0:
+            return
         try:
-            self._buffered()
+            if not direct:
+                self.no_direct()
+            try:
+                self.write_out(data, offset)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL or not self.direct:
+                    raise
+                self.no_direct()                    # opens O_DIRECT but refuses its writes
+                self.write_out(data, offset)
         except OSError as exc:
-            self.error = self.error or exc
-        finally:
-            os.close(self.fd)
-        if self.error is not None:
-            raise self.error
+            self.error = exc
 
 
 class Server:
     def __init__(self, fd_in: int, fd_out: int):
         self.reader = _Reader(fd_in)
         self.out = fd_out
-        self.files: dict[bytes, _File] = {}
+        self.files: dict[bytes, _File] = {}        # the reader's view of the open handles
         self.handles = 0
-        self.blocks = _Blocks()
-        self.blocks.start()
+        self.pool = _Pool()
+        self.jobs: queue.Queue = queue.Queue()
+        self.executor = threading.Thread(target=self._execute, name="sftp-server-disk", daemon=True)
+        self.executor.start()
 
-    # -- answers -------------------------------------------------------------------------------
+    # -- executor ----------------------------------------------------------------------------------
+    def _execute(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            job()
+
+    def _later(self, job) -> None:
+        self.jobs.put(job)
+
     def _send(self, kind: int, payload: bytes) -> None:
         msg = (len(payload) + 1).to_bytes(4, "big") + bytes([kind]) + payload
         view = memoryview(msg)
-        while len(view):
-            view = view[os.write(self.out, view):]
+        try:
+            while len(view):
+                view = view[os.write(self.out, view):]
+        except OSError:
+            pass            # the channel is gone: the reader sees its end and stops
 
     def _status(self, rid: int, code: int, message: str = "") -> None:
         text = (message or ("Success" if code == _OK else "Failure")).encode()
@@ -237,7 +184,18 @@ class Server:
     def _fail(self, rid: int, exc: OSError) -> None:
         self._status(rid, _status_code(exc), exc.strerror or str(exc))
 
-    # -- requests ------------------------------------------------------------------------------
+    def _answer(self, rid: int, op) -> None:
+        """A job: ``op()`` then its status (its own OSError as the failure)."""
+        def job() -> None:
+            try:
+                op()
+            except OSError as exc:
+                self._fail(rid, exc)
+                return
+            self._status(rid, _OK)
+        self._later(job)
+
+    # -- reader ------------------------------------------------------------------------------------
     def serve(self) -> None:
         try:
             while True:
@@ -254,57 +212,57 @@ class Server:
                 body = self.reader.exact(length - 1)
                 self._dispatch(kind, _Body(body))
         finally:
-            for f in list(self.files.values()):
-                try:
-                    f.close()
-                except OSError:
-                    pass
-            self.files.clear()
-            self.blocks.jobs.put(None)
+            for handle in list(self.files):
+                self._close(None, handle)
+            self.jobs.put(None)
+            self.executor.join()
 
     def _dispatch(self, kind: int, body: "_Body") -> None:
         if kind == _INIT:
-            self._send(_VERSION, _u32(3) + _str(b"posix-rename@openssh.com") + _str(b"1")
-                       + _str(b"max-write@maelflow") + _str(str(BLOCK).encode()))
+            ext = (_str(b"posix-rename@openssh.com") + _str(b"1") + _str(b"max-write@maelflow")
+                   + _str(str(BLOCK).encode()) + _str(OPEN_AS) + _str(b"1"))
+            self._later(lambda: self._send(_VERSION, _u32(3) + ext))
             return
         rid = body.u32()
-        try:
-            if kind == _OPEN:
-                path, pflags = body.text(), body.u32()
-                mode = body.attrs().get("mode", 0o666)
-                self._open(rid, path, pflags, mode)
-            elif kind == _CLOSE:
-                f = self.files.pop(body.string(), None)
-                if f is None:
-                    self._status(rid, _FAILURE, "no such handle")
-                    return
-                f.close()
-                self._status(rid, _OK)
-            elif kind == _REMOVE:
-                os.unlink(body.text())
-                self._status(rid, _OK)
-            elif kind == _MKDIR:
-                path = body.text()
-                os.mkdir(path, body.attrs().get("mode", 0o777) & 0o7777)
-                self._status(rid, _OK)
-            elif kind == _RENAME:                      # v3 semantics: never over an existing name
-                old, new = body.text(), body.text()
-                if os.path.lexists(new):
-                    self._status(rid, _FAILURE, f"{new} exists")
-                    return
-                os.rename(old, new)
-                self._status(rid, _OK)
-            elif kind == _EXTENDED and body.string() == b"posix-rename@openssh.com":
-                os.rename(body.text(), body.text())
-                self._status(rid, _OK)
-            else:
-                self._status(rid, _OP_UNSUPPORTED, "not supported by maelflow's SFTP server")
-        except OSError as exc:
-            self._fail(rid, exc)
+        if kind == _OPEN:
+            path, pflags = body.text(), body.u32()
+            self._open(rid, path, pflags, body.attrs().get("mode", 0o666))
+        elif kind == _CLOSE:
+            self._close(rid, body.string())
+        elif kind == _REMOVE:
+            path = body.text()
+            self._answer(rid, lambda: os.unlink(path))
+        elif kind == _MKDIR:
+            path, mode = body.text(), body.attrs().get("mode", 0o777) & 0o7777
+            self._answer(rid, lambda: os.mkdir(path, mode))
+        elif kind == _RENAME:                          # v3 semantics: never over an existing name
+            old, new = body.text(), body.text()
 
-    def _open(self, rid: int, path: str, pflags: int, mode: int) -> None:
+            def rename() -> None:
+                if os.path.lexists(new):
+                    raise FileExistsError(errno.EEXIST, f"{new} exists", new)
+                os.rename(old, new)
+            self._answer(rid, rename)
+        elif kind == _EXTENDED:
+            name = body.string()
+            if name == b"posix-rename@openssh.com":
+                old, new = body.text(), body.text()
+                self._answer(rid, lambda: os.rename(old, new))
+            elif name == OPEN_AS:                   # handle, path, pflags, attrs: no HANDLE to wait for
+                handle, path, pflags = body.string(), body.text(), body.u32()
+                if handle in self.files or not handle.startswith(b"c"):
+                    self._later(lambda: self._status(rid, _FAILURE, "handle in use"))
+                    return
+                self._open(rid, path, pflags, body.attrs().get("mode", 0o666), handle)
+            else:
+                self._later(lambda: self._status(rid, _OP_UNSUPPORTED, "not supported by maelflow's SFTP server"))
+        else:
+            self._later(lambda: self._status(rid, _OP_UNSUPPORTED, "not supported by maelflow's SFTP server"))
+
+    def _open(self, rid: int, path: str, pflags: int, mode: int, handle: bytes | None = None) -> None:
+        """OPEN answers the handle it makes; OPEN_AS takes the client's, answers a status."""
         if not pflags & _FXF_WRITE:
-            self._status(rid, _OP_UNSUPPORTED, "maelflow's SFTP server only writes files")
+            self._later(lambda: self._status(rid, _OP_UNSUPPORTED, "maelflow's SFTP server only writes files"))
             return
         flags = os.O_WRONLY
         flags |= os.O_CREAT if pflags & _FXF_CREAT else 0
@@ -312,21 +270,50 @@ class Server:
         flags |= os.O_EXCL if pflags & _FXF_EXCL else 0
         append = bool(pflags & _FXF_APPEND)
         flags |= os.O_APPEND if append else 0
-        direct = not append and hasattr(os, "O_DIRECT")
-        fd = -1
-        if direct:
+        chosen = handle is not None
+        if handle is None:
+            self.handles += 1
+            handle = str(self.handles).encode()
+        f = self.files[handle] = _File(path, append)
+
+        def job() -> None:
             try:
-                fd = os.open(path, flags | os.O_DIRECT, mode & 0o7777)
+                if not append and hasattr(os, "O_DIRECT"):
+                    try:
+                        f.fd, f.direct = os.open(path, flags | os.O_DIRECT, mode & 0o7777), True
+                    except OSError as exc:
+                        if exc.errno != errno.EINVAL:      # EINVAL: this file system has no O_DIRECT
+                            raise
+                if f.fd < 0:
+                    f.fd = os.open(path, flags, mode & 0o7777)
             except OSError as exc:
-                if exc.errno != errno.EINVAL:          # EINVAL: this file system has no O_DIRECT
-                    raise
-                direct = False
-        if fd < 0:
-            fd = os.open(path, flags, mode & 0o7777)
-        self.handles += 1
-        handle = str(self.handles).encode()
-        self.files[handle] = _File(path, fd, direct, append, self.blocks)
-        self._send(_HANDLE, _u32(rid) + _str(handle))
+                f.error = exc
+                self._fail(rid, exc)
+                return
+            if chosen:
+                self._status(rid, _OK)
+            else:
+                self._send(_HANDLE, _u32(rid) + _str(handle))
+        self._later(job)
+
+    def _ship(self, f: _File, upto: int) -> None:
+        """The first ``upto`` bytes of the file's buffer (aligned) to the disk, O_DIRECT; the rest
+        stays in a fresh buffer."""
+        buf, base = f.buf, f.base
+        nxt = self.pool.take()
+        rest = f.fill - upto
+        if rest:
+            nxt[:rest] = buf[upto:f.fill]
+        f.buf, f.base, f.fill = nxt, base + upto, rest
+        self.pool.queue_one()
+
+        def job() -> None:
+            try:
+                f.put(memoryview(buf)[:upto], base, direct=True)
+            finally:
+                self.pool.give(buf)
+                self.pool.done_one()
+        self._later(job)
 
     def _write(self, length: int) -> None:
         fixed = self.reader.exact(8)                     # id, handle length
@@ -342,13 +329,84 @@ class Server:
         f = self.files.get(handle)
         if f is None:
             self.reader.exact(n)
-            self._status(rid, _FAILURE, "no such handle")
+            self._later(lambda: self._status(rid, _FAILURE, "no such handle"))
             return
-        try:
-            f.write(offset, n, self.reader)
-            self._status(rid, _OK)
-        except OSError as exc:
-            self._fail(rid, exc)
+        if f.sequential and offset == f.base + f.fill:
+            if f.buf is None:
+                f.buf = self.pool.take()
+            while n:
+                k = min(n, BLOCK - f.fill)
+                self.reader.into(memoryview(f.buf)[f.fill:f.fill + k])
+                f.fill += k
+                n -= k
+                if f.fill == BLOCK:
+                    self._ship(f, BLOCK)
+        else:
+            data = self.reader.exact(n)                  # read whole first: the stream stays in step
+            self._flush(f)
+            f.sequential = False
+            self._later(lambda: f.put(data, offset, direct=False) if not f.append else _append(f, data))
+
+        def answer() -> None:
+            if f.error is not None:
+                self._fail(rid, f.error)
+            else:
+                self._status(rid, _OK)
+        self._later(answer)
+
+    def _flush(self, f: _File) -> None:
+        """What the file's buffer holds to the disk: its aligned part O_DIRECT, the tail not."""
+        if f.buf is None:
+            return
+        buf, base, fill = f.buf, f.base, f.fill
+        f.buf, f.base, f.fill = None, base + fill, 0
+        aligned = fill - fill % ALIGN
+        self.pool.queue_one()
+
+        def job() -> None:
+            try:
+                if aligned:
+                    f.put(memoryview(buf)[:aligned], base, direct=True)
+                if fill > aligned:
+                    f.put(memoryview(buf)[aligned:fill], base + aligned, direct=False)
+            finally:
+                self.pool.give(buf)
+                self.pool.done_one()
+        self._later(job)
+
+    def _close(self, rid: int | None, handle: bytes) -> None:
+        f = self.files.pop(handle, None)
+        if f is None:
+            if rid is not None:
+                self._later(lambda: self._status(rid, _FAILURE, "no such handle"))
+            return
+        self._flush(f)
+
+        def job() -> None:
+            if f.fd >= 0:
+                try:
+                    os.close(f.fd)
+                except OSError as exc:
+                    f.error = f.error or exc
+                f.fd = -1
+            if rid is None:
+                return
+            if f.error is not None:
+                self._fail(rid, f.error)
+            else:
+                self._status(rid, _OK)
+        self._later(job)
+
+
+def _append(f: _File, data: bytes) -> None:
+    if f.error is not None or f.fd < 0:
+        return
+    try:
+        view = memoryview(data)
+        while len(view):
+            view = view[os.write(f.fd, view):]
+    except OSError as exc:
+        f.error = exc
 
 
 class _Body:

@@ -35,6 +35,7 @@ OPENSSH_CIPHERS = "aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly13
 OPENSSH_KEX = "^curve25519-sha256,curve25519-sha256@libssh.org"
 PIPE_SIZE = 1 << 20
 MAX_WRITE_EXTENSION = "max-write@maelflow"     # maelflow's server: the WRITE size it takes (decimal)
+OPEN_AS_EXTENSION = "open-as@maelflow"         # maelflow's server: OPEN with a handle the client chose
 MAX_ANSWER = 1 << 20      # answers are statuses and handles: a longer one is not SFTP
 
 
@@ -307,7 +308,12 @@ class _Upload:
         self.error: OSError | None = None
         self.offset = 0
         self.done = self.aborted = False
-        self._open = wire._request(_OPEN, _sstr(path) + _u32(flags) + _u32(0), on_answer=self._opened)
+        if OPEN_AS_EXTENSION in wire.extensions:     # maelflow's server: our handle, no answer to wait for
+            self.handle = f"c{next(wire._ids)}".encode()
+            self._open = wire._request(_EXTENDED, _sstr(OPEN_AS_EXTENSION) + _sstr(self.handle) + _sstr(path)
+                                       + _u32(flags) + _u32(0), on_answer=self._checked)
+        else:
+            self._open = wire._request(_OPEN, _sstr(path) + _u32(flags) + _u32(0), on_answer=self._opened)
 
     def _opened(self, kind: int, body: bytes) -> None:
         err = self.wire.status_error(kind, body, self.path)
