@@ -1,7 +1,9 @@
 """Stage a published dataset from the object store into a site's folder, object by object.
 
 Each object is streamed from the store into its destination while it is hashed (one pass over the
-bytes, no re-reading), checked against the manifest, and only then renamed into place. A wrong
+bytes, no re-reading), checked against the manifest, and only then renamed into place. Where the
+destination is a site served by maelflow's SFTP server, the site hashes the bytes as they land and
+renames only a match (the check moves to where the copy is, off the pushing side's cores). A wrong
 object is fetched again (a few times, with back-off), then the stage fails naming it; network
 failures are retried with back-off. Large objects are fetched as parallel byte ranges where the
 destination allows writing at offsets (a local folder). The destination (``trees``) decides where
@@ -24,6 +26,12 @@ from maelflow_transfer.store import Store
 DAMAGED_STORE = "the copy in the store is corrupt; publish the dataset again from its source"
 RANGE_THRESHOLD = 64 << 20     # objects above this are fetched as parallel ranges (local trees)
 RANGE_SIZE = 16 << 20
+
+
+def checksum_mismatch(store, manifest: Manifest, e: Entry, reads: int) -> ChecksumMismatch:
+    hint = getattr(store, "damaged_hint", DAMAGED_STORE)
+    return ChecksumMismatch(f"dataset {manifest.dataset!r}: object {e.key} at {store.url}/{e.key} does not match "
+                            f"its manifest checksum after {reads} reads: {hint}", e.key)
 
 
 @dataclass
@@ -64,7 +72,8 @@ class RateLimit:
 
 class _Run:
     def __init__(self, store: Store, tree, manifest: Manifest, progress: Progress, retries: int,
-                 workers: int, limit: RateLimit):
+                 workers: int, limit: RateLimit, wrong: dict[str, int] | None = None):
+        """``wrong``: times each object was refused by the site, over the stage's runs."""
         self.store, self.tree, self.manifest, self.progress = store, tree, manifest, progress
         self.retries = retries
         self.limit = limit
@@ -72,6 +81,8 @@ class _Run:
         self.lock = threading.Lock()
         self.copied = self.bytes = 0
         self.done: set[str] = set()
+        self.wrong = wrong if wrong is not None else {}
+        self.refused: set[str] = set()     # refused by the site in this run
         self.error: BaseException | None = None
         self.range_pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="range") if tree.ranged else None
 
@@ -99,18 +110,17 @@ class _Run:
             self.progress.moved(-moved[0])
             wrong += 1
             if wrong > self.retries:
-                hint = getattr(self.store, "damaged_hint", DAMAGED_STORE)
-                raise ChecksumMismatch(
-                    f"dataset {self.manifest.dataset!r}: object {e.key} at {self.store.url}/{e.key} does not match "
-                    f"its manifest checksum after {wrong} reads: {hint}", e.key)
+                raise checksum_mismatch(self.store, self.manifest, e, wrong)
             self.store.backoff.sleep(wrong - 1, self.stop)
 
     def _fetch_stream(self, e: Entry, moved: list[int]) -> bool:
         part = self.tree.writer(e)
+        remote = getattr(part, "verifies", False)        # the site checks it (its answer comes later)
         h = hashlib.sha256()
         try:
             def sink(view: memoryview) -> None:
-                h.update(view)
+                if not remote:
+                    h.update(view)
                 part.write(view)
                 n = len(view)
                 moved[0] += n
@@ -120,11 +130,20 @@ class _Run:
         except BaseException:
             part.abort()
             raise
-        if n != e.size or h.hexdigest() != e.sha256:
+        if n != e.size or (not remote and h.hexdigest() != e.sha256):
             part.abort()
             return False
-        part.commit(lambda: self.placed(e))
+        if remote:
+            part.commit(lambda: self.placed(e), on_mismatch=lambda: self.mismatched(e))
+        else:
+            part.commit(lambda: self.placed(e))
         return True
+
+    def mismatched(self, e: Entry) -> None:
+        """The site found ``e``'s bytes wrong and dropped them: fetched again by ``stage``."""
+        with self.lock:
+            self.wrong[e.key] = self.wrong.get(e.key, 0) + 1
+            self.refused.add(e.key)
 
     def _fetch_ranged(self, e: Entry, moved: list[int]) -> bool:
         part = self.tree.writer(e, ranged=True)
@@ -242,8 +261,10 @@ def stage(store: Store, tree, dataset: str, *, workers: int = 32, progress: Prog
     progress.skipped(sum(e.size for e in manifest.entries if e.key in done), len(done))
     tree.makedirs([e.key for e in todo])
     copied = nbytes = 0
-    for attempt in range(2):
-        run = _Run(store, tree, manifest, progress, retries, workers, RateLimit(max_rate))
+    wrong: dict[str, int] = {}
+    lost_runs = 0
+    while todo:
+        run = _Run(store, tree, manifest, progress, retries, workers, RateLimit(max_rate), wrong)
         try:
             run.run(todo, workers)
         except TransferError:
@@ -251,14 +272,21 @@ def stage(store: Store, tree, dataset: str, *, workers: int = 32, progress: Prog
         except OSError as exc:
             raise TransferError(f"dataset {dataset!r}: writing to {tree} failed: {exc}") from None
         copied, nbytes = copied + run.copied, nbytes + run.bytes
-        # objects sent whose confirmation was lost with a dropped connection: fetched once more
         todo = [e for e in todo if e.key not in run.done]
         if not todo:
             break
         progress.moved(-sum(e.size for e in todo))
-    if todo:
-        raise TransferError(f"dataset {dataset!r}: {len(todo)} objects (first {todo[0].key}) were sent to {tree} "
-                            "but never confirmed in place; run the stage again")
+        # objects the site refused (their bytes did not match): fetched again, as often as a pull would
+        for e in todo:
+            if wrong.get(e.key, 0) > retries:
+                raise checksum_mismatch(store, manifest, e, wrong[e.key])
+        # objects sent whose confirmation was lost with a dropped connection: fetched once more
+        lost = [e for e in todo if e.key not in run.refused]
+        if lost:
+            lost_runs += 1
+            if lost_runs > 1:
+                raise TransferError(f"dataset {dataset!r}: {len(lost)} objects (first {lost[0].key}) were sent to "
+                                    f"{tree} but never confirmed in place; run the stage again")
     tree.finish(manifest)
     progress.finish()
     return Result(n, copied, nbytes, time.monotonic() - t0, already=len(done))

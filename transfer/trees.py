@@ -289,15 +289,25 @@ class SftpPart:
         self.wire = tree.session.sftp_wire(tree.server)
         self.fh = self.wire.upload(self.tmp) if self.wire else tree.session.open_writer(self.tmp)
 
+    @property
+    def verifies(self) -> bool:
+        """The site checks the object's size and SHA-256 itself (maelflow's SFTP server): the caller
+        need not hash it, and passes ``on_mismatch`` to ``commit``."""
+        return self.wire is not None and self.wire.verifies
+
     def write(self, data: memoryview) -> None:
         self.fh.write(data)
 
-    def commit(self, on_done: Callable[[], None]) -> None:
+    def commit(self, on_done: Callable[[], None], on_mismatch: Callable[[], None] | None = None) -> None:
+        """Close and rename into place, in flight; ``on_done`` once the site says it is there. With
+        ``on_mismatch``, the site renames it only if its bytes match the manifest, and calls that
+        instead when they did not (it has dropped them)."""
         def placed() -> None:
             self.tree.record(self.entry, None, self.wire)
             on_done()
         if self.wire is not None:
-            self.fh.commit(self.target, placed)
+            expect = (self.entry.size, self.entry.sha256) if on_mismatch is not None else None
+            self.fh.commit(self.target, placed, expect=expect, on_mismatch=on_mismatch)
         else:
             self.fh.close()
             self.tree.session.rename(self.tmp, self.target)

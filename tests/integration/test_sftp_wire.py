@@ -138,3 +138,35 @@ def test_maelflow_server_reports_a_failed_write_of_an_answered_block(tmp_path):
     w.sync()
     assert done == [1]
     w.close()
+
+
+def test_maelflow_server_renames_only_what_matches_the_manifest(tmp_path):
+    """commit@maelflow: the site hashes the bytes as they land and renames a match; a mismatch is
+    dropped and said (on_mismatch), never placed; a file written out of sequence is read back."""
+    import hashlib
+
+    w = SftpWire(MAELFLOW_SERVER, "maelflow sftp-server")
+    assert w.verifies
+    data = os.urandom(3 * 2**20 + 99)
+    right = (len(data), hashlib.sha256(data).hexdigest())
+    wrong = (len(data), hashlib.sha256(b"other").hexdigest())
+    events = []
+    for name, expect in (("good", right), ("bad", wrong)):
+        up = w.upload(str(tmp_path / f".{name}.part"))
+        up.write(memoryview(data))
+        up.commit(str(tmp_path / name), lambda name=name: events.append(("placed", name)), expect=expect,
+                  on_mismatch=lambda name=name: events.append(("refused", name)))
+    # out of sequence: the second half first (the digest taken while writing no longer holds)
+    up = w.upload(str(tmp_path / ".shuffled.part"))
+    half = len(data) // 2
+    up.offset = half
+    up.write(memoryview(data)[half:])
+    up.offset = 0
+    up.write(memoryview(data)[:half])
+    up.commit(str(tmp_path / "shuffled"), lambda: events.append(("placed", "shuffled")), expect=right,
+              on_mismatch=lambda: events.append(("refused", "shuffled")))
+    w.sync()
+    assert events == [("placed", "good"), ("refused", "bad"), ("placed", "shuffled")]
+    assert (tmp_path / "good").read_bytes() == data and (tmp_path / "shuffled").read_bytes() == data
+    assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".*.part"))
+    w.close()

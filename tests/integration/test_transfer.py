@@ -168,6 +168,14 @@ def test_corrupt_object_in_the_store_is_never_staged(tstack, tmp_path):
     assert not dest.exists()
     res = _cli(ws, "transfer", "stage", "tr-corrupt", "--dest", str(dest))
     assert res.exit_code == 1 and "data/4.0" in res.output and not dest.exists()
+    # pushed to a site whose maelflow checks the bytes as they land: refused there, fetched again
+    # as often as a pull would, then the same error; the site's folder never becomes visible
+    site = load_site("localhpc", ws)
+    res = _cli(ws, "transfer", "stage", "tr-corrupt", "--site", "localhpc", "-o", "internet.login=false")
+    assert res.exit_code == 1 and "data/4.0" in res.output and "after 4 reads" in res.output, res.output
+    assert not Path(f"{site.paths.datasets}/tr-corrupt.zarr").exists()
+    partial = Path(f"{site.paths.datasets}/.tr-corrupt.zarr.partial")
+    assert not (partial / "data" / "4.0").exists() and (partial / "data" / "3.0").exists()
 
 
 def test_source_changed_while_publishing_is_not_published(tstack, tmp_path):

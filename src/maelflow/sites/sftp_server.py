@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import mmap
 import os
 import queue
@@ -41,6 +42,8 @@ _ATTR_SIZE, _ATTR_UIDGID, _ATTR_PERMISSIONS, _ATTR_ACMODTIME, _ATTR_EXTENDED = 0
 BLOCK = 1 << 20            # one O_DIRECT write
 ALIGN = 4096
 OPEN_AS = b"open-as@maelflow"   # OPEN with a handle the client chose ("c..."): it writes without waiting
+COMMIT = b"commit@maelflow"     # rename a closed file into place only if its size and SHA-256 are these
+MISMATCH = "maelflow-mismatch"  # how a COMMIT whose file differs is answered (a FAILURE status's message)
 MAX_MESSAGE = 1 << 24      # the wire sends 255 KiB writes; anything far larger is a broken stream
 
 
@@ -115,8 +118,19 @@ class _File:
         self.buf: mmap.mmap | None = None
         self.base = self.fill = 0          # file offset of buf[0]; bytes in buf (the reader's)
         self.sequential = not append       # every write so far continued the previous one
+        self.sha = hashlib.sha256()        # of the bytes written, in order (the executor's), while sequential
+        self.hashed = 0                    # bytes in ``sha``; -1 once a write broke the sequence
 
     # -- executor side ----------------------------------------------------------------------------
+    def hash(self, data, offset: int) -> None:
+        """Bytes about to be written at ``offset``: the digest covers the file while it is written
+        in sequence from its start; a gap or a rewrite voids it (a COMMIT then reads the file)."""
+        if self.hashed >= 0 and offset == self.hashed:
+            self.sha.update(data)
+            self.hashed += len(data)
+        else:
+            self.hashed = -1
+
     def write_out(self, data, offset: int) -> None:
         view = memoryview(data)
         while len(view):
@@ -151,6 +165,7 @@ class Server:
         self.reader = _Reader(fd_in)
         self.out = fd_out
         self.files: dict[bytes, _File] = {}        # the reader's view of the open handles
+        self.digests: dict[str, tuple[int, str] | None] = {}   # closed files' (size, SHA-256), the executor's
         self.handles = 0
         self.pool = _Pool()
         self.jobs: queue.Queue = queue.Queue()
@@ -195,6 +210,26 @@ class Server:
             self._status(rid, _OK)
         self._later(job)
 
+    def _commit(self, rid: int, tmp: str, target: str, size: int, digest: str) -> None:
+        """A job: ``tmp`` (closed) renamed to ``target`` if it holds ``size`` bytes with this SHA-256;
+        else removed, and the answer says what it held. The digest of a file written in sequence
+        was taken as it was written; any other is read back."""
+        try:
+            got = self.digests.pop(tmp, None)
+            if got is None:
+                got = _file_digest(tmp)
+            if got == (size, digest):
+                os.rename(tmp, target)
+                self._status(rid, _OK)
+                return
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            self._status(rid, _FAILURE, f"{MISMATCH}: {tmp} held {got[0]} bytes with SHA-256 {got[1]}")
+        except OSError as exc:
+            self._fail(rid, exc)
+
     # -- reader ------------------------------------------------------------------------------------
     def serve(self) -> None:
         try:
@@ -220,7 +255,7 @@ class Server:
     def _dispatch(self, kind: int, body: "_Body") -> None:
         if kind == _INIT:
             ext = (_str(b"posix-rename@openssh.com") + _str(b"1") + _str(b"max-write@maelflow")
-                   + _str(str(BLOCK).encode()) + _str(OPEN_AS) + _str(b"1"))
+                   + _str(str(BLOCK).encode()) + _str(OPEN_AS) + _str(b"1") + _str(COMMIT) + _str(b"1"))
             self._later(lambda: self._send(_VERSION, _u32(3) + ext))
             return
         rid = body.u32()
@@ -231,7 +266,7 @@ class Server:
             self._close(rid, body.string())
         elif kind == _REMOVE:
             path = body.text()
-            self._answer(rid, lambda: os.unlink(path))
+            self._answer(rid, lambda: (self.digests.pop(path, None), os.unlink(path)))
         elif kind == _MKDIR:
             path, mode = body.text(), body.attrs().get("mode", 0o777) & 0o7777
             self._answer(rid, lambda: os.mkdir(path, mode))
@@ -241,13 +276,17 @@ class Server:
             def rename() -> None:
                 if os.path.lexists(new):
                     raise FileExistsError(errno.EEXIST, f"{new} exists", new)
+                self.digests.pop(old, None)
                 os.rename(old, new)
             self._answer(rid, rename)
         elif kind == _EXTENDED:
             name = body.string()
             if name == b"posix-rename@openssh.com":
                 old, new = body.text(), body.text()
-                self._answer(rid, lambda: os.rename(old, new))
+                self._answer(rid, lambda: (self.digests.pop(old, None), os.rename(old, new)))
+            elif name == COMMIT:                    # tmp, target, size, SHA-256 (hex)
+                tmp, target, size, digest = body.text(), body.text(), body.u64(), body.string().decode()
+                self._later(lambda: self._commit(rid, tmp, target, size, digest))
             elif name == OPEN_AS:                   # handle, path, pflags, attrs: no HANDLE to wait for
                 handle, path, pflags = body.string(), body.text(), body.u32()
                 if handle in self.files or not handle.startswith(b"c"):
@@ -309,6 +348,7 @@ class Server:
 
         def job() -> None:
             try:
+                f.hash(memoryview(buf)[:upto], base)
                 f.put(memoryview(buf)[:upto], base, direct=True)
             finally:
                 self.pool.give(buf)
@@ -345,7 +385,13 @@ class Server:
             data = self.reader.exact(n)                  # read whole first: the stream stays in step
             self._flush(f)
             f.sequential = False
-            self._later(lambda: f.put(data, offset, direct=False) if not f.append else _append(f, data))
+            def job() -> None:
+                if f.append:
+                    _append(f, data)
+                else:
+                    f.hash(data, offset)
+                    f.put(data, offset, direct=False)
+            self._later(job)
 
         def answer() -> None:
             if f.error is not None:
@@ -365,6 +411,7 @@ class Server:
 
         def job() -> None:
             try:
+                f.hash(memoryview(buf)[:fill], base)
                 if aligned:
                     f.put(memoryview(buf)[:aligned], base, direct=True)
                 if fill > aligned:
@@ -389,6 +436,8 @@ class Server:
                 except OSError as exc:
                     f.error = f.error or exc
                 f.fd = -1
+                if f.error is None and not f.append:
+                    self.digests[f.path] = (f.hashed, f.sha.hexdigest()) if f.hashed >= 0 else None
             if rid is None:
                 return
             if f.error is not None:
@@ -396,6 +445,15 @@ class Server:
             else:
                 self._status(rid, _OK)
         self._later(job)
+
+
+def _file_digest(path: str) -> tuple[int, str]:
+    sha, size = hashlib.sha256(), 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(BLOCK):
+            sha.update(chunk)
+            size += len(chunk)
+    return size, sha.hexdigest()
 
 
 def _append(f: _File, data: bytes) -> None:
@@ -418,6 +476,13 @@ class _Body:
             raise Protocol("message cut short")
         v = int.from_bytes(self.data[self.pos:self.pos + 4], "big")
         self.pos += 4
+        return v
+
+    def u64(self) -> int:
+        if self.pos + 8 > len(self.data):
+            raise Protocol("message cut short")
+        v = int.from_bytes(self.data[self.pos:self.pos + 8], "big")
+        self.pos += 8
         return v
 
     def string(self) -> bytes:

@@ -1,15 +1,16 @@
 """SFTP over an OpenSSH ``ssh`` subprocess, pipelined: the bulk path of a dataset push.
 
-The server at the other end is maelflow's own on the site (``sftp_server.py``: O_DIRECT, 1 MiB
-writes) where the site's maelflow starts it, else OpenSSH's ``sftp`` subsystem (``fallback``).
-
 paramiko does the SSH cipher and packet work in Python (about 100 MB/s for a push here); the OpenSSH
-client does it in C, and this side only frames SFTP messages into a pipe. Nothing waits on the
-site per object: an object is opened, written in 255 KiB messages (what OpenSSH's sftp-server
-takes), closed and renamed into place with every request in flight at once, and the answers are
-read as they come back (the server answers in order). The open's answer, whose handle the writes
-need, has long arrived by the time the first MiB of the object has come from S3. An object counts
-as in place when the answer to its rename says so: then ``on_done`` runs (the journal line, the
+client does it in C, and this side only frames SFTP messages into a pipe. The server at the other
+end is maelflow's own on the site (``sftp_server.py``: O_DIRECT, 1 MiB writes, handles chosen here)
+where the site's maelflow starts it, else OpenSSH's ``sftp`` subsystem (``fallback``).
+
+Nothing waits on the site per object: an object is opened, written (255 KiB messages for
+OpenSSH's server, 1 MiB for maelflow's), closed and renamed into place with every request in
+flight at once, and the answers are read as they come back (the server answers in order). With
+maelflow's server the open carries a handle chosen here (``open-as@maelflow``), so not even the
+open's answer is waited for; with OpenSSH's the first write waits for it. An object counts as in
+place when the answer to its rename says so: then ``on_done`` runs (the journal line, the
 progress), on the thread that owns the wire. A request that fails is raised where it is read back,
 naming its path; the wire stays in step. One wire serves one thread.
 """
@@ -36,6 +37,8 @@ OPENSSH_KEX = "^curve25519-sha256,curve25519-sha256@libssh.org"
 PIPE_SIZE = 1 << 20
 MAX_WRITE_EXTENSION = "max-write@maelflow"     # maelflow's server: the WRITE size it takes (decimal)
 OPEN_AS_EXTENSION = "open-as@maelflow"         # maelflow's server: OPEN with a handle the client chose
+COMMIT_EXTENSION = "commit@maelflow"           # maelflow's server: rename only if size and SHA-256 match
+MISMATCH = "maelflow-mismatch"                 # its answer's message when they did not
 MAX_ANSWER = 1 << 20      # answers are statuses and handles: a longer one is not SFTP
 
 
@@ -110,6 +113,11 @@ class SftpWire:
         except ValueError:
             n = 0
         return min(max(n, self.WRITE_CHUNK), 1 << 24)
+
+    @property
+    def verifies(self) -> bool:
+        """The server checks an object's size and SHA-256 before renaming it (``commit(expect=)``)."""
+        return COMMIT_EXTENSION in self.extensions
 
     @property
     def extensions(self) -> dict[str, bytes]:
@@ -348,17 +356,35 @@ class _Upload:
         if self.error is not None:
             raise self.error
 
-    def commit(self, target: str, on_done: Callable[[], None]) -> None:
+    def commit(self, target: str, on_done: Callable[[], None], expect: tuple[int, str] | None = None,
+               on_mismatch: Callable[[], None] | None = None) -> None:
         """Close, then rename to ``target``: both in flight; ``on_done`` runs once the rename's
-        answer says the object is in place (a failure of any of its requests is raised then)."""
+        answer says the object is in place (a failure of any of its requests is raised then).
+        ``expect`` = (size, SHA-256) on a server that ``verifies``: it renames only a file that
+        holds exactly that, else drops it and ``on_mismatch`` runs instead."""
         handle = self._ready()
         self.wire._request(_CLOSE, _sstr(handle), on_answer=self._checked)
+        self.done = True
+        if expect is not None and self.wire.verifies:
+            def checked(kind: int, body: bytes) -> None:
+                if self.error is not None:                 # a write or the close failed: that is the news
+                    raise self.error
+                err = self.wire.status_error(kind, body, self.path)
+                if err is None:
+                    on_done()
+                elif MISMATCH in str(err) and on_mismatch is not None:
+                    on_mismatch()
+                else:
+                    raise err
+            size, digest = expect
+            self.wire._request(_EXTENDED, _sstr(COMMIT_EXTENSION) + _sstr(self.path) + _sstr(sftp_path(target))
+                               + size.to_bytes(8, "big") + _sstr(digest), on_answer=checked)
+            return
 
         def placed() -> None:
             if self.error is not None:
                 raise self.error
             on_done()
-        self.done = True
         self.wire.rename(self.path, target, on_done=placed, now=False)
 
     def finish(self) -> None:
