@@ -46,17 +46,40 @@ class LocalSource:
     def require_manifest(self, dataset: str) -> Manifest:
         return self.store.require_manifest(dataset)
 
+    def _open(self, rel: str) -> int:
+        path = self.root / rel
+        try:
+            return os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise StoreError(f"{path}: listed in the published manifest but missing from the local copy; "
+                             + self.damaged_hint) from None
+
+    def splice(self, rel: str, write_from, size: int, moved, stop: threading.Event | None = None) -> int:
+        """Hand ``rel`` to ``write_from(fd, offset, length)`` a MiB at a time (the kernel moves the
+        bytes: nothing is read here; the site checks them), ``moved(n)`` after each. A file whose
+        size is not ``size`` is not sent: its size is returned, and the stage counts it as wrong."""
+        fd = self._open(rel)
+        try:
+            actual = os.fstat(fd).st_size
+            if actual != size:
+                return actual
+            for pos in range(0, size, BUF):
+                if stop is not None and stop.is_set():
+                    raise TransientError(f"reading {self.root / rel}: stopped")
+                n = min(BUF, size - pos)
+                write_from(fd, pos, n)
+                moved(n)
+            return size
+        finally:
+            os.close(fd)
+
     def get(self, rel: str, sink, *, start: int | None = None, end: int | None = None,
             stop: threading.Event | None = None) -> int:
         """Read ``rel`` (bytes ``start``..``end`` inclusive, if given) into ``sink``, a page-aligned
         MiB at a time, like ``Store.get``."""
         view = thread_buffer()
         path = self.root / rel
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            raise StoreError(f"{path}: listed in the published manifest but missing from the local copy; "
-                             + self.damaged_hint) from None
+        fd = self._open(rel)
         try:
             pos = start or 0
             left = None if end is None else end + 1 - pos

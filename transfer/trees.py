@@ -298,6 +298,10 @@ class SftpPart:
     def write(self, data: memoryview) -> None:
         self.fh.write(data)
 
+    def write_from(self, fd: int, offset: int, length: int) -> None:
+        """Bytes of a local file, spliced into the wire (only where ``verifies``: the site checks them)."""
+        self.fh.write_from(fd, offset, length)
+
     def commit(self, on_done: Callable[[], None], on_mismatch: Callable[[], None] | None = None) -> None:
         """Close and rename into place, in flight; ``on_done`` once the site says it is there. With
         ``on_mismatch``, the site renames it only if its bytes match the manifest, and calls that

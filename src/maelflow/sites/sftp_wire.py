@@ -158,8 +158,13 @@ class SftpWire:
         detail = err.decode(errors="replace").strip().splitlines()
         return WireLost(f"{self.target}: SFTP {what}" + (f": {detail[-1]}" if detail else ""))
 
-    def _send(self, kind: int, payload: bytes, data: bytes | memoryview = b"") -> None:
-        head = (len(payload) + len(data) + 1).to_bytes(4, "big") + bytes([kind]) + payload
+    def _send(self, kind: int, payload: bytes, data: bytes | memoryview = b"",
+              spliced: tuple[int, int, int] | None = None) -> None:
+        """``spliced`` = (fd, offset, length): the message's data moved from that file into the
+        pipe by the kernel (``splice``), never copied through this process; a file that ends
+        early is padded with zeros so that the stream stays in step (the server then refuses it)."""
+        size = len(data) if spliced is None else spliced[2]
+        head = (len(payload) + size + 1).to_bytes(4, "big") + bytes([kind]) + payload
         parts: list = [head, data] if data else [head]
         try:
             while parts:                       # one system call per message, whatever its size
@@ -169,6 +174,16 @@ class SftpWire:
                     parts.pop(0)
                 if parts and n:
                     parts[0] = memoryview(parts[0])[n:]
+            if spliced is not None:
+                fd, offset, left = spliced
+                while left:
+                    k = os.splice(fd, self._out, left, offset_src=offset)
+                    if not k:
+                        zeros = memoryview(bytes(left))
+                        while len(zeros):
+                            zeros = zeros[os.write(self._out, zeros):]
+                        break
+                    offset, left = offset + k, left - k
         except (BrokenPipeError, OSError, ValueError):
             raise self._lost("connection closed") from None
 
@@ -193,11 +208,12 @@ class SftpWire:
             buf += chunk
 
     def _request(self, kind: int, payload: bytes, data: bytes | memoryview = b"",
-                 on_answer: Callable[[int, bytes], None] | None = None) -> int:
+                 on_answer: Callable[[int, bytes], None] | None = None,
+                 spliced: tuple[int, int, int] | None = None) -> int:
         if self._extensions is None:
             self.extensions                     # the VERSION answer comes before any other
         rid = next(self._ids)
-        self._send(kind, _u32(rid & 0xFFFFFFFF) + payload, data)
+        self._send(kind, _u32(rid & 0xFFFFFFFF) + payload, data, spliced)
         self._pending.append((rid, on_answer))
         while len(self._pending) > self.WINDOW:
             self._answer_next()
@@ -353,6 +369,18 @@ class _Upload:
             self.wire._request(_WRITE, handle + self.offset.to_bytes(8, "big") + _u32(len(chunk)), chunk,
                                on_answer=self._checked)
             self.offset += len(chunk)
+        if self.error is not None:
+            raise self.error
+
+    def write_from(self, fd: int, offset: int, length: int) -> None:
+        """``length`` bytes of the file ``fd`` from ``offset``, spliced into the wire (no copy here)."""
+        handle = _sstr(self._ready())
+        step = self.wire.write_chunk
+        for pos in range(0, length, step):
+            n = min(step, length - pos)
+            self.wire._request(_WRITE, handle + self.offset.to_bytes(8, "big") + _u32(n), on_answer=self._checked,
+                               spliced=(fd, offset + pos, n))
+            self.offset += n
         if self.error is not None:
             raise self.error
 
