@@ -347,6 +347,13 @@ class SftpTree:
 
         return shell_path(path)
 
+    def _failed(self, what: str, stderr: str) -> TransferError:
+        """A command on the site failed: a full disk or quota says so (``DiskFull``)."""
+        err = stderr.strip()
+        if "No space" in err or "quota" in err.lower():
+            return DiskFull(f"{self}: {err}")
+        return TransferError(f"{self}: {what} failed: {err}")
+
     def state(self, manifest: Manifest) -> str:
         """One command on the site (a login node may be 50 ms away: one round trip, not six) looks
         at the destination and, when there is none, creates the partial folder with every folder
@@ -363,9 +370,7 @@ class SftpTree:
                   f"echo {mark}-df; df -Pk . | tail -1\n")
         res = self.session.run_standalone(script, input=b"".join(d.encode() + b"\0" for d in dirs))
         if res.rc == 3:
-            if "No space" in res.stderr or "quota" in res.stderr.lower():
-                raise DiskFull(f"{self}: {res.stderr.strip()}")
-            raise TransferError(f"{self}: creating {self.partial} failed: {res.stderr.strip()}")
+            raise self._failed(f"creating {self.partial}", res.stderr)
         if res.rc != 0:
             raise TransferError(f"{self}: looking at the destination failed (exit {res.rc}): {res.stderr.strip()}")
         parts: dict[str, list[str]] = {}
@@ -472,9 +477,7 @@ class SftpTree:
             res = self.session.run(f"cd {self._q(self.partial)} && xargs -0 mkdir -p --", input=data,
                                    timeout=600, check=False)
             if res.rc != 0:
-                if "No space" in res.stderr or "quota" in res.stderr.lower():
-                    raise DiskFull(f"{self}: {res.stderr.strip()}")
-                raise TransferError(f"{self}: creating folders failed: {res.stderr.strip()}")
+                raise self._failed("creating folders", res.stderr)
 
     def writer(self, entry: Entry, ranged: bool = False) -> SftpPart:
         return SftpPart(self, entry)
@@ -523,10 +526,7 @@ class SftpTree:
                   f" && rm -f {self._q(self.journal_path)} && mv -T {self._q(self.partial)} {self._q(self.dest)}")
         res = self.session.run(script, input=manifest.to_json().encode(), timeout=600, check=False)
         if res.rc != 0:
-            err = res.stderr.strip()
-            if "No space" in err or "quota" in err.lower():
-                raise DiskFull(f"{self}: {err}")
-            raise TransferError(f"{self}: publishing the staged folder failed: {err}")
+            raise self._failed("publishing the staged folder", res.stderr)
 
     def verify(self, manifest: Manifest, workers: int = 4) -> tuple[list[str], list[str]]:
         listing = self._listing(self.dest)

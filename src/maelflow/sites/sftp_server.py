@@ -16,7 +16,10 @@ for the executor, which runs them in order: full blocks written with O_DIRECT, a
 block and its unaligned tail at its close, renames after the closes before them. So the reader
 never waits for the disk (an O_DIRECT write of an object's last block would otherwise stall the
 channel once per object) until a few blocks are waiting for it, and the answers still go out in
-the order of the requests, as the wire requires. A write is answered once its data is taken; a
+the order of the requests, as the wire requires. The executor also hashes each file as it writes
+it in sequence, for ``commit@maelflow``: the object is renamed into place only if its size and
+SHA-256 are the manifest's, else removed (the check is of what reached the site's disk, and the
+pushing side's cores are spared it). A write is answered once its data is taken; a
 failure to write it (a full disk) is the answer to the file's next write or its close, so an
 object is never confirmed unless all of it reached the file. Writes out of sequence, append
 handles and file systems without O_DIRECT use ordinary writes. Standard library only: it runs in
