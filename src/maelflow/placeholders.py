@@ -24,10 +24,9 @@ def placeholders_for(ws: Workspace) -> dict[str, str]:
         site = LoopbackHpc(ws)
         info = site.connection_info()
         if info.get("port"):
-            # the site user is shared by workspaces: each gets its own folder in the user's home
             values.update({"hpc_port": str(info["port"]), "hpc_identity": info["identity_file"],
                            "hpc_known_hosts": info["known_hosts"], "hpc_user": info["user"],
-                           "hpc_home": info["home"] or "", "hpc_root": f"{info['home']}/maelflow-{site.site_id}"})
+                           "hpc_home": info["home"] or "", "hpc_root": str(site.site_root() or "")})
     return values
 
 

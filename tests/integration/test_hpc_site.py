@@ -224,3 +224,18 @@ def wait_until_exists(path: Path, timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.1)
     return False
+
+
+def test_forget_leaves_nothing_of_the_workspace_on_the_site(hpc_site):
+    """Runs after the others (file order): ``forget`` removes the workspace's folder on the site,
+    its key line and its runtime folder; the shared site user and its home stay."""
+    ws, info = hpc_site["ws"], hpc_site["info"]
+    site = hpc.LoopbackHpc(ws)
+    root = site.site_root()
+    assert root == Path(info["home"]) / f"maelflow-{site.site_id}"
+    (root / "datasets").mkdir(parents=True, exist_ok=True)      # what stages and jobs leave there
+    (root / "datasets" / "x").write_text("x")
+    blob = Path(f"{info['identity_file']}.pub").read_text().split()[1]
+    hpc.forget(ws)
+    assert not root.exists() and not site.runtime.exists() and Path(info["home"]).is_dir()
+    assert blob not in (Path(info["home"]) / ".ssh" / "authorized_keys").read_text()

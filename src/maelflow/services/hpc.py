@@ -655,12 +655,22 @@ class LoopbackHpc:
         self._sweep_strays()
         return {svc.name: infos[svc.name] for svc in self.services}
 
+    def site_root(self) -> Path | None:
+        """This workspace's folder on the site (its jobs, datasets and outputs): the site user is
+        shared by workspaces, each gets its own folder in the user's home."""
+        home = self.home()
+        return home / f"maelflow-{self.site_id}" if home is not None else None
+
     def forget(self) -> dict[str, ServiceInfo]:
-        """``down``, then undo what ``up`` put outside the workspace: this workspace's line in the
-        user's authorized_keys and the runtime dir. The user and its home stay (shared by workspaces)."""
+        """``down``, then undo what ``up`` and the work since put outside the workspace: this
+        workspace's line in the user's authorized_keys, the runtime dir and its folder on the site.
+        The user and its home stay (shared by workspaces)."""
         infos = self.down()
         self.remove_key()
         shutil.rmtree(self.runtime, ignore_errors=True)
+        root = self.site_root()
+        if root is not None:
+            shutil.rmtree(root, ignore_errors=True)
         return infos
 
     def remove_key(self) -> bool:
