@@ -543,6 +543,20 @@ _SSH_FAILURE_RE = re.compile(r"^(ssh:|ssh_|mux_client|Control socket|Connection 
                              r"Received disconnect|Broken pipe|banner exchange)", re.M)
 
 
+def _raise_ssh_failure(session: "SshSession", rc: int, err: str, refused: Callable[[str], CredentialError]) -> None:
+    """What the OpenSSH client itself failed at (exit 255; "user@host: Permission denied (...)"):
+    the credential (``refused(why)``, the caller's hint), the host key, the connection. Anything
+    else is the remote command's own result."""
+    if rc != 255:
+        return
+    if "Permission denied" in err:
+        raise refused(err.strip())
+    if "Host key verification failed" in err:
+        raise HostKeyError(f"site {session.site_name}: {err.strip()}")
+    if _SSH_FAILURE_RE.search(err):
+        raise ConnectionLost(f"{session.target}: {err.strip()}", sent=True)
+
+
 class _OpenSshBackend(_Backend):
     """2FA: a person answers the second factor once, in their own ``ssh -M``; we only ride it."""
 
@@ -589,14 +603,10 @@ class _OpenSshBackend(_Backend):
                                   capture_output=True, timeout=timeout, start_new_session=True)
         except subprocess.TimeoutExpired:
             raise RemoteTimeout(f"{self.s.target}: `{command[:120]}` still running after {timeout:.0f} s") from None
-        err = proc.stderr.decode(errors="replace")
-        if proc.returncode == 255 and _SSH_FAILURE_RE.search(err):
-            if "Permission denied" in err:
-                raise self.s.credential_error(f"the login node refused the session ({err.strip()}); "
-                                              f"{self._open_hint()}", os.path.expanduser(self.control_path))
-            if "Host key verification failed" in err:
-                raise HostKeyError(f"site {self.s.site_name}: {err.strip()}")
-            raise ConnectionLost(f"{self.s.target}: {err.strip()}", sent=True)
+        _raise_ssh_failure(self.s, proc.returncode, proc.stderr.decode(errors="replace"),
+                           lambda why: self.s.credential_error(f"the login node refused the session ({why}); "
+                                                               f"{self._open_hint()}",
+                                                               os.path.expanduser(self.control_path)))
         return proc.returncode, proc.stdout, proc.stderr
 
     def _check(self, command: str, result: tuple[int, bytes, bytes]) -> tuple[int, bytes, bytes]:
@@ -777,14 +787,9 @@ class SshSession:
         except subprocess.TimeoutExpired:
             raise RemoteTimeout(f"{self.target}: `{command[:120]}` still running after {timeout:.0f} s") from None
         err = proc.stderr.decode(errors="replace")
-        if proc.returncode == 255:          # ssh's own failures ("user@host: Permission denied (...)")
-            if "Permission denied" in err:
-                raise self.credential_error(f"the login node refused the key ({err.strip()})",
-                                            os.path.expanduser(st.identity_file or "~/.ssh"))
-            if "Host key verification failed" in err:
-                raise HostKeyError(f"site {self.site_name}: {err.strip()}")
-            if _SSH_FAILURE_RE.search(err):
-                raise ConnectionLost(f"{self.target}: {err.strip()}", sent=True)
+        _raise_ssh_failure(self, proc.returncode, err,
+                           lambda why: self.credential_error(f"the login node refused the key ({why})",
+                                                             os.path.expanduser(st.identity_file or "~/.ssh")))
         return RemoteResult(proc.returncode, proc.stdout.decode(errors="replace"), err)
 
     def put_text(self, remote_path: str, text: str, mode: int | None = None) -> None:
