@@ -21,6 +21,17 @@ class DiskFull(TransferError):
     """Not enough free space at the destination."""
 
 
+def disk_error(exc: OSError, where: str) -> TransferError | OSError:
+    """``exc`` as a DiskFull when the disk or the quota is full (here, or on a site that says so),
+    else ``exc`` itself."""
+    import errno
+
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFull(f"{where}: no space left on the device (or the quota is exhausted); free some "
+                        "space and run the stage again: it continues where it stopped")
+    return exc
+
+
 class ChecksumMismatch(TransferError):
     """An object's bytes do not match the manifest, even after fetching it again."""
 

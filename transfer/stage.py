@@ -18,7 +18,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from maelflow_transfer.errors import ChecksumMismatch, DiskFull, StoreError, TransferError, TransientError
+from maelflow_transfer.errors import ChecksumMismatch, DiskFull, StoreError, TransferError, TransientError, disk_error
 from maelflow_transfer.manifest import Entry, Manifest
 from maelflow_transfer.progress import Progress
 from maelflow_transfer.store import Store
@@ -117,27 +117,21 @@ class _Run:
         part = self.tree.writer(e)
         remote = getattr(part, "verifies", False)        # the site checks it (its answer comes later)
         h = hashlib.sha256()
+
+        def count(n: int) -> None:
+            moved[0] += n
+            self.progress.moved(n)
+            self.limit.take(n)
         try:
             if remote and hasattr(self.store, "splice"):    # a local copy: the kernel moves its bytes
-                def counted(n: int) -> None:
-                    moved[0] += n
-                    self.progress.moved(n)
-                    self.limit.take(n)
-                if self.store.splice(e.key, part.write_from, e.size, counted, stop=self.stop) != e.size:
-                    part.abort()
-                    return False
-                part.commit(lambda: self.placed(e), on_mismatch=lambda: self.mismatched(e))
-                return True
-
-            def sink(view: memoryview) -> None:
-                if not remote:
-                    h.update(view)
-                part.write(view)
-                n = len(view)
-                moved[0] += n
-                self.progress.moved(n)
-                self.limit.take(n)
-            n = self.store.get(e.key, sink, stop=self.stop)
+                n = self.store.splice(e.key, part.write_from, e.size, count, stop=self.stop)
+            else:
+                def sink(view: memoryview) -> None:
+                    if not remote:
+                        h.update(view)
+                    part.write(view)
+                    count(len(view))
+                n = self.store.get(e.key, sink, stop=self.stop)
         except BaseException:
             part.abort()
             raise
@@ -281,7 +275,9 @@ def stage(store: Store, tree, dataset: str, *, workers: int = 32, progress: Prog
         except TransferError:
             raise
         except OSError as exc:
-            raise TransferError(f"dataset {dataset!r}: writing to {tree} failed: {exc}") from None
+            err = disk_error(exc, f"dataset {dataset!r}: writing to {tree}")
+            raise err if isinstance(err, TransferError) else \
+                TransferError(f"dataset {dataset!r}: writing to {tree} failed: {exc}") from None
         copied, nbytes = copied + run.copied, nbytes + run.bytes
         todo = [e for e in todo if e.key not in run.done]
         if not todo:

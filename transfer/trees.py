@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import Callable
 
-from maelflow_transfer.errors import DestinationConflict, DiskFull, TransferError
+from maelflow_transfer.errors import DestinationConflict, DiskFull, TransferError, disk_error
 from maelflow_transfer.manifest import MANIFEST_NAME, Entry, Manifest, extra_files, sha256_file, verify_tree
 
 JOURNAL_NAME = ".maelflow-journal"
@@ -40,11 +40,14 @@ def _is_part(rel: str) -> bool:
     return name.startswith(".") and name.endswith(".part")
 
 
-def _disk_error(exc: OSError, where: str) -> TransferError | OSError:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return DiskFull(f"{where}: no space left on the device (or the quota is exhausted); free some "
-                        "space and run the stage again: it continues where it stopped")
-    return exc
+def _sizes(lines: list[str]) -> dict[str, int]:
+    """``find -printf '%s %P\\n'`` lines: path -> size."""
+    out = {}
+    for line in lines:
+        size, _, rel = line.partition(" ")
+        if rel:
+            out[rel] = int(size)
+    return out
 
 
 def _conflict(dest: str, manifest: Manifest, other: Manifest | None) -> DestinationConflict:
@@ -113,7 +116,7 @@ class LocalPart:
                 n = os.write(self.fd, data)
                 data = data[n:]
         except OSError as exc:
-            raise _disk_error(exc, str(self.tmp)) from None
+            raise disk_error(exc, str(self.tmp)) from None
 
     def pwrite(self, data: memoryview, offset: int) -> None:
         try:
@@ -121,7 +124,7 @@ class LocalPart:
                 n = os.pwrite(self.fd, data, offset)
                 data, offset = data[n:], offset + n
         except OSError as exc:
-            raise _disk_error(exc, str(self.tmp)) from None
+            raise disk_error(exc, str(self.tmp)) from None
 
     def sha256(self) -> str:
         return sha256_file(self.tmp)
@@ -179,7 +182,7 @@ class LocalTree:
         try:
             self.partial.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise _disk_error(exc, str(self.partial)) from None
+            raise disk_error(exc, str(self.partial)) from None
         journal: dict[str, dict] = {}
         if self.journal_path.is_file():
             for line in self.journal_path.read_text().splitlines():
@@ -228,7 +231,7 @@ class LocalTree:
             try:
                 (self.partial / d).mkdir(parents=True, exist_ok=True)
             except OSError as exc:
-                raise _disk_error(exc, str(self.partial / d)) from None
+                raise disk_error(exc, str(self.partial / d)) from None
 
     # -- objects -------------------------------------------------------------------------------
     def writer(self, entry: Entry, ranged: bool = False) -> LocalPart:
@@ -238,7 +241,7 @@ class LocalTree:
             return LocalPart(self.partial / entry.key, entry.size, direct=not ranged,
                              journal=lambda stamp: self.record(entry, stamp))
         except OSError as exc:
-            raise _disk_error(exc, str(self.partial / entry.key)) from None
+            raise disk_error(exc, str(self.partial / entry.key)) from None
 
     def record(self, entry: Entry, stamp: int | None) -> None:
         line = json.dumps({"k": entry.key, "s": entry.size, "h": entry.sha256, "m": stamp}) + "\n"
@@ -390,11 +393,7 @@ class SftpTree:
             raise _conflict(str(self), manifest, other)
         if "exists" in parts:
             raise _conflict(str(self), manifest, None)
-        files = {}
-        for line in parts.get("files", []):
-            size, _, rel = line.partition(" ")
-            if rel:
-                files[rel] = int(size)
+        files = _sizes(parts.get("files", []))
         try:
             free = int(parts.get("df", [""])[0].split()[3]) * 1024
         except (IndexError, ValueError):
@@ -405,12 +404,7 @@ class SftpTree:
     def _listing(self, root: str) -> dict[str, int]:
         res = self.session.run(f"cd {self._q(root)} 2>/dev/null && find . -type f -printf '%s %P\\n' || true",
                                timeout=600)
-        out = {}
-        for line in res.stdout.splitlines():
-            size, _, rel = line.partition(" ")
-            if rel:
-                out[rel] = int(size)
-        return out
+        return _sizes(res.stdout.splitlines())
 
     def _sha256sum(self, root: str, keys: list[str]) -> dict[str, str]:
         if not keys:
@@ -520,7 +514,7 @@ class SftpTree:
                 wire.remove(self.journal_path, missing_ok=True)      # answered after the rename's
                 wire.rename(self.partial, self.dest)                 # only once those succeeded
             except OSError as exc:
-                raise _disk_error(exc, str(self)) from None
+                raise disk_error(exc, str(self)) from None
             return
         script = (f"umask 022 && cat > {self._q(tmp)} && mv -f {self._q(tmp)} {self._q(self.partial + '/' + MANIFEST_NAME)}"
                   f" && rm -f {self._q(self.journal_path)} && mv -T {self._q(self.partial)} {self._q(self.dest)}")

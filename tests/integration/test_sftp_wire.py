@@ -5,6 +5,7 @@ rename's answer, refusals raised where their answers are read, O_APPEND journal 
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from pathlib import Path
@@ -128,9 +129,10 @@ def test_maelflow_server_reports_a_failed_write_of_an_answered_block(tmp_path):
     w = SftpWire(MAELFLOW_SERVER, "maelflow sftp-server")
     for size in (600_000, 3 * 2**20 + 5):          # the tail only; whole blocks and a tail
         up = w.upload("/dev/full")
-        with pytest.raises(OSError, match="No space left"):
+        with pytest.raises(OSError, match="No space left") as err:
             up.write(b"x" * size)
             up.finish()
+        assert err.value.errno == errno.ENOSPC          # a stage makes it its DiskFull
     done = []
     ok = w.upload(str(tmp_path / ".ok.part"))         # the wire goes on
     ok.write(b"k" * 10)

@@ -18,6 +18,7 @@ naming its path; the wire stays in step. One wire serves one thread.
 from __future__ import annotations
 
 import collections
+import errno
 import fcntl
 import itertools
 import os
@@ -252,6 +253,9 @@ class SftpWire:
             return FileNotFoundError(2, msg or "No such file", path)
         if code == _FX_PERMISSION_DENIED:
             return PermissionError(13, msg or "Permission denied", path)
+        for err in (errno.ENOSPC, errno.EDQUOT):     # maelflow's server names these (OpenSSH's says "Failure")
+            if msg == os.strerror(err):
+                return OSError(err, f"{self.target}: SFTP error {code} on {path}: {msg}", path)
         return OSError(f"{self.target}: SFTP error {code} on {path}: {msg}")
 
     def _call(self, kind: int, payload: bytes, path: str) -> None:
