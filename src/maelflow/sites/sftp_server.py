@@ -47,7 +47,7 @@ ALIGN = 4096
 OPEN_AS = b"open-as@maelflow"   # OPEN with a handle the client chose ("c..."): it writes without waiting
 COMMIT = b"commit@maelflow"     # rename a closed file into place only if its size and SHA-256 are these
 MISMATCH = "maelflow-mismatch"  # how a COMMIT whose file differs is answered (a FAILURE status's message)
-MAX_MESSAGE = 1 << 24      # the wire sends 255 KiB writes; anything far larger is a broken stream
+MAX_MESSAGE = 1 << 24      # the wire sends 1 MiB writes; anything far larger is a broken stream
 
 
 class Protocol(Exception):
@@ -338,26 +338,6 @@ class Server:
                 self._send(_HANDLE, _u32(rid) + _str(handle))
         self._later(job)
 
-    def _ship(self, f: _File, upto: int) -> None:
-        """The first ``upto`` bytes of the file's buffer (aligned) to the disk, O_DIRECT; the rest
-        stays in a fresh buffer."""
-        buf, base = f.buf, f.base
-        nxt = self.pool.take()
-        rest = f.fill - upto
-        if rest:
-            nxt[:rest] = buf[upto:f.fill]
-        f.buf, f.base, f.fill = nxt, base + upto, rest
-        self.pool.queue_one()
-
-        def job() -> None:
-            try:
-                f.hash(memoryview(buf)[:upto], base)
-                f.put(memoryview(buf)[:upto], base, direct=True)
-            finally:
-                self.pool.give(buf)
-                self.pool.done_one()
-        self._later(job)
-
     def _write(self, length: int) -> None:
         fixed = self.reader.exact(8)                     # id, handle length
         rid, hlen = int.from_bytes(fixed[:4], "big"), int.from_bytes(fixed[4:], "big")
@@ -375,15 +355,15 @@ class Server:
             self._later(lambda: self._status(rid, _FAILURE, "no such handle"))
             return
         if f.sequential and offset == f.base + f.fill:
-            if f.buf is None:
-                f.buf = self.pool.take()
             while n:
+                if f.buf is None:
+                    f.buf = self.pool.take()
                 k = min(n, BLOCK - f.fill)
                 self.reader.into(memoryview(f.buf)[f.fill:f.fill + k])
                 f.fill += k
                 n -= k
                 if f.fill == BLOCK:
-                    self._ship(f, BLOCK)
+                    self._flush(f)
         else:
             data = self.reader.exact(n)                  # read whole first: the stream stays in step
             self._flush(f)
@@ -404,7 +384,8 @@ class Server:
         self._later(answer)
 
     def _flush(self, f: _File) -> None:
-        """What the file's buffer holds to the disk: its aligned part O_DIRECT, the tail not."""
+        """What the file's buffer holds to the disk (a full block, or what is left at its close or
+        before an out-of-sequence write): its aligned part O_DIRECT, an unaligned tail not."""
         if f.buf is None:
             return
         buf, base, fill = f.buf, f.base, f.fill
@@ -474,27 +455,21 @@ class _Body:
     def __init__(self, data: bytes):
         self.data, self.pos = data, 0
 
-    def u32(self) -> int:
-        if self.pos + 4 > len(self.data):
-            raise Protocol("message cut short")
-        v = int.from_bytes(self.data[self.pos:self.pos + 4], "big")
-        self.pos += 4
-        return v
-
-    def u64(self) -> int:
-        if self.pos + 8 > len(self.data):
-            raise Protocol("message cut short")
-        v = int.from_bytes(self.data[self.pos:self.pos + 8], "big")
-        self.pos += 8
-        return v
-
-    def string(self) -> bytes:
-        n = self.u32()
+    def _take(self, n: int) -> bytes:
         if self.pos + n > len(self.data):
-            raise Protocol("string cut short")
+            raise Protocol("message cut short")
         v = self.data[self.pos:self.pos + n]
         self.pos += n
         return v
+
+    def u32(self) -> int:
+        return int.from_bytes(self._take(4), "big")
+
+    def u64(self) -> int:
+        return int.from_bytes(self._take(8), "big")
+
+    def string(self) -> bytes:
+        return self._take(self.u32())
 
     def text(self) -> str:
         return os.fsdecode(self.string())

@@ -78,6 +78,7 @@ class SftpWire:
         self._inbuf = bytearray()
         self._appenders: dict[str, _Upload] = {}
         self._extensions: dict[str, bytes] | None = None
+        self._write_chunk: int | None = None
         self._dead: WireLost | None = None       # gone before INIT could be sent: raised at first use
         self._start(argv)
         try:
@@ -109,11 +110,13 @@ class SftpWire:
     def write_chunk(self) -> int:
         """Bytes per WRITE: 255 KiB (what OpenSSH's sftp-server takes) unless the server says more
         (maelflow's: a whole block, a quarter of the messages and of the work per byte on both sides)."""
-        try:
-            n = int(self.extensions.get(MAX_WRITE_EXTENSION, b"0"))
-        except ValueError:
-            n = 0
-        return min(max(n, self.WRITE_CHUNK), 1 << 24)
+        if self._write_chunk is None:
+            try:
+                n = int(self.extensions.get(MAX_WRITE_EXTENSION, b"0"))
+            except ValueError:
+                n = 0
+            self._write_chunk = min(max(n, self.WRITE_CHUNK), 1 << 24)
+        return self._write_chunk
 
     @property
     def verifies(self) -> bool:
@@ -122,21 +125,18 @@ class SftpWire:
 
     @property
     def extensions(self) -> dict[str, bytes]:
-        """The server's extensions (name: data), from its answer to INIT."""
+        """The server's extensions (name: data), from its answer to INIT; a server that dies
+        before answering (or answers something else) is replaced by the fallback, once."""
         if self._extensions is None:
             if self._dead is not None:
                 raise self._dead
             try:
-                kind, body = self._read_message()
-                if kind != _VERSION:
-                    raise self._lost(f"unexpected SFTP answer {kind} to INIT")
+                body = self._version()
             except WireLost:
                 if not self.fallback:
                     raise
                 self._use_fallback()
-                kind, body = self._read_message()
-                if kind != _VERSION:
-                    raise self._lost(f"unexpected SFTP answer {kind} to INIT")
+                body = self._version()
             found, pos = {}, 4
             while pos < len(body):
                 n = int.from_bytes(body[pos:pos + 4], "big")
@@ -147,6 +147,12 @@ class SftpWire:
                 pos += 4 + m
             self._extensions = found
         return self._extensions
+
+    def _version(self) -> bytes:
+        kind, body = self._read_message()
+        if kind != _VERSION:
+            raise self._lost(f"unexpected SFTP answer {kind} to INIT")
+        return body
 
     # -- framing -------------------------------------------------------------------------------
     def _lost(self, what: str) -> WireLost:

@@ -543,6 +543,16 @@ _SSH_FAILURE_RE = re.compile(r"^(ssh:|ssh_|mux_client|Control socket|Connection 
                              r"Received disconnect|Broken pipe|banner exchange)", re.M)
 
 
+def _run_openssh(target: str, argv: list[str], command: str, input: bytes | None,
+                 timeout: float) -> subprocess.CompletedProcess:
+    """One ``ssh`` process for ``command``, never prompting (stdin is ``input`` or nothing)."""
+    try:
+        return subprocess.run(argv, input=input or None, stdin=None if input else subprocess.DEVNULL,
+                              capture_output=True, timeout=timeout, start_new_session=True)
+    except subprocess.TimeoutExpired:
+        raise RemoteTimeout(f"{target}: `{command[:120]}` still running after {timeout:.0f} s") from None
+
+
 def _raise_ssh_failure(session: "SshSession", rc: int, err: str, refused: Callable[[str], CredentialError]) -> None:
     """What the OpenSSH client itself failed at (exit 255; "user@host: Permission denied (...)"):
     the credential (``refused(why)``, the caller's hint), the host key, the connection. Anything
@@ -596,13 +606,7 @@ class _OpenSshBackend(_Backend):
         return True     # every command finds out itself (one process per command)
 
     def execute(self, command: str, input: bytes | None, timeout: float) -> tuple[int, bytes, bytes]:
-        argv = self._argv("-T", self.settings.host, command)
-        try:
-            proc = subprocess.run(argv, input=input or None,
-                                  stdin=None if input else subprocess.DEVNULL,
-                                  capture_output=True, timeout=timeout, start_new_session=True)
-        except subprocess.TimeoutExpired:
-            raise RemoteTimeout(f"{self.s.target}: `{command[:120]}` still running after {timeout:.0f} s") from None
+        proc = _run_openssh(self.s.target, self._argv("-T", self.settings.host, command), command, input, timeout)
         _raise_ssh_failure(self.s, proc.returncode, proc.stderr.decode(errors="replace"),
                            lambda why: self.s.credential_error(f"the login node refused the session ({why}); "
                                                                f"{self._open_hint()}",
@@ -780,12 +784,7 @@ class SshSession:
             return self.run(command, input=input, timeout=timeout, check=False)
         if st.auth == "key" and st.identity_file and not os.path.exists(os.path.expanduser(st.identity_file)):
             raise self.credential_error("private key file is missing", os.path.expanduser(st.identity_file))
-        argv = self.openssh_argv("-T", st.host, command)
-        try:
-            proc = subprocess.run(argv, input=input or None, stdin=None if input else subprocess.DEVNULL,
-                                  capture_output=True, timeout=timeout, start_new_session=True)
-        except subprocess.TimeoutExpired:
-            raise RemoteTimeout(f"{self.target}: `{command[:120]}` still running after {timeout:.0f} s") from None
+        proc = _run_openssh(self.target, self.openssh_argv("-T", st.host, command), command, input, timeout)
         err = proc.stderr.decode(errors="replace")
         _raise_ssh_failure(self, proc.returncode, err,
                            lambda why: self.credential_error(f"the login node refused the key ({why})",
