@@ -420,7 +420,9 @@ class SftpTree:
 
     def prepare(self, manifest: Manifest, workers: int = 4) -> set[str]:
         """The objects already in the partial folder and correct (``state`` has looked)."""
-        survey = self._survey if self._survey is not None else self._look(manifest)
+        if self._survey is None and self.state(manifest) != "absent":     # ``stage`` asks ``state`` first
+            raise TransferError(f"{self}: the destination appeared while the stage was preparing")
+        survey = self._survey
         journal: dict[str, dict] = {}
         for line in survey["journal"]:
             try:
@@ -454,11 +456,6 @@ class SftpTree:
             data = b"".join(k.encode() + b"\0" for k in stale)
             self.session.run(f"cd {self._q(self.partial)} && xargs -0 rm -f --", input=data, timeout=600)
         return done
-
-    def _look(self, manifest: Manifest) -> dict:
-        if self.state(manifest) != "absent":
-            raise TransferError(f"{self}: the destination appeared while the stage was preparing")
-        return self._survey
 
     def free_bytes(self) -> int | None:
         return self._survey["free"] if self._survey is not None else None
