@@ -131,7 +131,7 @@ def main() -> None:
     from maelflow.services import hpc
     from maelflow.services import stack as stack_mod
     from maelflow.workspace import Workspace
-    from maelflow_transfer.config import ewc_settings, load_site, open_store
+    from maelflow.datasets.settings import ewc_settings, load_site, open_store
 
     tmp = Path(tempfile.mkdtemp(prefix="maelflow-bench-transfer-"))
     ws = Workspace(tmp / "ws")

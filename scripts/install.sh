@@ -33,9 +33,9 @@ fi
 .venv/bin/python -m pip install -q -U pip wheel
 # The CPU torch build is pinned in constraints.txt: letting pip choose would download CUDA wheels.
 .venv/bin/python -m pip install -q -c constraints.txt torch==2.13.0
-.venv/bin/python -m pip install -q -c constraints.txt -e '.[test,anemoi]'
+.venv/bin/python -m pip install -q -c constraints.txt -e ./transfer -e ./registry -e '.[test,anemoi]' -e ./sandbox
 # PyPI's torchvision is a CUDA build that cannot load beside CPU torch; timm (anemoi) imports it.
 # A start-up hook declares the two missing operator schemas when torch is CPU-only (see the module).
 site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-echo "import maelflow._tvshim" > "$site/zz_maelflow_tvshim.pth"
+echo "import maelflow_sandbox.tvshim" > "$site/zz_maelflow_tvshim.pth"
 .venv/bin/python -c 'import ecflow, maelflow; print("install: ecflow", ecflow.__version__, "maelflow", maelflow.__version__)'

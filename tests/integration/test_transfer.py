@@ -20,13 +20,13 @@ from maelflow.cli.main import cli
 from maelflow.services import hpc
 from maelflow.services import stack as stack_mod
 from maelflow.workspace import Workspace
-from maelflow_transfer import catalogue_hook as hook
-from maelflow_transfer.config import ewc_settings, load_site, open_store
+from maelflow.datasets import catalogue_hook as hook
+from maelflow.datasets.settings import ewc_settings, load_site, open_store
 from maelflow_transfer.errors import ChecksumMismatch, CredentialsError, NotPublished, SourceChanged
 from maelflow_transfer.manifest import MANIFEST_NAME
 from maelflow_transfer.publish import publish
 from maelflow_transfer.retry import Backoff
-from maelflow_transfer.runner import stage_dataset
+from maelflow.datasets.stage import stage_dataset
 from maelflow_transfer.stage import stage
 from maelflow_transfer.trees import LocalTree
 from tests.conftest import FAST_DATASET, write_yaml
@@ -279,7 +279,7 @@ def test_suite_publishes_stages_and_registers(tstack, config_root):
 
 
 def test_worker_runs_a_queued_transfer_task(tstack, tmp_path):
-    from maelflow_transfer.worker import run_worker
+    from maelflow.datasets.worker import run_worker
 
     ws = tstack
     cat = _catalogue(ws)
@@ -347,7 +347,7 @@ def test_sftp_push_is_served_by_the_sites_maelflow_else_by_openssh(tstack, tmp_p
     blocks per WRITE); a site whose maelflow cannot start it gets OpenSSH's sftp-server, and the
     push works the same."""
     from maelflow.sites.ssh import session_for
-    from maelflow_transfer.runner import wire_server
+    from maelflow.datasets.stage import wire_server
 
     ws = tstack
     site = load_site("localhpc", ws)

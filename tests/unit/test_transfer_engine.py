@@ -15,7 +15,7 @@ from maelflow_transfer.errors import (ChecksumMismatch, DestinationConflict, Dis
 from maelflow_transfer.manifest import MANIFEST_NAME, Entry, Manifest, scan, verify_tree
 from maelflow_transfer.progress import Progress, Snapshot
 from maelflow_transfer.retry import Backoff
-from maelflow_transfer.runner import choose_via
+from maelflow.datasets.stage import choose_via
 from maelflow_transfer.stage import stage
 from maelflow_transfer.trees import JOURNAL_NAME, LocalTree
 

@@ -34,7 +34,7 @@ def command() -> None:
 def serve(workspace: str | None, port: int | None) -> None:
     """Run the catalogue in the foreground on 127.0.0.1 (S3 must be up: maelflow services up)."""
     from maelflow_registry.server import serve as run
-    from maelflow_registry.service import CatalogueService
+    from maelflow.services.catalogue import CatalogueService
 
     ws = resolve_workspace(workspace)
     try:

@@ -42,7 +42,7 @@ def _fail(exc: Exception, as_json: bool = False) -> None:
 
 
 def _site(ws, name: str | None, overrides: tuple[str, ...]):
-    from maelflow_transfer.config import load_site
+    from maelflow.datasets.settings import load_site
 
     return load_site(name, ws, overrides) if name else None
 
@@ -66,8 +66,8 @@ def publish(zarr: str, dataset: str | None, prefix: str | None, replace: bool, w
     workers = workers or 16
     from pathlib import Path
 
-    from maelflow_transfer import catalogue_hook as hook
-    from maelflow_transfer.config import dataset_prefix, ewc_settings, open_store
+    from maelflow.datasets import catalogue_hook as hook
+    from maelflow.datasets.settings import dataset_prefix, ewc_settings, open_store
     from maelflow_transfer.errors import TransferError
     from maelflow_transfer.progress import Progress, RichBar
     from maelflow_transfer.publish import publish as do_publish
@@ -112,10 +112,10 @@ def stage(dataset: str, site_name: str | None, dest: str | None, via: str, prefi
           source: str | None, credentials: str | None, max_rate: float | None, as_json: bool, no_register: bool,
           overrides: tuple[str, ...], workers: int | None, workspace: str | None) -> None:
     """Stage the published DATASET to a site (resumable, verified, visible only when complete)."""
-    from maelflow_transfer import catalogue_hook as hook
+    from maelflow.datasets import catalogue_hook as hook
     from maelflow_transfer.errors import TransferError
     from maelflow_transfer.progress import RichBar, json_sink
-    from maelflow_transfer.runner import stage_dataset
+    from maelflow.datasets.stage import stage_dataset
 
     ws = resolve_workspace(workspace)
     try:
@@ -156,7 +156,7 @@ def verify(dataset: str, site_name: str | None, dest: str | None, prefix: str | 
            overrides: tuple[str, ...], workspace: str | None) -> None:
     """Check every object of a staged DATASET against the published manifest (exit 1 if any differs)."""
     from maelflow_transfer.errors import TransferError
-    from maelflow_transfer.runner import verify_dataset
+    from maelflow.datasets.stage import verify_dataset
 
     ws = resolve_workspace(workspace)
     try:
@@ -185,7 +185,7 @@ def worker(site_name: str | None, once: bool, poll: float, max_tasks: int | None
            workers: int | None, workspace: str | None) -> None:
     """Carry out the transfer-dataset tasks queued in the catalogue for --site."""
     from maelflow_transfer.errors import TransferError
-    from maelflow_transfer.worker import run_worker
+    from maelflow.datasets.worker import run_worker
 
     if not site_name:
         _fail(RuntimeError("--site is required: the worker takes the tasks whose destination is that site"))

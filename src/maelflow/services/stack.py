@@ -24,7 +24,7 @@ SERVICES: dict[str, str] = {
     "ecflow": "maelflow.services.ecflow:EcflowService",
     "s3": "maelflow.services.s3:S3Service",
     "mlflow": "maelflow.services.mlflow:MlflowService",
-    "catalogue": "maelflow_registry.service:CatalogueService",
+    "catalogue": "maelflow.services.catalogue:CatalogueService",
     "hpc": "maelflow.services.hpc:LoopbackHpc",
     "relay": "maelflow.services.relay:RelayService",
 }

@@ -66,8 +66,8 @@ def build(ctx: TaskContext, dataset: str) -> None:
 def publish(ctx: TaskContext, dataset: str) -> None:
     """Publish the dataset's zarr to the EWC: objects (parallel, multipart when large), manifest last."""
     from maelflow import ewc
-    from maelflow_transfer import catalogue_hook
-    from maelflow_transfer.config import open_store
+    from maelflow.datasets import catalogue_hook
+    from maelflow.datasets.settings import open_store
     from maelflow_transfer.errors import TransferError
     from maelflow_transfer.progress import Progress, reporter_sink
     from maelflow_transfer.publish import publish as do_publish
@@ -90,7 +90,7 @@ def publish(ctx: TaskContext, dataset: str) -> None:
 
 def _register(ctx: TaskContext, dataset: str, platform: str, path: str, site_root: str | None) -> str:
     """Record the location in the catalogue; a catalogue that is not there is said, not fatal."""
-    from maelflow_transfer import catalogue_hook
+    from maelflow.datasets import catalogue_hook
 
     try:
         catalogue_hook.register_location(ctx.ws, dataset, platform, path, site_root=site_root)
@@ -109,7 +109,7 @@ def stage(ctx: TaskContext, dataset: str, site: str) -> None:
     from maelflow.training.runs import dataset_path
     from maelflow_transfer.errors import TransferError
     from maelflow_transfer.progress import reporter_sink
-    from maelflow_transfer.runner import stage_dataset
+    from maelflow.datasets.stage import stage_dataset
 
     ds = ctx.rx.datasets[dataset]
     s = ctx.rx.sites[site]
@@ -136,7 +136,7 @@ def locate(ctx: TaskContext, dataset: str, site: str) -> None:
     """
     from maelflow.sites.files import SiteFiles
     from maelflow.training.runs import dataset_path
-    from maelflow_transfer import catalogue_hook
+    from maelflow.datasets import catalogue_hook
     from maelflow_transfer.manifest import MANIFEST_NAME
 
     dest = str(dataset_path(ctx.rx, site, dataset))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from maelflow_transfer import catalogue_hook as hook
+from maelflow.datasets import catalogue_hook as hook
 from maelflow_transfer.errors import TransferError
 from maelflow_transfer.progress import Snapshot
 
@@ -30,8 +30,8 @@ def _prefix_from_catalogue(ws, dataset: str, source: str, bucket_hint: str | Non
 
 def run_task(ws, task: hook.TransferTask, site_name: str, site, catalogue,
              log: Callable[[str], None] = print, workers: int | None = None) -> bool:
-    from maelflow_transfer.config import ewc_settings
-    from maelflow_transfer.runner import stage_dataset
+    from maelflow.datasets.settings import ewc_settings
+    from maelflow.datasets.stage import stage_dataset
 
     if task.source not in (hook.EWC_PLATFORM, "cli", ""):
         msg = f"source {task.source!r} is not the EWC object store: this worker stages from 'ewc' only"

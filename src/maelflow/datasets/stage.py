@@ -18,7 +18,7 @@ from pathlib import PurePosixPath
 from typing import Callable
 
 from maelflow_transfer import errors as errors_mod
-from maelflow_transfer.config import dataset_prefix, default_dest, ewc_settings, open_store
+from maelflow.datasets.settings import dataset_prefix, default_dest, ewc_settings, open_store
 from maelflow_transfer.errors import TransferError
 from maelflow_transfer.manifest import Manifest
 from maelflow_transfer.progress import Progress, Snapshot
