@@ -66,3 +66,12 @@ def connection_class(kind: str) -> type:
         raise ConfigurationError(f"no connection type {kind!r} (known: {', '.join(known)})",
                                  hint="install the package that provides it, or fix connection.type")
     return found[0].load()
+
+
+def connect(site_name: str, site, *, dry_run: bool = False) -> Connection:
+    """The connection to ``site`` (a ``maelflow.config.models.Site``), by its ``connection.type``.
+
+    Each class builds itself from the site (``for_site``): the SSH one reuses one session per
+    process and login, so the commands of one process share one handshake.
+    """
+    return connection_class(site.connection.type).for_site(site_name, site, dry_run=dry_run)
