@@ -39,9 +39,22 @@ def load_or_exit(experiment: str, overrides: tuple[str, ...], ws: Workspace, as_
         sys.exit(2)
 
 
-def fail(message: str, code: int = 1) -> None:
+def fail(message: str, code: int = 1, hint: str | None = None) -> None:
     """``message`` as written: a credential error's ``[file]`` is text, not markup."""
     from rich.markup import escape
 
     err_console.print(f"[bold red]error[/]: {escape(message)}", highlight=False)
+    if hint and hint not in message:
+        err_console.print(f"[bold]hint[/]: {escape(hint)}", highlight=False)
     sys.exit(code)
+
+
+def exit_with(exc: BaseException) -> None:
+    """A maelflow (or transfer, or catalogue) error: its message, its hint, its exit status."""
+    from maelflow.errors import exit_code_of, hint_of
+
+    if isinstance(exc, ConfigError):
+        print_problems(exc)
+        sys.exit(exc.exit_code)
+    message = getattr(exc, "message", None) or str(exc)
+    fail(message, exit_code_of(exc), hint_of(exc))

@@ -60,6 +60,17 @@ class LazyGroup(click.Group):
         cmd = getattr(module, "commands", {}).get(name) or getattr(module, "command")
         return cmd
 
+    def invoke(self, ctx: click.Context):
+        """The one place a maelflow error becomes a message, its hint and an exit status."""
+        from maelflow.errors import HANDLED
+
+        try:
+            return super().invoke(ctx)
+        except HANDLED as exc:
+            from maelflow.cli.common import exit_with
+
+            exit_with(exc)
+
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="maelflow")

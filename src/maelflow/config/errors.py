@@ -7,6 +7,8 @@ from typing import Any, Iterable
 
 from pydantic import ValidationError
 
+from maelflow.errors import ConfigurationError
+
 
 @dataclass(frozen=True)
 class ConfigProblem:
@@ -23,7 +25,7 @@ class ConfigProblem:
         return {"file": self.file, "field": self.field, "value": value, "reason": self.reason}
 
 
-class ConfigError(Exception):
+class ConfigError(ConfigurationError):
     """One or more problems; nothing is generated from a config that raised this."""
 
     def __init__(self, problems: Iterable[ConfigProblem]):

@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from maelflow.errors import MaelflowError
+
 if TYPE_CHECKING:  # pragma: no cover
     from maelflow.config.models import Dataset
     from maelflow.reporting import Reporter
@@ -37,7 +39,7 @@ if TYPE_CHECKING:  # pragma: no cover
 STATISTICS_ARRAYS = ("mean", "stdev", "minimum", "maximum")
 
 
-class DatasetBuildError(RuntimeError):
+class DatasetBuildError(MaelflowError):
     """A dataset could not be built; the message is one line and names the recipe."""
 
 

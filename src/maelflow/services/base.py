@@ -18,12 +18,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from maelflow.errors import ServiceFailure
 from maelflow.workspace import Workspace
 
 LOOPBACK = "127.0.0.1"
 
 
-class ServiceError(RuntimeError):
+class ServiceError(ServiceFailure):
     """A service could not be started or reached; the message says what to do."""
 
 

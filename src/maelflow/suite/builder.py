@@ -16,6 +16,7 @@ from pathlib import Path
 
 import ecflow
 
+from maelflow.errors import MaelflowError
 from maelflow.config.loader import ResolvedExperiment
 from maelflow.installation import maelflow_command
 from maelflow.suite.layout import FamilySpec, SuiteSpec, TaskSpec, suite_layout
@@ -25,7 +26,7 @@ TEMPLATES_ENV = "MAELFLOW_SUITES_DIR"
 CONFIG_FILE = "experiment.json"
 
 
-class BuildError(RuntimeError):
+class BuildError(MaelflowError):
     pass
 
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from maelflow.errors import MaelflowError
 from maelflow.config.loader import ResolvedExperiment
 from maelflow.suite.builder import BuiltSuite, build_suite
 from maelflow.workspace import Workspace
 
 
-class SuiteError(RuntimeError):
+class SuiteError(MaelflowError):
     pass
 
 

@@ -12,11 +12,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from maelflow.errors import MaelflowError
 from maelflow.config.loader import ResolvedExperiment
 from maelflow.reporting import Reporter
 from maelflow.workspace import Workspace, write_atomic
 
-class TaskFailed(RuntimeError):
+class TaskFailed(MaelflowError):
     """A task failed for a reason an operator can act on."""
 
 

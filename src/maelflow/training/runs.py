@@ -10,10 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from maelflow.errors import MaelflowError
 from maelflow.config.loader import ResolvedExperiment
 
 
-class TrainingError(RuntimeError):
+class TrainingError(MaelflowError):
     pass
 
 

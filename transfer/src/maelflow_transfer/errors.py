@@ -1,12 +1,28 @@
 """What can go wrong in a transfer, each kind with a message an operator can act on.
 
 Every error is a ``TransferError``; the subclasses let callers (the CLI's exit codes, the worker's
-task status, tests) tell them apart without parsing messages.
+task status, tests) tell them apart without parsing messages. Like maelflow's own errors (this
+library does not import maelflow) each carries a ``hint`` and an ``exit_code``: an error raised
+below (a site's credential failure, say) keeps its hint when it is translated into a transfer error.
 """
+
+from __future__ import annotations
 
 
 class TransferError(RuntimeError):
-    """A transfer failed in a way the user can act on; the message says how."""
+    """A transfer failed in a way the user can act on; the message (or the hint) says how."""
+
+    exit_code = 1
+
+    def __init__(self, message: str = "", hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        if self.hint and self.hint not in self.message:
+            return f"{self.message}; {self.hint}"
+        return self.message
 
 
 class CredentialsError(TransferError):
@@ -35,8 +51,8 @@ def disk_error(exc: OSError, where: str) -> TransferError | OSError:
 class ChecksumMismatch(TransferError):
     """An object's bytes do not match the manifest, even after fetching it again."""
 
-    def __init__(self, message: str, key: str):
-        super().__init__(message)
+    def __init__(self, message: str, key: str, hint: str | None = None):
+        super().__init__(message, hint)
         self.key = key
 
 
