@@ -33,7 +33,10 @@ fi
 .venv/bin/python -m pip install -q -U pip wheel
 # The CPU torch build is pinned in constraints.txt: letting pip choose would download CUDA wheels.
 .venv/bin/python -m pip install -q -c constraints.txt torch==2.13.0
-.venv/bin/python -m pip install -q -c constraints.txt -e ./transfer -e ./registry -e '.[test,anemoi]' -e ./sandbox
+.venv/bin/python -m pip install -q -c constraints.txt -e ./transfer -e ./registry -e '.[test,anemoi]' -e ./sandbox -e ./tests/plugins/maelflow-testsched
+# ecflow_server, slurmctld and slurmd have no bind option: an LD_PRELOAD helper keeps them on
+# 127.0.0.1. Compiled here, once (again only when its source is newer), beside its sandbox module.
+.venv/bin/python -m maelflow.services.loopback
 # PyPI's torchvision is a CUDA build that cannot load beside CPU torch; timm (anemoi) imports it.
 # A start-up hook declares the two missing operator schemas when torch is CPU-only (see the module).
 site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')

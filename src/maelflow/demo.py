@@ -38,4 +38,5 @@ def services_needed(rx: ResolvedExperiment) -> list[str]:
 def start(ws: Workspace, rx: ResolvedExperiment, on_start=None):
     from maelflow.services import stack
 
-    return stack.up(ws, names=[n for n in services_needed(rx) if n in stack.SERVICES], on_start=on_start)
+    # a name the installation lacks ('hpc' without maelflow-sandbox) fails here, saying what to install
+    return stack.up(ws, names=services_needed(rx), on_start=on_start)

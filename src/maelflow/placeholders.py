@@ -1,37 +1,59 @@
 """Values that site and dataset files may name as ``{placeholder}``: they differ per workspace.
 
-``{workspace}`` is the workspace folder; ``{maelflow}`` the maelflow command of this installation;
-``{hpc_*}`` describe the loopback HPC site of the workspace (its SSH port, key, user and home are
-only known once ``maelflow services up --with-hpc`` has run).
+``{workspace}`` is the workspace folder; ``{maelflow}`` the maelflow command of this installation.
+Other distributions add their own through the ``maelflow.placeholders`` entry-point group, so the
+core knows none of them: maelflow-sandbox registers ``{hpc_*}`` (the loopback HPC site's SSH port,
+key, user and home, known only once ``maelflow services up --with-hpc`` has run). A provider is an
+object with ``prefix`` (every name it gives starts with it), ``hint`` (what to do when its values
+are missing) and ``values(ws)`` (a dict, empty when it has nothing for this workspace); it should
+import little until the workspace has something to say, since every config load asks it.
 """
 
 from __future__ import annotations
 
+from functools import cache
+from importlib.metadata import entry_points
+from typing import Protocol
+
 from maelflow.workspace import Workspace
 
-HINTS = {
-    "hpc_": "the loopback HPC site is not set up in this workspace: run 'maelflow services up --with-hpc'",
+GROUP = "maelflow.placeholders"
+
+# placeholders in maelflow's own configs whose provider ships in another distribution
+NOT_INSTALLED = {
+    "hpc_": "the loopback HPC site's placeholders come from maelflow-sandbox, which is not installed: "
+            ".venv/bin/python -m pip install -e ./sandbox (bash scripts/install.sh installs it)",
 }
+
+
+class PlaceholderProvider(Protocol):
+    prefix: str
+    hint: str
+
+    def values(self, ws: Workspace) -> dict[str, str]: ...
+
+
+@cache
+def providers() -> tuple[PlaceholderProvider, ...]:
+    return tuple(ep.load() for ep in sorted(entry_points(group=GROUP), key=lambda ep: ep.name))
 
 
 def placeholders_for(ws: Workspace) -> dict[str, str]:
     from maelflow.installation import maelflow_command
 
     values = {"workspace": str(ws.root), "maelflow": maelflow_command()}
-    if ws.path("hpc", "site.json").exists():
-        from maelflow.services.hpc import LoopbackHpc
-
-        site = LoopbackHpc(ws)
-        info = site.connection_info()
-        if info.get("port"):
-            values.update({"hpc_port": str(info["port"]), "hpc_identity": info["identity_file"],
-                           "hpc_known_hosts": info["known_hosts"], "hpc_user": info["user"],
-                           "hpc_home": info["home"] or "", "hpc_root": str(site.site_root() or "")})
+    for provider in providers():
+        values.update({k: v for k, v in provider.values(ws).items() if k.startswith(provider.prefix)})
     return values
 
 
 def hint(name: str) -> str:
-    for prefix, text in HINTS.items():
+    """Why ``{name}`` has no value, and what to do about it."""
+    for provider in providers():
+        if name.startswith(provider.prefix):
+            return provider.hint
+    for prefix, text in NOT_INSTALLED.items():
         if name.startswith(prefix):
             return text
-    return "unknown placeholder"
+    known = ["workspace", "maelflow", *(p.prefix + "*" for p in providers())]
+    return f"unknown placeholder; known: {', '.join(known)}"

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from maelflow.services import hpc
 from maelflow.services.base import pid_alive, port_is_free
 from maelflow.workspace import Workspace
+from maelflow_sandbox import hpc
 
 pytestmark = pytest.mark.integration
 

@@ -16,9 +16,9 @@ from maelflow.config.loader import load_experiment
 from maelflow.demo import prepare_datasets
 from maelflow.ecf import client_for
 from maelflow.placeholders import placeholders_for
-from maelflow.services import hpc
 from maelflow.suite.server import control, deploy, find, tree
 from maelflow.workspace import Workspace
+from maelflow_sandbox import hpc
 from tests.conftest import PREBUILT, write_yaml
 from tests.integration.suite_helpers import wait_for
 

@@ -25,12 +25,21 @@ The key line in authorized_keys carries ``environment="SLURM_CONF=..."`` (sshd_c
 this workspace's cluster, and two workspaces sharing the user never mix up their clusters.
 
 Everything listens on 127.0.0.1 only: sshd by ``ListenAddress``, slurmctld and slurmd (which have no
-bind option) through the LD_PRELOAD shim of :mod:`maelflow.services.loopback`, munged on a unix
+bind option) through the LD_PRELOAD helper of :mod:`maelflow.services.loopback`, munged on a unix
 socket. We stop only processes we started, by PID.
+
+The site user controls its home: ``up`` runs as root, so what it does there (``~/.ssh``, its lock
+and ``authorized_keys``) goes through directory file descriptors opened without following
+symlinks, and refuses a symlink or a hard-linked file instead of acting on what it points to.
+
+maelflow finds :class:`LoopbackHpc` as the service ``hpc`` of the ``maelflow.services`` entry-point
+group, and the site's ``{hpc_*}`` placeholders through :mod:`maelflow_sandbox.placeholders`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import hashlib
 import os
@@ -38,16 +47,17 @@ import pwd
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from maelflow.services.base import (
     LOOPBACK, ManagedService, ServiceError, ServiceInfo, pid_alive, wait_until)
-from maelflow.services.loopback import preload_env
 from maelflow.workspace import Workspace
+from maelflow.services.loopback import preload_env
 
 DEFAULT_USER = "maelhpc"
 USER_ENV = "MAELFLOW_HPC_USER"
@@ -240,7 +250,7 @@ class SlurmctldService(_HpcDaemon):
     def command(self, port: int) -> tuple[Sequence[str], dict[str, str]]:
         self.site.state_dir.mkdir(parents=True, exist_ok=True)
         env = self.daemon_env()
-        env.update(preload_env(self.ws))
+        env.update(preload_env())
         return ["/usr/sbin/slurmctld", "-D", "-f", str(self.site.slurm_conf)], env
 
     def after_start(self) -> None:
@@ -279,7 +289,7 @@ class SlurmdService(_HpcDaemon):
         os.chmod(spool, 0o755)
         self.resume_if_down()
         env = self.daemon_env()
-        env.update(preload_env(self.ws))
+        env.update(preload_env())
         return ["/usr/sbin/slurmd", "-D", "-f", str(self.site.slurm_conf), "-N", self.site.node], env
 
     def node_state(self) -> str:
@@ -415,11 +425,15 @@ class LoopbackHpc:
     def state_dir(self) -> Path:
         return self.root / "slurmctld" / "state"
 
-    def home(self) -> Path | None:
+    def passwd(self) -> pwd.struct_passwd | None:
         try:
-            return Path(pwd.getpwnam(self.user).pw_dir)
+            return pwd.getpwnam(self.user)
         except KeyError:
             return None
+
+    def home(self) -> Path | None:
+        pw = self.passwd()
+        return Path(pw.pw_dir) if pw else None
 
     # -- availability -------------------------------------------------------------------------
     def check_available(self) -> None:
@@ -467,32 +481,13 @@ class LoopbackHpc:
         ktype, blob = Path(f"{self.identity_file}.pub").read_text().split()[:2]
         line = (f'environment="SLURM_CONF={self.slurm_conf}" {ktype} {blob} '
                 f"maelflow-hpc-{self.site_id}")
-        ssh_dir = Path(pw.pw_dir) / ".ssh"
-        ssh_dir.mkdir(mode=0o700, exist_ok=True)
-        os.chown(ssh_dir, pw.pw_uid, pw.pw_gid)
-        os.chmod(ssh_dir, 0o700)
-        ak = ssh_dir / "authorized_keys"
-        lock_path = ssh_dir / ".maelflow.lock"
-        with open(lock_path, "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                old = ak.read_text().splitlines()
-            except FileNotFoundError:
-                old = []
-            same = [ln for ln in old if f" {blob}" in ln]
-            if same == [line]:
-                changed = False
-            else:
-                new = [ln for ln in old if f" {blob}" not in ln] + [line]
-                fd, tmp = tempfile.mkstemp(prefix=".authorized_keys.", dir=ssh_dir)
-                with os.fdopen(fd, "w") as fh:
-                    fh.write("\n".join(new) + "\n")
-                os.chmod(tmp, 0o600)
-                os.chown(tmp, pw.pw_uid, pw.pw_gid)
-                os.replace(tmp, ak)
-                changed = True
-        os.chown(lock_path, pw.pw_uid, pw.pw_gid)
-        return changed
+        with _SshDir.locked(pw, create=True) as ssh_dir:
+            assert ssh_dir is not None  # made when missing
+            old = ssh_dir.read_lines("authorized_keys")
+            if [ln for ln in old if f" {blob}" in ln] == [line]:
+                return False
+            ssh_dir.write_lines("authorized_keys", [ln for ln in old if f" {blob}" not in ln] + [line])
+        return True
 
     def ensure_runtime(self, pw: pwd.struct_passwd) -> None:
         for d in (self.runtime.parent, self.runtime):
@@ -675,27 +670,18 @@ class LoopbackHpc:
 
     def remove_key(self) -> bool:
         pub = Path(f"{self.identity_file}.pub")
-        home = self.home()
-        if not pub.exists() or home is None:
+        pw = self.passwd()
+        if not pub.exists() or pw is None:
             return False
         blob = pub.read_text().split()[1]
-        ak = home / ".ssh" / "authorized_keys"
-        with open(home / ".ssh" / ".maelflow.lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                old = ak.read_text().splitlines()
-            except FileNotFoundError:
+        with _SshDir.locked(pw, create=False) as ssh_dir:
+            if ssh_dir is None:
                 return False
+            old = ssh_dir.read_lines("authorized_keys")
             new = [ln for ln in old if f" {blob}" not in ln]
             if new == old:
                 return False
-            st = ak.stat()
-            fd, tmp = tempfile.mkstemp(prefix=".authorized_keys.", dir=ak.parent)
-            with os.fdopen(fd, "w") as fh:
-                fh.write("".join(ln + "\n" for ln in new))
-            os.chmod(tmp, 0o600)
-            os.chown(tmp, st.st_uid, st.st_gid)
-            os.replace(tmp, ak)
+            ssh_dir.write_lines("authorized_keys", new)
         return True
 
     def _cancel_all_jobs(self, timeout: float = KILL_WAIT + 10.0) -> None:
@@ -780,6 +766,100 @@ class LoopbackHpc:
     def ssh_argv(self, *remote: str) -> list[str]:
         """``ssh ... user@127.0.0.1 REMOTE...`` as an argv list."""
         return ["ssh", *self.ssh_options(), f"{self.user}@{LOOPBACK}", *remote]
+
+
+class _SshDir:
+    """The site user's ``~/.ssh``, as root may touch it: through directory file descriptors opened
+    with O_NOFOLLOW, files checked to be plain and singly linked, everything written handed to the
+    user by fchown. A symlink planted by the user (or any job on the site) is refused, never followed.
+    """
+
+    LOCK = ".maelflow.lock"  # held while authorized_keys is read and replaced: workspaces share it
+
+    def __init__(self, fd: int, path: Path, pw: pwd.struct_passwd):
+        self.fd, self.path, self.pw = fd, path, pw
+
+    @classmethod
+    @contextlib.contextmanager
+    def locked(cls, pw: pwd.struct_passwd, create: bool) -> Iterator["_SshDir | None"]:
+        """``~/.ssh`` (made when ``create``, else None when missing) with its lock held."""
+        home = Path(pw.pw_dir)
+        path = home / ".ssh"
+        home_fd = os.open(home, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            if create:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(".ssh", 0o700, dir_fd=home_fd)
+            try:
+                fd = _open_plain(".ssh", os.O_RDONLY | os.O_DIRECTORY, home_fd, path, stat.S_ISDIR)
+            except FileNotFoundError:
+                if create:
+                    raise
+                fd = None
+        finally:
+            os.close(home_fd)
+        if fd is None:
+            yield None
+            return
+        try:
+            if create:
+                os.fchown(fd, pw.pw_uid, pw.pw_gid)
+                os.fchmod(fd, 0o700)
+            lock = _open_plain(cls.LOCK, os.O_WRONLY | os.O_CREAT | os.O_APPEND, fd, path / cls.LOCK,
+                               stat.S_ISREG)
+            try:
+                os.fchown(lock, pw.pw_uid, pw.pw_gid)
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                yield cls(fd, path, pw)
+            finally:
+                os.close(lock)  # drops the lock
+        finally:
+            os.close(fd)
+
+    def read_lines(self, name: str) -> list[str]:
+        try:
+            fd = _open_plain(name, os.O_RDONLY, self.fd, self.path / name, stat.S_ISREG)
+        except FileNotFoundError:
+            return []
+        with os.fdopen(fd, "r") as fh:
+            return fh.read().splitlines()
+
+    def write_lines(self, name: str, lines: list[str]) -> None:
+        """Replace ``name`` atomically (a rename replaces a symlink there, it does not follow it)."""
+        tmp = f".{name}.{os.getpid()}.{time.monotonic_ns()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                     dir_fd=self.fd)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                os.fchown(fh.fileno(), self.pw.pw_uid, self.pw.pw_gid)
+                fh.write("".join(ln + "\n" for ln in lines))
+            os.replace(tmp, name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=self.fd)
+            raise
+
+
+def _open_plain(name: str, flags: int, dir_fd: int, path: Path, is_kind) -> int:
+    """Open ``name`` in ``dir_fd`` without following a symlink, and only if it is of the expected
+    kind (``stat.S_ISDIR``/``S_ISREG``) and, for a file, has one link (a hard link to a file of root's
+    would pass O_NOFOLLOW). O_NONBLOCK: a FIFO planted there must not hang ``up``."""
+    try:
+        fd = os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENOTDIR, errno.ENXIO):
+            raise
+        fd = None
+    if fd is not None:
+        st = os.fstat(fd)
+        if is_kind(st.st_mode) and (stat.S_ISDIR(st.st_mode) or st.st_nlink == 1):
+            os.set_blocking(fd, True)
+            return fd
+        os.close(fd)
+    kind = "directory" if is_kind is stat.S_ISDIR else "file"
+    raise ServiceError(f"{path} is a symlink, a hard link or not a plain {kind}: "
+                       "refusing to touch it as root",
+                       hint="find out who planted it, remove it, and run 'maelflow services up --with-hpc'")
 
 
 def _shadow_password(user: str) -> str:

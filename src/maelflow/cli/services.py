@@ -60,7 +60,8 @@ def command() -> None:
 @click.option("--with", "extra", multiple=True, metavar="NAME",
               help="Also start an optional service (repeatable), e.g. --with hpc.")
 @click.option("--with-hpc", "with_hpc", is_flag=True,
-              help="Also start the loopback HPC site (sshd + single-node SLURM) for trying sites.")
+              help="Also start the loopback HPC site (sshd + single-node SLURM) for trying sites; "
+                   "it comes with maelflow-sandbox.")
 def up(workspace: str | None, as_json: bool, extra: tuple[str, ...], with_hpc: bool) -> None:
     """Start every service that is not running (idempotent)."""
     ws = resolve_workspace(workspace)

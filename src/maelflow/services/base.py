@@ -1,9 +1,12 @@
 """What every embedded service shares: a process we started, its PID file, log, port and health.
 
-Each service (ecflow_server, the S3 server, MLflow, the loopback HPC site, later the catalogue)
-is a subclass that says how to start, how to check health and how to stop. This base class owns
-the rules the brief sets for all of them: listen on 127.0.0.1 only, keep state/logs/PID files in
-the workspace, be idempotent, and stop only processes we started, by PID.
+Each service (ecflow_server, the S3 server, MLflow, the catalogue, the daemons of the loopback HPC
+site) is a subclass that says how to start, how to check health and how to stop. This base class
+owns the rules the brief sets for all of them: listen on 127.0.0.1 only, keep state/logs/PID files
+in the workspace, be idempotent, and stop only processes we started, by PID.
+
+A server with no bind option (ecflow_server 5.9.2) is kept on 127.0.0.1 by an LD_PRELOAD helper
+(``services/loopback.py``), compiled at install time.
 """
 
 from __future__ import annotations

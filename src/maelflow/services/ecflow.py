@@ -1,8 +1,9 @@
 """The workspace's private ecflow_server.
 
-ecflow_server 5.9.2 has no bind option, so the loopback shim is preloaded; it starts HALTED (no job
-is submitted until a restart command), and it recovers suites only from a checkpoint file named after
-its host and port. This module deals with those three facts so callers only see "up" and "down".
+ecflow_server 5.9.2 has no bind option, so the loopback bind helper is preloaded; it starts HALTED
+(no job is submitted until a restart command), and it recovers suites only from a checkpoint file
+named after its host and port. This module deals with those three facts so callers only see "up"
+and "down".
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import socket
 from pathlib import Path
 from typing import Any, Sequence
 
-from maelflow.services.base import (LOOPBACK, ManagedService, ServiceError, pid_alive, port_accepts,
-                                    port_is_free, wait_until)
+from maelflow.services.base import (LOOPBACK, ManagedService, ServiceError, pid_alive,
+                                    port_accepts, port_is_free, wait_until)
 from maelflow.services.loopback import preload_env
 
 SERVER_PATHS = ("/usr/sbin/ecflow_server",)
@@ -86,7 +87,7 @@ class EcflowService(ManagedService):
             "ECF_CHECKINTERVAL": str(CHECKPOINT_INTERVAL_S),
             # the server aborts on an invalid locale, and job timestamps should not follow the caller's TZ
             "LANG": "C", "LC_ALL": "C", "TZ": "UTC",
-            **preload_env(self.ws),
+            **preload_env(),
         }
         return [ecflow_server_binary() or "ecflow_server", "--port", str(port)], env
 

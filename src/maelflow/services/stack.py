@@ -7,6 +7,11 @@ stopping the stack never imports a service module (and its dependencies) that is
 An entry is built with the workspace and offers ``up()``, ``status()`` and ``down()``. Each returns
 a ServiceInfo (a ManagedService) or a dict of them (a group of daemons, such as the loopback HPC
 site); the stack flattens groups into one dict keyed by the members' names.
+
+Other distributions add services through the ``maelflow.services`` entry-point group (name =
+"module:Class"), so the core names none of them: maelflow-sandbox registers ``hpc``, the loopback
+HPC site. They take their place just before the relay, which reaches the sites they may provide:
+up after them, down before them.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import importlib
+from functools import cache
+from importlib.metadata import entry_points
 from typing import Any, Callable, Iterable, Iterator
 
 from maelflow.services.base import ServiceError, ServiceInfo
@@ -25,18 +32,45 @@ SERVICES: dict[str, str] = {
     "s3": "maelflow.services.s3:S3Service",
     "mlflow": "maelflow.services.mlflow:MlflowService",
     "catalogue": "maelflow.services.catalogue:CatalogueService",
-    "hpc": "maelflow.services.hpc:LoopbackHpc",
     "relay": "maelflow.services.relay:RelayService",
 }
+
+GROUP = "maelflow.services"
+PLUGINS_BEFORE = "relay"
+# services that maelflow's own CLI and configs name but another distribution provides
+NOT_INSTALLED = {"hpc": "maelflow-sandbox"}
 
 Infos = dict[str, ServiceInfo]
 
 
+@cache
+def _plugins() -> dict[str, str]:
+    return {ep.name: ep.value for ep in sorted(entry_points(group=GROUP), key=lambda ep: ep.name)}
+
+
+def table() -> dict[str, Any]:
+    """Every service in stack order: SERVICES, with the entry-point ones just before the relay."""
+    plugins = {n: t for n, t in _plugins().items() if n not in SERVICES}
+    merged: dict[str, Any] = {}
+    for name, target in SERVICES.items():
+        if name == PLUGINS_BEFORE:
+            merged.update(plugins)
+        merged[name] = target
+    merged.update(plugins)  # keeps the place of those already in (no relay: at the end)
+    return merged
+
+
 def service_class(name: str) -> type:
+    services = table()
     try:
-        target: Any = SERVICES[name]
+        target: Any = services[name]
     except KeyError:
-        raise ServiceError(f"unknown service '{name}'; known: {', '.join(SERVICES)}") from None
+        if name in NOT_INSTALLED:
+            raise ServiceError(f"the '{name}' service comes with {NOT_INSTALLED[name]}, "
+                               "which is not installed",
+                               hint=".venv/bin/python -m pip install -e ./sandbox "
+                                    "(bash scripts/install.sh installs it)") from None
+        raise ServiceError(f"unknown service '{name}'; known: {', '.join(services)}") from None
     if not isinstance(target, str):
         return target
     module, _, attr = target.partition(":")
@@ -68,11 +102,12 @@ def _locked(ws: Workspace) -> Iterator[None]:
 
 def selected(names: Iterable[str] | None = None, extra: Iterable[str] = ()) -> list[str]:
     """The names to act on, in stack order: the given ones, or every non-optional one, plus ``extra``."""
-    wanted = set(names) if names is not None else {n for n in SERVICES if not _optional(n)}
+    services = table()
+    wanted = set(names) if names is not None else {n for n in services if not _optional(n)}
     wanted |= set(extra)
     for name in wanted:
         service_class(name)  # unknown names fail before anything starts
-    return [n for n in SERVICES if n in wanted]
+    return [n for n in services if n in wanted]
 
 
 def up(ws: Workspace, names: Iterable[str] | None = None, extra: Iterable[str] = (),
@@ -94,7 +129,7 @@ def up(ws: Workspace, names: Iterable[str] | None = None, extra: Iterable[str] =
 def status(ws: Workspace, names: Iterable[str] | None = None) -> Infos:
     """Every default service, plus optional ones that run in this workspace."""
     infos: Infos = {}
-    for name in selected(names if names is not None else list(SERVICES)):
+    for name in selected(names if names is not None else list(table())):
         current = _flat(name, service(ws, name).status())
         if names is None and _optional(name) and not any(i.running for i in current.values()):
             continue
@@ -105,7 +140,7 @@ def status(ws: Workspace, names: Iterable[str] | None = None) -> Infos:
 def down(ws: Workspace, names: Iterable[str] | None = None) -> Infos:
     """Stop in reverse order; each info's ``detail`` says what was done, for the CLI to print."""
     infos: Infos = {}
-    chosen = selected(names if names is not None else list(SERVICES))
+    chosen = selected(names if names is not None else list(table()))
     if not ws.root.is_dir():  # nothing was ever started here; don't create the folder to say so
         infos = status(ws, chosen)
         for info in infos.values():
