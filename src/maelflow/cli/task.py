@@ -1,31 +1,77 @@
-"""maelflow task NAME: the body of a suite task, run inside a job on a site."""
+"""maelflow task NAME: the body of a suite task, run inside a job on a site.
+
+A task that fails leaves a one-line abort reason for the job header. A failure it did not foresee
+(a bug, an exception from a library) also prints its traceback on stderr, which is the job output,
+before the reason is left: the task exits by itself, so click never sees the exception (click
+turns any EPIPE, a ``BrokenPipeError`` from a subprocess included, into a silent exit 1).
+"""
 
 from __future__ import annotations
 
 import sys
+import traceback
 
 import click
 
 
-def _run(fn, *args) -> None:
-    from maelflow.suite.tasks import TaskContext, TaskFailed
+def _where(exc: BaseException) -> str:
+    """``file:line`` of the innermost frame of ``exc``'s traceback, for the one-line reason."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return ""
+    last = frames[-1]
+    parts = last.filename.replace("\\", "/").split("/")
+    return f" at {'/'.join(parts[-2:])}:{last.lineno}"
 
-    ctx = None
+
+def _abort_reason(ctx, text: str) -> None:
+    """Leave ``text`` for the job header; a reason that cannot be written is only noted."""
     try:
-        ctx = TaskContext.from_env()
-        fn(ctx, *args)
-    except TaskFailed as exc:
         if ctx is not None:
-            ctx.reporter.abort_reason(str(exc))
+            ctx.reporter.abort_reason(text)
         else:
             from maelflow.reporting import Reporter
-            Reporter().abort_reason(str(exc))
-        click.echo(f"maelflow task failed: {exc}", err=True)
+            Reporter().abort_reason(text)
+    except Exception as exc:  # noqa: BLE001 - the job header then falls back to the exit status
+        _stderr(f"maelflow task: could not leave the abort reason: {exc}")
+
+
+def _stderr(text: str) -> None:
+    try:
+        print(text, file=sys.stderr, flush=True)
+    except OSError:
+        pass
+
+
+def _run(name: str, *args: str) -> None:
+    ctx = None
+    task_failed: type[BaseException] = ()  # type: ignore[assignment]
+    try:
+        from maelflow.provenance import trust_installation
+        from maelflow.suite import tasks
+        from maelflow.suite.tasks import TaskContext, TaskFailed
+
+        task_failed = TaskFailed
+        trust_installation()      # git (ours, GitPython, a subprocess's) may read a shared installation
+        ctx = TaskContext.from_env()
+        getattr(tasks, name)(ctx, *args)
+    except Exception as exc:  # noqa: BLE001 - every failure gets a readable reason, and exits here
+        if isinstance(exc, task_failed):
+            _abort_reason(ctx, str(exc))
+            _stderr(f"maelflow task failed: {exc}")
+            sys.exit(1)
+        try:
+            sys.stdout.flush()
+        except OSError:
+            pass
+        try:
+            traceback.print_exc(file=sys.stderr)
+            sys.stderr.flush()
+        except OSError:
+            pass
+        _abort_reason(ctx, f"{type(exc).__name__}: {exc}{_where(exc)} (traceback in the job output)")
+        _stderr(f"maelflow task {name} failed: {type(exc).__name__}: {exc}")
         sys.exit(1)
-    except Exception as exc:  # noqa: BLE001 - a bug still gets a readable abort reason
-        from maelflow.reporting import Reporter
-        Reporter().abort_reason(f"{type(exc).__name__}: {exc} (traceback in the job output)")
-        raise
 
 
 @click.group("task")
@@ -48,9 +94,7 @@ TASKS: dict[str, tuple[tuple[str, ...], str]] = {
 
 def _task_command(name: str, options: tuple[str, ...], help_text: str) -> click.Command:
     def callback(**values: str) -> None:
-        from maelflow.suite import tasks
-
-        _run(getattr(tasks, name), *(values[o] for o in options))
+        _run(name, *(values[o] for o in options))
 
     params = [click.Option([f"--{o}"], required=True) for o in options]
     return click.Command(name, callback=callback, params=params, help=help_text)

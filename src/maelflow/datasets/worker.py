@@ -4,6 +4,10 @@ The catalogue's web page ("start transfer") and ``anemoi-registry tasks --new`` 
 ``transfer-dataset`` task; the worker takes the oldest one for its site, stages the dataset there
 (the way the site allows), reports the task's progress, registers the new location and marks the
 task completed, or failed with the reason.
+
+A task is written by whoever holds a catalogue write token: its ``dataset`` becomes a folder name on
+the site, so it is checked as one safe path segment before anything is staged. Nothing one task does
+stops the worker: any error is the task's failure, with the reason, and the worker takes the next.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from typing import Callable
 
 from maelflow.datasets import catalogue_hook as hook
 from maelflow_transfer.errors import TransferError
+from maelflow_transfer.paths import check_key, check_segment
 from maelflow_transfer.progress import Snapshot
 
 
@@ -25,7 +30,16 @@ def _prefix_from_catalogue(ws, dataset: str, source: str, bucket_hint: str | Non
     if bucket_hint and bucket != bucket_hint:
         raise TransferError(f"dataset {dataset} is recorded in bucket {bucket!r}, but this EWC store is "
                             f"{bucket_hint!r}")
-    return prefix.strip("/") or None
+    prefix = prefix.strip("/")
+    return check_key(prefix, f"prefix of dataset {dataset!r} in the catalogue") if prefix else None
+
+
+def _finish(ws, task: hook.TransferTask, ok: bool, msg: str, catalogue, log: Callable[[str], None]) -> None:
+    """Close the task; a catalogue that cannot be told is logged, never fatal to the worker."""
+    try:
+        hook.task_finished(ws, task, ok, msg, catalogue=catalogue)
+    except Exception as exc:  # noqa: BLE001 - CatalogueUnavailable, or anything below it
+        log(f"task {task.uuid}: could not be marked {'completed' if ok else 'failed'}: {exc}")
 
 
 def run_task(ws, task: hook.TransferTask, site_name: str, site, catalogue,
@@ -33,9 +47,16 @@ def run_task(ws, task: hook.TransferTask, site_name: str, site, catalogue,
     from maelflow.datasets.settings import ewc_settings
     from maelflow.datasets.stage import stage_dataset
 
+    try:
+        check_segment(task.dataset, "dataset name")
+    except TransferError as exc:
+        msg = f"task {task.uuid}: {exc}"
+        _finish(ws, task, False, str(exc), catalogue, log)
+        log(msg)
+        return False
     if task.source not in (hook.EWC_PLATFORM, "cli", ""):
         msg = f"source {task.source!r} is not the EWC object store: this worker stages from 'ewc' only"
-        hook.task_finished(ws, task, False, msg, catalogue=catalogue)
+        _finish(ws, task, False, msg, catalogue, log)
         log(f"task {task.uuid}: {msg}")
         return False
     last = [0.0]
@@ -54,28 +75,48 @@ def run_task(ws, task: hook.TransferTask, site_name: str, site, catalogue,
                                        sinks=[sink], workers=workers)
         hook.register_location(ws, task.dataset, site_name, dest, catalogue=catalogue)
     except TransferError as exc:
-        hook.task_finished(ws, task, False, str(exc), catalogue=catalogue)
+        _finish(ws, task, False, str(exc), catalogue, log)
         log(f"task {task.uuid}: {task.dataset} -> {site_name} failed: {exc}")
         return False
+    except Exception as exc:  # noqa: BLE001 - a bug fails this task, not the worker
+        import traceback
+
+        reason = f"{type(exc).__name__}: {exc} (a fault in maelflow's worker; its log has the traceback)"
+        log(f"task {task.uuid}: {task.dataset} -> {site_name} failed:\n{traceback.format_exc().rstrip()}")
+        _finish(ws, task, False, reason, catalogue, log)
+        return False
     msg = f"{task.dataset} staged at {site_name}:{dest} ({via}): {res.summary()}"
-    hook.task_finished(ws, task, True, msg, catalogue=catalogue)
+    _finish(ws, task, True, msg, catalogue, log)
     log(f"task {task.uuid}: {msg}")
     return True
 
 
 def run_worker(ws, site_name: str, site, *, once: bool = False, poll: float = 5.0, max_tasks: int | None = None,
                log: Callable[[str], None] = print, workers: int | None = None) -> int:
-    """Take and run tasks until none is left (``once``) or forever; returns the number run."""
+    """Take and run tasks until none is left (``once``) or forever; returns the number run.
+
+    A catalogue that cannot be reached while looking for a task ends a ``once`` run (its error
+    raised); a worker running forever logs it and tries again after ``poll`` seconds."""
     catalogue = hook.client(ws)
     done = 0
     while max_tasks is None or done < max_tasks:
-        task = hook.next_transfer_task(ws, site_name, catalogue=catalogue)
+        try:
+            task = hook.next_transfer_task(ws, site_name, catalogue=catalogue)
+        except hook.CatalogueUnavailable as exc:
+            if once:
+                raise
+            log(f"worker: {exc}; trying again in {poll:g}s")
+            time.sleep(poll)
+            continue
         if task is None:
             if once:
                 break
             time.sleep(poll)
             continue
-        log(f"task {task.uuid}: staging {task.dataset} to {site_name}")
-        run_task(ws, task, site_name, site, catalogue, log=log, workers=workers)
+        log(f"task {task.uuid}: staging {task.dataset!r} to {site_name}")
+        try:
+            run_task(ws, task, site_name, site, catalogue, log=log, workers=workers)
+        except Exception as exc:  # noqa: BLE001 - run_task fails the task itself; this is a last resort
+            log(f"task {task.uuid}: {type(exc).__name__}: {exc}")
         done += 1
     return done

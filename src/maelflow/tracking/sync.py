@@ -4,15 +4,20 @@ Compute nodes have no network, so trainings there log to files; a suite task on 
 server side syncs them afterwards. A synced run carries the tag ``maelflow.source_run_id``; syncing
 again finds it and adds only what it lacks (metric points, params, tags, artifacts), so a sync can
 be repeated or resumed after a failure without duplicating anything.
+
+The offline store is written by the site's user: an artifact path that is not a plain relative key
+(``..``, absolute, a control character) is skipped with a warning, never downloaded.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+log = logging.getLogger(__name__)
 SOURCE_TAG = "maelflow.source_run_id"
 BATCH = 900  # MLflow's log_batch takes at most 1000 entries
 
@@ -90,11 +95,17 @@ def _artifact_paths(client, run_id: str, path: str | None = None) -> list[str]:
 
 
 def _sync_artifacts(src, dest, rid: str, tid: str) -> int:
+    from maelflow_transfer.paths import key_problem
+
     present = set(_artifact_paths(dest, tid))
     added = 0
     with tempfile.TemporaryDirectory() as tmp:
         for path in _artifact_paths(src, rid):
             if path in present:
+                continue
+            problem = key_problem(path)
+            if problem:
+                log.warning("run %s: artifact %r skipped: %s", rid, path, problem)
                 continue
             local = src.download_artifacts(rid, path, tmp)
             parent = str(Path(path).parent)

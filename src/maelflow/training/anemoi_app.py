@@ -33,6 +33,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from maelflow.provenance import guard_anemoi
 from maelflow.training.runs import TrainingError, TrainingResult, dataset_path, run_dir
 from maelflow.training.progress import EcflowProgress
 from maelflow.workspace import write_atomic
@@ -355,6 +356,9 @@ def train_anemoi(rx: "ResolvedExperiment", training_name: str, site_name: str, r
 
     progress = AnemoiProgress(reporter)
     trainer_cls = _trainer_class()
+    # anemoi gathers provenance (GitPython) for its checkpoint metadata: a shared installation
+    # owned by another user must not end the training there
+    guard_anemoi()
     with contextlib.chdir(out):
         try:
             trainer = trainer_cls(cfg, progress)
@@ -431,6 +435,68 @@ def _step_of(out: Path, run_id: str | None) -> int:
     last = out / "checkpoint" / run_id / "last.ckpt"
     if not last.exists():
         return 0
+    return checkpoint_step(last)
+
+
+def checkpoint_step(path: Path) -> int:
+    """``global_step`` of a Lightning checkpoint, without running the pickle it holds (the run
+    folder is the site user's to write): torch's ``weights_only`` load, and where the checkpoint
+    holds more than tensors (anemoi keeps its config objects in it), a reading that builds none of
+    its objects. 0 when it cannot be read."""
     import torch
 
-    return int(torch.load(last, map_location="cpu", weights_only=False).get("global_step", 0))
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - UnpicklingError for any object weights_only does not allow
+        data = _inert_load(path)
+    try:
+        return int(data.get("global_step", 0)) if isinstance(data, dict) else 0
+    except (TypeError, ValueError):
+        return 0
+
+
+class _Inert:
+    """Whatever a checkpoint's pickle names (a class, a function): built as nothing, called as nothing."""
+
+    def __new__(cls, *args, **kwargs) -> "_Inert":
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def __call__(self, *args, **kwargs) -> "_Inert":
+        return _Inert()
+
+    def __setstate__(self, state) -> None:
+        pass
+
+    def __setitem__(self, key, value) -> None:
+        pass
+
+    def append(self, value) -> None:
+        pass
+
+    def extend(self, values) -> None:
+        pass
+
+
+def _inert_load(path: Path) -> object:
+    """The checkpoint's top-level dict with every object that is not a plain value replaced by an
+    inert stand-in: no class of the pickle is imported, none of its code runs, no tensor is read."""
+    import pickle
+    import zipfile
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            return _Inert
+
+        def persistent_load(self, pid):
+            return None
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            name = next(n for n in zf.namelist() if n.endswith("/data.pkl") or n == "data.pkl")
+            with zf.open(name) as fh:
+                return Unpickler(fh).load()
+    except Exception:  # noqa: BLE001 - not a torch zip checkpoint, or damaged
+        return None

@@ -1,7 +1,13 @@
-"""A Lightning callback that shows training progress in ecFlow: epoch meter, loss/ETA label, events."""
+"""A Lightning callback that shows training progress in ecFlow: epoch meter, loss/ETA label, events.
+
+Progress is a view of the training, never a reason to stop it: a meter or label the server does not
+take (halted, restarting, unreachable) is logged and dropped, since an exception in a Lightning
+callback would end the fit.
+"""
 
 from __future__ import annotations
 
+import logging
 import time
 
 import pytorch_lightning as pl
@@ -9,9 +15,38 @@ import pytorch_lightning as pl
 from maelflow.reporting import Reporter
 
 
+log = logging.getLogger(__name__)
+
+
+class BestEffort:
+    """``reporter`` whose calls never raise: a failure is logged (once per kind of call until one
+    succeeds again) and the call returns None."""
+
+    def __init__(self, reporter: Reporter):
+        self._reporter = reporter
+        self._failing: set[str] = set()
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._reporter, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            try:
+                result = attr(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - progress must not end a training
+                if name not in self._failing:
+                    self._failing.add(name)
+                    log.warning("ecFlow progress (%s) not sent: %s: %s", name, type(exc).__name__, exc)
+                return None
+            self._failing.discard(name)
+            return result
+        return call
+
+
 class EcflowProgress(pl.Callback):
     def __init__(self, reporter: Reporter):
-        self.reporter = reporter
+        self.reporter = reporter if isinstance(reporter, BestEffort) else BestEffort(reporter)
         self.t0 = time.monotonic()
         self.start_epoch = None
 

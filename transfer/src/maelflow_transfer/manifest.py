@@ -4,6 +4,10 @@ S3 ETags cannot be trusted for content (rclone's multipart ETags differ from AWS
 is the single source of truth for what a complete, correct copy is. It is stored beside the dataset
 in the store (``<prefix>/.maelflow-manifest.json``) and, once a stage is complete, in the staged
 folder too: a folder holding the manifest of the published dataset is a finished stage.
+
+Its keys become paths under a destination, and anyone holding the store's key can write a manifest:
+a manifest is checked as it is made or read (``paths.check_keys``), so a key that would leave the
+destination (``../x``, ``/x``, a backslash, NUL or newline) refuses the dataset before anything is written.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+
+from maelflow_transfer.paths import check_keys
 
 MANIFEST_NAME = ".maelflow-manifest.json"
 CHUNK = 1 << 20
@@ -31,6 +37,9 @@ class Entry:
 class Manifest:
     dataset: str
     entries: tuple[Entry, ...]
+
+    def __post_init__(self) -> None:
+        check_keys((e.key for e in self.entries), self.dataset)
 
     @property
     def total_bytes(self) -> int:
