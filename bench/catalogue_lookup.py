@@ -31,8 +31,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from maelflow.s3 import s3_client_for_workspace  # noqa: E402
+from maelflow.s3 import workspace_store  # noqa: E402
 from maelflow.services import stack  # noqa: E402
+from maelflow.services.catalogue import catalogue_paths, open_catalogue  # noqa: E402
 from maelflow.workspace import Workspace  # noqa: E402
 
 SMALL = os.environ.get("BENCH_SMALL") == "1"
@@ -178,10 +179,9 @@ def main() -> None:
         infos = stack.up(ws, names=["s3", "catalogue"])
         base = infos["catalogue"].url
         from maelflow_registry.auth import TokenStore
-        from maelflow_registry.config import Paths
 
-        token = TokenStore(Paths(ws)).create("read", name="bench-read")[0]
-        admin = TokenStore(Paths(ws)).create("admin", name="bench-admin")[0]
+        token = TokenStore(catalogue_paths(ws)).create("read", name="bench-read")[0]
+        admin = TokenStore(catalogue_paths(ws)).create("admin", name="bench-admin")[0]
         took = load(base, admin)
         total = N_DATASETS + N_CHECKPOINTS
         print(f"{'load through the API (bulk, S3 first)':<44} {total} entries in {took:.1f} s: {total / took:.0f} entries/s",
@@ -195,12 +195,14 @@ def main() -> None:
         by_filter = [f"/api/v1/weights?uuid={u}" for u in sample_ck[:2000]] + \
                     [f"/api/v1/datasets?uuid=ds-uuid-{rng.randrange(N_DATASETS)}" for _ in range(1000)]
 
-        s3 = s3_client_for_workspace(ws, max_pool_connections=CONCURRENCY)
+        import datetime
+
+        import obstore
         from maelflow_registry.store import entry_object
 
-        presigned = [s3.generate_presigned_url("get_object", Params={
-            "Bucket": "catalogue", "Key": entry_object(p.split("/")[3], p.split("/")[4])}, ExpiresIn=3600)
-            for p in by_key]
+        presigned = obstore.sign(workspace_store(ws, "catalogue"), "GET",
+                                 [entry_object(p.split("/")[3], p.split("/")[4]) for p in by_key],
+                                 datetime.timedelta(hours=1))
         s3_base = "{0.scheme}://{0.netloc}".format(urllib.parse.urlsplit(presigned[0]))
         s3_paths = [urllib.parse.urlsplit(u)._replace(scheme="", netloc="").geturl() for u in presigned]
 
@@ -212,9 +214,7 @@ def main() -> None:
         s3_result = hammer(s3_base, s3_paths, None, SECONDS, s3_pid)
         show("direct S3 GET of the same JSON document", s3_result)
 
-        from maelflow_registry.server import open_catalogue
-
-        catalogue, _, _ = open_catalogue(ws, rebuild=False)
+        catalogue = open_catalogue(ws, rebuild=False)
         t0 = time.perf_counter()
         count = catalogue.rebuild()
         took = time.perf_counter() - t0

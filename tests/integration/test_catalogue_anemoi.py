@@ -80,7 +80,7 @@ def test_register_dataset_add_upload_and_remove_locations(env, home, zarr_path):
     # --upload: a transfer task, the zarr copied by the client itself into our S3, then the location
     anemoi(home, "datasets", str(zarr_path), "--add-location", "ewc", "--upload")
     target = f"s3://ewc/datasets/{NAME}.zarr"
-    keys = [o["Key"] for o in env.s3().list_objects_v2(Bucket="ewc", Prefix=f"datasets/{NAME}.zarr/")["Contents"]]
+    keys = env.s3_keys("ewc", f"datasets/{NAME}.zarr/")
     assert f"datasets/{NAME}.zarr/.zattrs" in keys and len(keys) >= 10
     anemoi(home, "datasets", NAME, "--add-location", "atos", "--uri-pattern", "/ec/res/{name}.zarr")
     anemoi(home, "datasets", NAME, "--set-status", "experimental")
@@ -98,7 +98,7 @@ def test_register_weights_with_upload_to_our_s3(env, home, checkpoint):
     assert record["metadata"]["run_id"] == "run-anemoi-test" and record["metadata"]["size"] == checkpoint.stat().st_size
     path = record["locations"]["ewc"]["path"]
     assert path == f"s3://catalogue/artefacts/weights/{CKPT_UUID}.ckpt"
-    body = env.s3().get_object(Bucket="catalogue", Key=f"artefacts/weights/{CKPT_UUID}.ckpt")["Body"].read()
+    body = env.s3_bytes("catalogue", f"artefacts/weights/{CKPT_UUID}.ckpt")
     assert body == checkpoint.read_bytes()
     found = anemoi(home, "weights", CKPT_UUID)  # lookup: ?name=&type= (must be []), ?uuid=, then GET x2
     assert "Found 2" not in found.stderr

@@ -17,9 +17,9 @@ import pytest
 import requests
 
 from maelflow.services import stack as stack_mod
+from maelflow.services.catalogue import catalogue_paths
 from maelflow.workspace import Workspace
 from maelflow_registry.auth import TokenStore
-from maelflow_registry.config import Paths
 
 SCHEMATHESIS = Path(sys.executable).parent / "schemathesis"
 
@@ -33,7 +33,7 @@ def fuzz_env(tmp_path_factory):
     ws = Workspace(tmp_path_factory.mktemp("catalogue-fuzz"))
     try:
         url = stack_mod.up(ws, names=["s3", "catalogue"])["catalogue"].url
-        yield ws, url, TokenStore(Paths(ws)).create("admin", name="fuzz")[0]
+        yield ws, url, TokenStore(catalogue_paths(ws)).create("admin", name="fuzz")[0]
     finally:
         stack_mod.down(ws)
 

@@ -13,15 +13,16 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
+import obstore
 import pytest
 import requests
 
-from maelflow.s3 import s3_client_for_workspace
+from maelflow.s3 import workspace_store
 from maelflow.services import stack as stack_mod
+from maelflow.services.catalogue import catalogue_paths
 from maelflow.workspace import Workspace
 from maelflow_registry.auth import TokenStore
 from maelflow_registry.client import CatalogueClient
-from maelflow_registry.config import Paths
 from maelflow_registry.store import entry_object
 
 _ENV: dict[str, "CatalogueEnv"] = {}
@@ -43,21 +44,19 @@ class CatalogueEnv:
     def headers(self, role: str | None) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.tokens[role]}"} if role else {}
 
-    def s3(self):
-        return s3_client_for_workspace(self.ws)
+    def s3_keys(self, bucket: str, prefix: str) -> list[str]:
+        return [meta["path"] for meta in obstore.list(workspace_store(self.ws, bucket), prefix).collect()]
+
+    def s3_bytes(self, bucket: str, key: str) -> bytes:
+        return bytes(obstore.get(workspace_store(self.ws, bucket), key).bytes())
 
     def s3_entries(self) -> dict[str, str]:
         """Every entry document in S3: object key -> ETag (to show that nothing was written)."""
-        s3 = self.s3()
-        out = {}
-        for page in s3.get_paginator("list_objects_v2").paginate(Bucket="catalogue", Prefix="entries/"):
-            for obj in page.get("Contents", []):
-                out[obj["Key"]] = obj["ETag"]
-        return out
+        return {meta["path"]: meta["e_tag"]
+                for meta in obstore.list(workspace_store(self.ws, "catalogue"), "entries/").collect()}
 
     def s3_document(self, collection: str, key: str) -> dict:
-        body = self.s3().get_object(Bucket="catalogue", Key=entry_object(collection, key))["Body"].read()
-        return json.loads(body)
+        return json.loads(self.s3_bytes("catalogue", entry_object(collection, key)))
 
     def raw(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None
             ) -> tuple[int, Any]:
@@ -85,7 +84,7 @@ def shared_env(tmp_path_factory: pytest.TempPathFactory, config: pytest.Config) 
         config.add_cleanup(lambda: stack_mod.down(ws))
         infos = stack_mod.up(ws, names=["s3", "catalogue"])
         env = CatalogueEnv(ws, infos["catalogue"].url)
-        store = TokenStore(Paths(ws))
+        store = TokenStore(catalogue_paths(ws))
         for role in ("read", "write", "admin"):
             env.tokens[role] = store.create(role, name=f"test-{role}")[0]
         _ENV["env"] = env

@@ -8,14 +8,14 @@ import stat
 
 import pytest
 
-from maelflow.workspace import Workspace
-from maelflow_registry import lineage, records, svg
+from maelflow_registry import collections, lineage, records, svg
 from maelflow_registry.auth import TokenStore, hash_token, role_allows
 from maelflow_registry.catalogue import check_patch
+from maelflow_registry.collections.datasets import name_problems as dataset_name_problems
 from maelflow_registry.config import Paths, Settings, load_settings, save_settings
 from maelflow_registry.errors import BadRequest, Conflict, PreconditionFailed, Unprocessable
 from maelflow_registry.index import Index
-from maelflow_registry.keys import check_artefact_path, check_key, dataset_name_problems
+from maelflow_registry.keys import check_artefact_path, check_key
 from maelflow_registry.store import FORMAT
 
 pytestmark = pytest.mark.unit
@@ -48,48 +48,60 @@ def test_dataset_naming_policy():
     assert dataset_name_problems("era5", "relaxed") == []
 
 
+def new_record(collection, body, key_from_url=None):
+    return collections.get(collection).new_record(body, key_from_url)
+
+
+def validate(collection, key, record, old, **kw):
+    return collections.get(collection).validate(key, record, old, **kw)
+
+
+def edges(collection, key, record):
+    return collections.get(collection).edges(key, record)
+
+
 def test_new_records_get_the_defaults_the_client_relies_on():
-    key, ds = records.new_record("datasets", {"name": "n", "metadata": {}})
+    key, ds = new_record("datasets", {"name": "n", "metadata": {}})
     assert key == "n" and ds["locations"] == {}
-    _, exp = records.new_record("experiments", {"expver": "i4df"})
+    _, exp = new_record("experiments", {"expver": "i4df"})
     assert exp["plots"] == [] and exp["checkpoints"] == []
-    key, task = records.new_record("tasks", {"action": "Transfer_Dataset"})
+    key, task = new_record("tasks", {"action": "Transfer_Dataset"})
     assert task["uuid"] == key and task["status"] == "queued" and task["action"] == "transfer-dataset"
     stamp = datetime.datetime.fromisoformat(task["created"])
     assert stamp.tzinfo is None  # naive UTC: the anemoi worker subtracts it from utcnow()
-    key, training = records.new_record("trainings", {"metadata": {"x": 1}}, key_from_url="social-mutt")
+    key, training = new_record("trainings", {"metadata": {"x": 1}}, key_from_url="social-mutt")
     assert key == "social-mutt" and training["name"] == "social-mutt"  # PUT without a name field
-    _, stripped = records.new_record("datasets", {"name": "n", "_original": {}, "_version": 9})
+    _, stripped = new_record("datasets", {"name": "n", "_original": {}, "_version": 9})
     assert "_original" not in stripped and "_version" not in stripped
     with pytest.raises(BadRequest):
-        records.new_record("datasets", {"metadata": {}})
+        new_record("datasets", {"metadata": {}})
     with pytest.raises(BadRequest):
-        records.new_record("trainings", {"name": "a"}, key_from_url="b")
+        new_record("trainings", {"name": "a"}, key_from_url="b")
     with pytest.raises(BadRequest):
-        records.new_record("datasets", ["not", "an", "object"])
+        new_record("datasets", ["not", "an", "object"])
 
 
 def test_model_versions_are_immutable_and_aliases_must_point_somewhere():
     old = {"name": "m", "versions": {"1": {"weights": "a"}}, "aliases": {"operational": 1}}
     moved = {"name": "m", "versions": {"1": {"weights": "a"}, "2": {"weights": "b"}}, "aliases": {"operational": 2}}
-    records.validate("models", "m", moved, old)
+    validate("models", "m", moved, old)
     with pytest.raises(Conflict):
-        records.validate("models", "m", {"name": "m", "versions": {"1": {"weights": "b"}}, "aliases": {}}, old)
+        validate("models", "m", {"name": "m", "versions": {"1": {"weights": "b"}}, "aliases": {}}, old)
     with pytest.raises(Conflict):
-        records.validate("models", "m", {"name": "m", "versions": {}, "aliases": {}}, old)
+        validate("models", "m", {"name": "m", "versions": {}, "aliases": {}}, old)
     with pytest.raises(Unprocessable):
-        records.validate("models", "m", {"name": "m", "versions": {"1": {"weights": "a"}}, "aliases": {"x": 3}}, None)
+        validate("models", "m", {"name": "m", "versions": {"1": {"weights": "a"}}, "aliases": {"x": 3}}, None)
 
 
 def test_validate_refuses_changing_the_key_and_bad_locations():
     with pytest.raises(BadRequest):
-        records.validate("datasets", "a", {"name": "b"}, None)
+        validate("datasets", "a", {"name": "b"}, None)
     with pytest.raises(BadRequest):
-        records.validate("weights", "u", {"uuid": "u", "locations": {"a/b": {"path": "x"}}}, None)
+        validate("weights", "u", {"uuid": "u", "locations": {"a/b": {"path": "x"}}}, None)
     with pytest.raises(BadRequest):
-        records.validate("weights", "u", {"uuid": "u", "locations": {"ewc": "s3://x"}}, None)
+        validate("weights", "u", {"uuid": "u", "locations": {"ewc": "s3://x"}}, None)
     with pytest.raises(BadRequest):
-        records.validate("datasets", "Bad_Name", {"name": "Bad_Name"}, None, creating=True)
+        validate("datasets", "Bad_Name", {"name": "Bad_Name"}, None, creating=True)
 
 
 @pytest.mark.parametrize("ops", [{"op": "add"}, [{"op": "frobnicate", "path": "/a"}], [{"op": "add", "path": "a"}],
@@ -113,18 +125,18 @@ def test_lineage_edges_from_a_checkpoint_and_a_training():
     ck = {"uuid": "c2", "metadata": {"run_id": "r2", "parent_uuid": "c1",
                                      "dataset": {"arguments": {"args": ["/data/ds-a.zarr", {"dataset": "ds-b"}]}},
                                      "config": {"training": {"fork_run_id": "r1"}}}}
-    edges = set(lineage.derive_edges("weights", "c2", ck))
-    assert ("trainings@run_id:r2", "produced", "weights:c2") in edges
-    assert ("datasets:ds-a", "trained-on", "trainings@run_id:r2") in edges
-    assert ("datasets:ds-b", "trained-on", "trainings@run_id:r2") in edges
-    assert ("weights:c1", "parent-of", "weights:c2") in edges
-    assert ("trainings@run_id:r1", "forked-into", "trainings@run_id:r2") in edges
+    found = set(edges("weights", "c2", ck))
+    assert ("trainings@run_id:r2", "produced", "weights:c2") in found
+    assert ("datasets:ds-a", "trained-on", "trainings@run_id:r2") in found
+    assert ("datasets:ds-b", "trained-on", "trainings@run_id:r2") in found
+    assert ("weights:c1", "parent-of", "weights:c2") in found
+    assert ("trainings@run_id:r1", "forked-into", "trainings@run_id:r2") in found
     tr = {"name": "t", "run_id": "r1", "datasets": ["ds-a"], "checkpoints": [{"uuid": "c1"}]}
-    assert set(lineage.derive_edges("trainings", "t", tr)) == {("datasets:ds-a", "trained-on", "trainings:t"),
-                                                              ("trainings:t", "produced", "weights:c1")}
-    assert lineage.refs_of("trainings", "t", tr) == ["trainings:t", "trainings@run_id:r1"]
+    assert set(edges("trainings", "t", tr)) == {("datasets:ds-a", "trained-on", "trainings:t"),
+                                                ("trainings:t", "produced", "weights:c1")}
+    assert collections.get("trainings").refs("t", tr) == ["trainings:t", "trainings@run_id:r1"]
     model = {"name": "m", "versions": {"1": {"weights": "c2"}}}
-    assert lineage.derive_edges("models", "m", model) == [("weights:c2", "promoted-v1", "models:m")]
+    assert edges("models", "m", model) == [("weights:c2", "promoted-v1", "models:m")]
 
 
 def _doc(collection, key, record, version=1):
@@ -150,7 +162,7 @@ def test_index_version_check_filters_graph_and_rebuild(tmp_path):
     graph = lineage.build_graph(index, "datasets", "ds-a", {"name": "ds-a"}).to_json()
     assert {(e["source"], e["target"]) for e in graph["edges"]} == {("datasets:ds-a", "trainings:t"),
                                                                    ("trainings:t", "weights:c1")}
-    rows, total = index.dataset_page("", "usage", True, 10, 0)
+    rows, total = index.table_page(collections.get("datasets"), "", "usage", True, 10, 0)
     assert total == 1 and rows[0]["usage"] == 1 and rows[0]["rows"] == 4 and rows[0]["grid_values"] == 9
     snapshot = [index.get(c, k) for c, k in (("datasets", "ds-a"), ("trainings", "t"), ("weights", "c1"))]
     docs = [_doc("datasets", "ds-a", json.loads(snapshot[0]["record"])), _doc("trainings", "t", json.loads(snapshot[1]["record"])),
@@ -161,7 +173,7 @@ def test_index_version_check_filters_graph_and_rebuild(tmp_path):
 
 
 def test_tokens_are_stored_hashed_with_owner_only_permissions(tmp_path):
-    paths = Paths(Workspace(tmp_path))
+    paths = Paths(tmp_path / "catalogue")
     store = TokenStore(paths)
     token, info = store.create("write", name="ci")
     text = paths.tokens.read_text()
@@ -176,7 +188,7 @@ def test_tokens_are_stored_hashed_with_owner_only_permissions(tmp_path):
 
 
 def test_settings_round_trip(tmp_path):
-    paths = Paths(Workspace(tmp_path))
+    paths = Paths(tmp_path / "catalogue")
     assert load_settings(paths) == Settings()
     save_settings(paths, Settings(anonymous_read=False))
     assert load_settings(paths).anonymous_read is False

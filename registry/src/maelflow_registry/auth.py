@@ -1,4 +1,4 @@
-"""Bearer tokens with read, write and admin roles, kept hashed in ``<workspace>/catalogue/tokens.json``.
+"""Bearer tokens with read, write and admin roles, kept hashed in the catalogue's ``tokens.json``.
 
 A token is 32 random bytes (``mfc_`` + URL-safe base64), printed once when created. Only its SHA-256
 is stored: with that much entropy a fast hash is enough (a slow password hash protects guessable
@@ -18,8 +18,7 @@ import json
 import secrets
 from dataclasses import dataclass
 
-from maelflow.workspace import write_atomic
-from maelflow_registry.config import Paths
+from maelflow_registry.config import Paths, write_atomic
 
 ROLES = ("read", "write", "admin")
 PREFIX = "mfc_"
@@ -78,6 +77,16 @@ class TokenStore:
             data["tokens"] = keep
             self._write(data)
         return gone
+
+    def service_token(self, name: str = "service") -> str:
+        """The caller's own write token (for its tasks on this host), made on first use and kept 0600."""
+        try:
+            return self.paths.service_token.read_text().strip()
+        except FileNotFoundError:
+            pass
+        token, _ = self.create("write", name=name)
+        write_atomic(self.paths.service_token, token + "\n", mode=0o600)
+        return token
 
     def list(self) -> list[TokenInfo]:
         return [TokenInfo(t["id"], t["name"], t["role"], t.get("created", "")) for t in self._read()["tokens"]]

@@ -1,6 +1,6 @@
 """The catalogue's rules in one place: S3 first, then the index, guarded by the entry's version.
 
-Every write goes the same way (:meth:`Catalogue._write`): take the index's write lock, read the
+Every write goes the same way (:meth:`Catalogue.write`): take the index's write lock, read the
 entry's current version, compute the new record (create, replace or JSON-patch), validate it, write
 the S3 document carrying the new version, then update the index row if the version is still the
 one read, and commit. If S3 fails nothing changes; if the process dies between the S3 write and the
@@ -9,6 +9,9 @@ commit, S3 holds the newer document and a rebuild (or the next write of that ent
 End-to-end "no lost update" between clients that read, think, and write back is offered two ways:
 the ``If-Match: "<version>"`` header (answers carry ``ETag: "<version>"``), and JSON-patch ``test``
 operations (what the anemoi-registry client uses for task ownership and plots).
+
+Nothing here names a collection: what differs between them (key field, defaults, rules, who may
+delete) comes from their definitions in :mod:`maelflow_registry.collections`.
 """
 
 from __future__ import annotations
@@ -17,17 +20,18 @@ import copy
 import json
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import jsonpatch
 import jsonpointer
 
-from maelflow_registry import lineage, records
+from maelflow_registry import collections, lineage, records
 from maelflow_registry.auth import role_allows
 from maelflow_registry.config import Settings
-from maelflow_registry.errors import BadRequest, Conflict, Forbidden, NotFound, PreconditionFailed, Unprocessable
+from maelflow_registry.errors import BadRequest, Conflict, Forbidden, NotFound, PreconditionFailed
 from maelflow_registry.index import Index
-from maelflow_registry.keys import COLLECTIONS, check_collection, check_key
+from maelflow_registry.keys import check_key
 from maelflow_registry.store import FORMAT, Store
 
 LOG = logging.getLogger("maelflow_registry")
@@ -49,7 +53,7 @@ class Catalogue:
 
     # -- reads -----------------------------------------------------------------------------------
     def row(self, collection: str, key: str) -> dict:
-        check_collection(collection)
+        collections.get(collection)
         check_key(key)
         row = self.index.get(collection, key)
         if row is None:
@@ -60,7 +64,7 @@ class Catalogue:
         return json.loads(self.row(collection, key)["record"])
 
     def list(self, collection: str, filters: dict[str, str], limit: int | None = None, offset: int = 0) -> list[str]:
-        check_collection(collection)
+        collections.get(collection)
         cap = self.settings.list_limit
         limit = cap if limit is None else limit
         if limit < 0 or offset < 0:
@@ -68,9 +72,10 @@ class Catalogue:
         return self.index.list(collection, filters, min(limit, max(cap, 1)), offset)
 
     # -- writes ----------------------------------------------------------------------------------
-    def _write(self, collection: str, key: str, mutate: Callable[[dict | None], dict], *, user: str,
-               role: str | None, if_match: int | None = None, must_exist: bool | None = None) -> tuple[dict, int, bool]:
+    def write(self, collection: str, key: str, mutate: Callable[[dict | None], dict], *, user: str,
+              role: str | None, if_match: int | None = None, must_exist: bool | None = None) -> tuple[dict, int, bool]:
         """Apply ``mutate`` to the current record; returns (record, version, created)."""
+        coll = collections.get(collection)
         settings = self.settings
         with self.index.write() as tx:
             current = tx.current(collection, key)
@@ -85,10 +90,9 @@ class Catalogue:
                     f"not {if_match}: someone else changed it; read it again and retry")
             old = current["record"] if current else None
             new = mutate(copy.deepcopy(old))
-            if collection == "tasks" and old is not None:
-                new["created"] = old.get("created", new.get("created"))
-                new["updated"] = records.now_iso()  # every change is a heartbeat
-            records.validate(collection, key, new, old, naming=settings.dataset_naming, creating=current is None)
+            if old is not None:
+                coll.updating(old, new)
+            coll.validate(key, new, old, settings=settings, creating=current is None)
             if old is not None and bool(old.get("protected")) != bool(new.get("protected")) \
                     and not role_allows(role, "admin"):
                 raise Forbidden("only an admin token may protect or unprotect an entry")
@@ -106,23 +110,22 @@ class Catalogue:
         return new, version, current is None
 
     def create(self, collection: str, body: Any, *, user: str, role: str | None) -> tuple[dict, int]:
-        check_collection(collection)
-        key, record = records.new_record(collection, body)
-        if collection == "tasks":
-            self._check_task(record)
-        new, version, _ = self._write(collection, key, lambda old: record, user=user, role=role, must_exist=False)
+        coll = collections.get(collection)
+        key, record = coll.new_record(body)
+        coll.before_create(record, self.index)
+        new, version, _ = self.write(collection, key, lambda old: record, user=user, role=role, must_exist=False)
         return new, version
 
     def replace(self, collection: str, key: str, body: Any, *, user: str, role: str | None,
                 if_match: int | None = None) -> tuple[dict, int, bool]:
-        check_collection(collection)
+        coll = collections.get(collection)
         check_key(key)
-        _, record = records.new_record(collection, body, key_from_url=key)
-        return self._write(collection, key, lambda old: record, user=user, role=role, if_match=if_match)
+        _, record = coll.new_record(body, key_from_url=key)
+        return self.write(collection, key, lambda old: record, user=user, role=role, if_match=if_match)
 
     def patch(self, collection: str, key: str, ops: Any, *, user: str, role: str | None,
               if_match: int | None = None) -> tuple[dict, int]:
-        check_collection(collection)
+        collections.get(collection)
         check_key(key)
         ops = check_patch(ops)
 
@@ -136,16 +139,16 @@ class Catalogue:
             except (jsonpatch.InvalidJsonPatch, TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
                 raise BadRequest(f"invalid JSON patch: {exc}") from None
 
-        new, version, _ = self._write(collection, key, mutate, user=user, role=role, if_match=if_match,
-                                      must_exist=True)
+        new, version, _ = self.write(collection, key, mutate, user=user, role=role, if_match=if_match,
+                                     must_exist=True)
         return new, version
 
     def delete(self, collection: str, key: str, *, user: str, role: str | None, if_match: int | None = None) -> dict:
-        check_collection(collection)
+        coll = collections.get(collection)
         check_key(key)
-        if collection != "tasks" and not role_allows(role, "admin"):
-            raise Forbidden(f"deleting a {collection} entry needs an admin token "
-                            "(maelflow catalogue token create --role admin)")
+        if not role_allows(role, coll.delete_role):
+            raise Forbidden(f"deleting a {collection} entry needs a token with the '{coll.delete_role}' role "
+                            f"(maelflow catalogue token create --role {coll.delete_role})")
         with self.index.write() as tx:
             current = tx.current(collection, key)
             if current is None:
@@ -157,11 +160,7 @@ class Catalogue:
             if record.get("protected") is True:
                 raise Conflict(f"{collection} entry '{key}' is protected; an admin must first set "
                                "'protected' to false")
-            locations = record.get("locations") if isinstance(record.get("locations"), dict) else {}
-            if collection == "datasets" and locations:
-                raise Conflict(f"dataset '{key}' still lists {len(locations)} cop{'y' if len(locations) == 1 else 'ies'} "
-                               f"({', '.join(sorted(locations))}): deleting its entry would lose track of the last "
-                               "copy; remove (or delete) its locations first")
+            coll.before_delete(key, record)
             self.store.delete_document(collection, key)
             tx.remove(collection, key)
         LOG.info("deleted %s/%s by %s", collection, key, user)
@@ -169,9 +168,7 @@ class Catalogue:
 
     def bulk_create(self, collection: str, bodies: Any, *, user: str, role: str | None) -> dict:
         """Create many entries in one transaction (S3 writes in parallel): for loading an archive or a bench."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        check_collection(collection)
+        coll = collections.get(collection)
         if not isinstance(bodies, list) or not bodies:
             raise BadRequest("the body must be a non-empty JSON array of entries")
         if len(bodies) > 5000:
@@ -179,8 +176,8 @@ class Catalogue:
         settings = self.settings
         prepared: dict[str, dict] = {}
         for body in bodies:
-            key, record = records.new_record(collection, body)
-            records.validate(collection, key, record, None, naming=settings.dataset_naming, creating=True)
+            key, record = coll.new_record(body)
+            coll.validate(key, record, None, settings=settings, creating=True)
             if key in prepared:
                 raise Conflict(f"{collection} entry '{key}' appears twice in the request")
             prepared[key] = record
@@ -199,59 +196,6 @@ class Catalogue:
                 tx.insert(doc)
         return {"created": len(docs), "collection": collection}
 
-    def _check_task(self, record: dict) -> None:
-        """Refuse a deletion task that would remove a dataset's last copy."""
-        if record.get("action") != "delete-dataset":
-            return
-        dataset, location = record.get("dataset"), record.get("location") or record.get("destination")
-        if not isinstance(dataset, str) or not isinstance(location, str):
-            raise BadRequest("a delete-dataset task needs 'dataset' and 'location'")
-        row = self.index.get("datasets", check_key(dataset, "dataset name"))
-        if row is None:
-            raise Unprocessable(f"dataset '{dataset}' is not registered")
-        locations = json.loads(row["record"]).get("locations") or {}
-        if location in locations and len(locations) == 1:
-            raise Conflict(f"refusing to delete '{dataset}' at '{location}': it is the dataset's last copy")
-
-    # -- models ----------------------------------------------------------------------------------
-    def promote(self, name: str, weights: str, *, user: str, role: str | None, description: str | None = None,
-                alias: str | None = None) -> tuple[dict, int]:
-        """A new immutable version of model ``name`` made from checkpoint ``weights``."""
-        check_key(name, "model name")
-        check_key(weights, "checkpoint uuid")
-        if self.index.get("weights", weights) is None:
-            raise Unprocessable(f"checkpoint '{weights}' is not registered: register it (weights) before "
-                                "promoting it to a model")
-
-        def mutate(old: dict | None) -> dict:
-            model = old or records.add_defaults("models", {"name": name})
-            numbers = [int(n) for n in model["versions"] if str(n).isdigit()]
-            number = max(numbers, default=0) + 1
-            version = {"weights": weights, "promoted": records.now_iso(), "promoted_by": user}
-            if description:
-                version["description"] = description
-            model["versions"][str(number)] = version
-            if alias:
-                model["aliases"][alias] = number
-            return model
-
-        new, version, _ = self._write("models", name, mutate, user=user, role=role)
-        return new, version
-
-    def set_alias(self, name: str, alias: str, number: Any, *, user: str, role: str | None) -> tuple[dict, int]:
-        check_key(name, "model name")
-        try:
-            number = int(number)
-        except (TypeError, ValueError):
-            raise BadRequest("the body must be {\"version\": <number>}") from None
-
-        def mutate(old: dict | None) -> dict:
-            old["aliases"][alias] = number
-            return old
-
-        new, version, _ = self._write("models", name, mutate, user=user, role=role, must_exist=True)
-        return new, version
-
     # -- lineage and maintenance -----------------------------------------------------------------
     def lineage(self, collection: str, key: str, depth: int = 4) -> lineage.Graph:
         record = self.record(collection, key)
@@ -261,7 +205,7 @@ class Catalogue:
         """Entries an ID names: ``collection/key``, ``collection:key``, a bare key, or a training's run_id."""
         for sep in ("/", ":"):
             coll, found, key = ident.partition(sep)
-            if found and coll in COLLECTIONS:
+            if found and collections.find(coll):
                 check_key(key)
                 return [(coll, key)] if self.index.get(coll, key) else []
         check_key(ident, "ID")

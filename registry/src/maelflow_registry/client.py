@@ -1,9 +1,8 @@
-"""A small Python client for maelflow's own tasks (register trainings, checkpoints, dataset locations).
+"""A small Python client for the catalogue's users' own tasks (register trainings, checkpoints, locations).
 
 It speaks the same REST API as the anemoi-registry client, plus the catalogue's extras (models,
 lineage, artefacts, bulk). Errors come back as :class:`CatalogueClientError` carrying the server's
-message. ``for_workspace(ws)`` finds the running catalogue of a workspace and uses (creating once) a
-write token kept 0600 in the workspace, so suite tasks on the same host need no set-up.
+message. Finding a catalogue and a token is the caller's business (maelflow: ``maelflow.catalogue``).
 """
 
 from __future__ import annotations
@@ -29,13 +28,6 @@ class CatalogueClient:
         self.session = requests.Session()
         if token:
             self.session.headers["Authorization"] = f"Bearer {token}"
-
-    @classmethod
-    def for_workspace(cls, ws: Any, token: str | None = None) -> "CatalogueClient":
-        from maelflow.services.stack import discover
-
-        info = discover(ws, "catalogue")
-        return cls(info.url, token or service_token(ws))
 
     # -- plumbing --------------------------------------------------------------------------------
     def _request(self, method: str, path: str, *, json_body: Any = None, params: dict | None = None,
@@ -96,9 +88,6 @@ class CatalogueClient:
     def add_location(self, collection: str, key: str, platform: str, path: str) -> dict:
         return self.patch(collection, key, [{"op": "add", "path": f"/locations/{platform}", "value": {"path": path}}])
 
-    def remove_location(self, collection: str, key: str, platform: str) -> dict:
-        return self.patch(collection, key, [{"op": "remove", "path": f"/locations/{platform}"}])
-
     def register_training(self, name: str, *, run_id: str | None = None, datasets: Iterable[str] = (),
                           status: str = "running", owner: str | None = None, mlflow_url: str | None = None,
                           **extra: Any) -> dict:
@@ -143,20 +132,4 @@ class CatalogueClient:
 
     def get_artefact(self, path: str) -> bytes:
         return self._request("GET", f"/artefacts/{path}").content
-
-
-def service_token(ws: Any) -> str:
-    """The workspace's own write token for maelflow's tasks, created on first use (file mode 0600)."""
-    from maelflow.workspace import write_atomic
-    from maelflow_registry.auth import TokenStore
-    from maelflow_registry.config import Paths
-
-    paths = Paths(ws)
-    try:
-        return paths.service_token.read_text().strip()
-    except FileNotFoundError:
-        pass
-    token, _ = TokenStore(paths).create("write", name="maelflow-tasks")
-    write_atomic(paths.service_token, token + "\n", mode=0o600)
-    return token
 

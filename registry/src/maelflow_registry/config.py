@@ -1,22 +1,22 @@
-"""The catalogue's settings and files in a workspace, re-read by the running server when they change.
+"""The catalogue's settings and files, re-read by the running server when they change.
 
-Everything lives in ``<workspace>/catalogue/``: ``index.sqlite`` (a cache of S3), ``settings.json``
-(anonymous read, naming policy, size limits), ``tokens.json`` (hashed tokens, mode 0600), and the
-service's pid/log/state files. Settings and tokens are files rather than index rows so that deleting
-and rebuilding the index from S3 never loses them, and so that ``maelflow catalogue token create``
-works whether or not the server runs: the server notices the new file by its modification time.
+Everything lives in one directory that the caller chooses (maelflow uses ``<workspace>/catalogue/``):
+``index.sqlite`` (a cache of S3), ``settings.json`` (anonymous read, naming policy, size limits),
+``tokens.json`` (hashed tokens, mode 0600) and ``service-token`` (the caller's own write token).
+Settings and tokens are files rather than index rows so that deleting and rebuilding the index from
+S3 never loses them, and so that tokens can be made whether or not the server runs: the server
+notices a new file by its modification time.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 import threading
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
-
-from maelflow.workspace import Workspace, write_atomic
 
 DEFAULT_BUCKET = "catalogue"
 NAMING_POLICIES = ("anemoi", "relaxed")
@@ -43,10 +43,14 @@ class Settings:
         return asdict(self)
 
 
+@dataclass(frozen=True)
 class Paths:
-    def __init__(self, ws: Workspace):
-        self.ws = ws
-        self.dir = ws.path("catalogue")
+    """The catalogue's directory and the files in it."""
+
+    dir: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dir", Path(self.dir))
 
     @property
     def index(self) -> Path:
@@ -62,7 +66,7 @@ class Paths:
 
     @property
     def service_token(self) -> Path:
-        """A write token maelflow's own suite tasks use (see :func:`maelflow_registry.client.for_workspace`)."""
+        """A write token for the caller's own tasks (see :meth:`maelflow_registry.auth.TokenStore.service_token`)."""
         return self.dir / "service-token"
 
 
@@ -75,6 +79,23 @@ def load_settings(paths: Paths) -> Settings:
 
 def save_settings(paths: Paths, settings: Settings) -> None:
     write_atomic(paths.settings, json.dumps(settings.to_json(), indent=2, sort_keys=True) + "\n")
+
+
+def write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
+    """Write beside the target then rename, so the server reads the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
 
 
 class Watched:

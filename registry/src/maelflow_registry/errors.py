@@ -58,3 +58,13 @@ class StoreUnavailable(CatalogueError):
     """S3 could not be reached: the one 5xx we answer, because retrying later may well work."""
 
     status, title = 503, "store unavailable"
+
+
+class Ambiguous(CatalogueError):
+    """An ID names entries of several collections; the answer lists them."""
+
+    status, title = 409, "ambiguous"
+
+    def __init__(self, ident: str, found: list[tuple[str, str]]):
+        super().__init__(f"'{ident}' names {len(found)} entries; say which with collection/key",
+                         candidates=[f"{c}/{k}" for c, k in found])

@@ -12,21 +12,30 @@ by rclone (reference/s3-servers.md), so the check lives here.
 
 Each connection belongs to one thread (``threading.local``); SQLite connections are not meant to be
 shared between threads that may use them at once.
+
+What the index stores of an entry beyond its record comes from its collection's definition
+(:mod:`maelflow_registry.collections`): the lineage edges it declares, the references that name it,
+and, for a collection with a ``table``, a summary row that its web page sorts by.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
+import logging
 import sqlite3
 import threading
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from maelflow_registry import lineage, records
+from maelflow_registry import collections, records
+from maelflow_registry.collections import Collection
 from maelflow_registry.errors import Conflict, PreconditionFailed
+from maelflow_registry.refs import ref, run_ref
 from maelflow_registry.store import dumps
 
+LOG = logging.getLogger("maelflow_registry")
 SCHEMA_VERSION = "1"
 
 SCHEMA = """
@@ -46,16 +55,26 @@ CREATE INDEX IF NOT EXISTS edges_dst ON edges (dst);
 CREATE TABLE IF NOT EXISTS identities (ref TEXT NOT NULL, collection TEXT NOT NULL, key TEXT NOT NULL,
     PRIMARY KEY (ref, collection, key)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS identities_entry ON identities (collection, key);
-CREATE TABLE IF NOT EXISTS datasets (
-    name TEXT PRIMARY KEY, size INTEGER, files INTEGER, resolution TEXT, frequency TEXT, rows INTEGER,
-    variables INTEGER, ensembles INTEGER, grid_values INTEGER, created TEXT, locations TEXT, status TEXT,
-    search TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT);
 """
 
-DATASET_SORTS = ("name", "size", "files", "resolution", "frequency", "rows", "variables", "ensembles",
-                 "grid_values", "created", "locations", "usage", "status")
 ENTRY_SORTS = ("key", "created", "updated")
+
+
+def table_schema(coll: Collection) -> str:
+    """The summary table of a collection that declares one: its key, its columns, and the search words."""
+    columns = "".join(f", {name} {kind}" for name, kind in coll.table.items())
+    return (f"CREATE TABLE IF NOT EXISTS {coll.name} ({coll.main_key} TEXT PRIMARY KEY{columns}, "
+            "search TEXT NOT NULL DEFAULT '');")
+
+
+def table_sorts(coll: Collection) -> tuple[str, ...]:
+    """What its web table may be sorted by."""
+    return (coll.main_key, *coll.table, "usage")
+
+
+def _tables() -> list[Collection]:
+    return [c for c in collections.all_collections() if c.table]
 
 
 class Index:
@@ -64,7 +83,7 @@ class Index:
         self._local = threading.local()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as conn:
-            conn.executescript(SCHEMA)
+            conn.executescript(SCHEMA + "\n".join(table_schema(c) for c in _tables()))
             conn.execute("INSERT OR IGNORE INTO meta (k, v) VALUES ('schema', ?)", (SCHEMA_VERSION,))
 
     def _connect(self) -> sqlite3.Connection:
@@ -81,9 +100,6 @@ class Index:
         if conn is None:
             conn = self._local.conn = self._connect()
         return conn
-
-    def is_empty(self) -> bool:
-        return self.conn.execute("SELECT 1 FROM entries LIMIT 1").fetchone() is None
 
     def get_meta(self, k: str) -> str | None:
         row = self.conn.execute("SELECT v FROM meta WHERE k = ?", (k,)).fetchone()
@@ -129,23 +145,24 @@ class Index:
             f"ORDER BY {column} {'DESC' if descending else 'ASC'}, key LIMIT ? OFFSET ?", args + [limit, offset])
         return [{"key": k, "created": c, "updated": u, "record": json.loads(r)} for k, c, u, r in rows], total
 
-    def dataset_page(self, q: str, sort: str, descending: bool, limit: int, offset: int) -> tuple[list[dict], int]:
-        column = sort if sort in DATASET_SORTS else "name"
+    def table_page(self, coll: Collection, q: str, sort: str, descending: bool, limit: int, offset: int
+                   ) -> tuple[list[dict], int]:
+        """Summary rows of a collection with a ``table`` (and ``usage``: edges leaving each entry), sorted."""
+        key = coll.main_key
+        column = sort if sort in table_sorts(coll) else key
         where, args = "1 = 1", []
         if q:
             where = "d.search LIKE ? ESCAPE '\\'"
             args.append(f"%{_like(q.lower())}%")
-        total = self.conn.execute(f"SELECT COUNT(*) FROM datasets d WHERE {where}", args).fetchone()[0]
-        usage = "(SELECT COUNT(*) FROM edges e WHERE e.src = 'datasets:' || d.name)"
+        total = self.conn.execute(f"SELECT COUNT(*) FROM {coll.name} d WHERE {where}", args).fetchone()[0]
+        usage = f"(SELECT COUNT(*) FROM edges e WHERE e.src = '{coll.name}:' || d.{key})"
         order = f"{usage}" if column == "usage" else f"d.{column}"
-        nulls = "" if column in ("name", "usage") else f"d.{column} IS NULL, "
+        nulls = "" if column in (key, "usage") else f"d.{column} IS NULL, "
+        names = (key, *coll.table, "usage")
         rows = self.conn.execute(
-            f"SELECT d.name, d.size, d.files, d.resolution, d.frequency, d.rows, d.variables, d.ensembles, "
-            f"d.grid_values, d.created, d.locations, d.status, {usage} FROM datasets d WHERE {where} "
-            f"ORDER BY {nulls}{order} {'DESC' if descending else 'ASC'}, d.name LIMIT ? OFFSET ?",
+            f"SELECT {', '.join(f'd.{c}' for c in names[:-1])}, {usage} FROM {coll.name} d WHERE {where} "
+            f"ORDER BY {nulls}{order} {'DESC' if descending else 'ASC'}, d.{key} LIMIT ? OFFSET ?",
             args + [limit, offset])
-        names = ("name", "size", "files", "resolution", "frequency", "rows", "variables", "ensembles",
-                 "grid_values", "created", "locations", "status", "usage")
         return [dict(zip(names, row)) for row in rows], total
 
     # -- lineage ---------------------------------------------------------------------------------
@@ -159,12 +176,12 @@ class Index:
             f"ORDER BY src, rel, dst LIMIT 2000", refs + refs)
         return [tuple(r) for r in rows]
 
-    def produced(self, refs: Iterable[str]) -> list[str]:
-        """Checkpoint keys a training produced (declared by it, or by checkpoints naming its run)."""
+    def targets(self, refs: Iterable[str], relation: str, collection: str) -> list[str]:
+        """Keys of ``collection`` entries at the end of ``relation`` edges leaving any of ``refs``."""
         refs = list(refs)
         rows = self.conn.execute(
-            f"SELECT DISTINCT dst FROM edges WHERE rel = 'produced' AND src IN ({','.join('?' * len(refs))}) "
-            f"AND dst LIKE 'weights:%' ORDER BY dst LIMIT 1000", refs)
+            f"SELECT DISTINCT dst FROM edges WHERE rel = ? AND src IN ({','.join('?' * len(refs))}) "
+            f"AND dst LIKE ? ESCAPE '\\' ORDER BY dst LIMIT 1000", [relation, *refs, _like(collection) + ":%"])
         return [r[0].split(":", 1)[1] for r in rows]
 
     def resolve(self, reference: str) -> list[tuple[str, str, dict]]:
@@ -179,7 +196,7 @@ class Index:
         rows = self.conn.execute("SELECT collection, key FROM entries WHERE key = ? ORDER BY collection",
                                  (key,)).fetchall()
         rows += self.conn.execute("SELECT collection, key FROM identities WHERE ref = ?",
-                                  (lineage.run_ref(key),)).fetchall()
+                                  (run_ref(key),)).fetchall()
         return list(dict.fromkeys((c, k) for c, k in rows))
 
     # -- writes ----------------------------------------------------------------------------------
@@ -200,16 +217,25 @@ class Index:
         return self.get_meta("built") is not None
 
     def rebuild(self, documents: Iterable[dict]) -> int:
-        """Replace the whole index by the given documents, in one transaction (readers see old or new)."""
-        import datetime
+        """Replace the whole index by the given documents, in one transaction (readers see old or new).
 
+        Documents of a collection that is not registered here (any more) are left in S3 and skipped.
+        """
         count = 0
+        known = set(collections.names())
         with self.write() as tx:
-            for table in ("entries", "fields", "edges", "identities", "datasets"):
+            for table in ("entries", "fields", "edges", "identities", *(c.name for c in _tables())):
                 tx.conn.execute(f"DELETE FROM {table}")
+            skipped: dict[str, int] = {}
             for doc in documents:
+                if doc.get("collection") not in known:
+                    skipped[str(doc.get("collection"))] = skipped.get(str(doc.get("collection")), 0) + 1
+                    continue
                 tx.insert(doc)
                 count += 1
+            for name, n in skipped.items():
+                LOG.warning("rebuild: %d documents of collection '%s', which is not registered, were skipped",
+                            n, name[:60])
             tx.conn.execute("INSERT OR REPLACE INTO meta (k, v) VALUES ('built', ?)",
                             (datetime.datetime.now(datetime.timezone.utc).isoformat(),))
         return count
@@ -247,7 +273,8 @@ class Transaction:
 
     def insert(self, doc: dict) -> None:
         collection, key, record = doc["collection"], doc["key"], doc["record"]
-        search = records.search_text(collection, key, record)
+        coll = collections.get(collection)
+        search = records.search_text(key, record)
         self.conn.execute(
             "INSERT INTO entries (collection, key, version, created, updated, created_by, updated_by, record, "
             "original, search) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -256,25 +283,25 @@ class Transaction:
              search))
         self.conn.executemany("INSERT OR IGNORE INTO fields (collection, field, value, key) VALUES (?, ?, ?, ?)",
                               [(collection, f, v, key) for f, v in records.filter_fields(record)])
-        owner = lineage.ref(collection, key)
+        owner = ref(collection, key)
         self.conn.executemany("INSERT INTO edges (owner, src, rel, dst) VALUES (?, ?, ?, ?)",
-                              [(owner, s, r, d) for s, r, d in lineage.derive_edges(collection, key, record)])
+                              [(owner, s, r, d) for s, r, d in coll.edges(key, record)])
         self.conn.executemany("INSERT OR IGNORE INTO identities (ref, collection, key) VALUES (?, ?, ?)",
-                              [(r, collection, key) for r in lineage.refs_of(collection, key, record)])
-        if collection == "datasets":
-            row = records.dataset_row(record, doc["created"])
-            row["search"] = search
-            cols = list(row)
-            self.conn.execute(f"INSERT INTO datasets ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
-                              [row[c] for c in cols])
+                              [(r, collection, key) for r in coll.refs(key, record)])
+        if coll.table:
+            summary = coll.table_row(record, doc["created"])
+            row = {coll.main_key: key, **{c: summary.get(c) for c in coll.table}, "search": search}
+            self.conn.execute(f"INSERT INTO {collection} ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                              list(row.values()))
 
     def remove(self, collection: str, key: str) -> None:
         self.conn.execute("DELETE FROM entries WHERE collection = ? AND key = ?", (collection, key))
         self.conn.execute("DELETE FROM fields WHERE collection = ? AND key = ?", (collection, key))
-        self.conn.execute("DELETE FROM edges WHERE owner = ?", (lineage.ref(collection, key),))
+        self.conn.execute("DELETE FROM edges WHERE owner = ?", (ref(collection, key),))
         self.conn.execute("DELETE FROM identities WHERE collection = ? AND key = ?", (collection, key))
-        if collection == "datasets":
-            self.conn.execute("DELETE FROM datasets WHERE name = ?", (key,))
+        coll = collections.get(collection)
+        if coll.table:
+            self.conn.execute(f"DELETE FROM {collection} WHERE {coll.main_key} = ?", (key,))
 
 
 def _like(text: str) -> str:

@@ -1,4 +1,4 @@
-"""Collections, their primary keys, and the strict rules that keep keys safe to use as S3 names.
+"""The strict rules that keep keys, platform names and artefact paths safe to use as S3 names and URLs.
 
 An entry's key becomes part of an S3 object name (``entries/<collection>/<shard>/<key>.json``) and of web
 URLs, so it is checked before anything else happens: one segment, no ``/``, no ``..``, no control
@@ -9,21 +9,7 @@ from __future__ import annotations
 
 import re
 
-from maelflow_registry.errors import BadRequest, NotFound
-
-# collection -> the record field holding the entry's key (the anemoi-registry names, plus models)
-COLLECTIONS: dict[str, str] = {
-    "datasets": "name",
-    "experiments": "expver",
-    "weights": "uuid",
-    "trainings": "name",
-    "tasks": "uuid",
-    "models": "name",
-}
-
-# what a person calls them on the web pages
-TITLES = {"datasets": "Datasets", "experiments": "Experiments", "weights": "Checkpoints",
-          "trainings": "Trainings", "tasks": "Tasks", "models": "Models"}
+from maelflow_registry.errors import BadRequest
 
 KEY_MAX = 200
 KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -32,22 +18,6 @@ KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 PLATFORM_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 SEGMENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 ARTEFACT_MAX_DEPTH = 12
-
-# anemoi-datasets' naming convention (anemoi/datasets/create/naming.py), copied rather than imported:
-# importing anemoi-datasets costs the server a second and several hundred MB
-_GRIDDED = r"^(\w+)-([\w-]+)-(\w+)-([0-9ron]\w*)-(\d\d\d\d)-(\d\d\d\d)-(\d+h|\d+m)-v(\d+)-?([a-zA-Z0-9-]+)?$"
-_TRAJECTORIES = (r"^(\w+)-([\w-]+)-(\w+)-([0-9ron]\w*)-(\d\d\d\d)-(\d\d\d\d)-(\d+h|\d+m)-(\d+h|\d+m)-v(\d+)"
-                 r"-?([a-zA-Z0-9-]+)?$")
-_TABULAR = r"^(\w+)-([\w-]+)-(\w+)(?:-([0-9ron]\w*))?-(\d\d\d\d)-(\d\d\d\d)-v(\d+)-?([a-zA-Z0-9-]+)?$"
-ANEMOI_NAME_PATTERNS = [re.compile(p) for p in (_GRIDDED, _TRAJECTORIES, _TABULAR)]
-ANEMOI_NAME_EXAMPLE = "aifs-ea-an-oper-0001-mars-o96-1979-2022-6h-v6"
-
-
-def check_collection(collection: str) -> str:
-    if collection not in COLLECTIONS:
-        raise NotFound(f"unknown collection '{collection[:60]}'; the collections are: "
-                       f"{', '.join(COLLECTIONS)}")
-    return collection
 
 
 def check_key(key: object, what: str = "key") -> str:
@@ -69,23 +39,6 @@ def check_platform(name: object) -> str:
         raise BadRequest(f"the location (platform) name '{_show(name)}' is not valid: use letters, digits, "
                          "'_' and '-' (no '.' or '/'), at most 64 characters")
     return name
-
-
-def dataset_name_problems(name: str, policy: str) -> list[str]:
-    """Why ``name`` breaks the dataset naming policy ('anemoi' or 'relaxed'); empty when it is fine."""
-    problems: list[str] = []
-    if policy == "relaxed":
-        return problems
-    if name != name.lower():
-        problems.append("it should be in lower case")
-    if "_" in name:
-        problems.append("it should use '-' instead of '_'")
-    if any(not (c.isalnum() or c == "-") for c in name):
-        problems.append("it should contain only letters, digits and '-'")
-    if not any(p.match(name) for p in ANEMOI_NAME_PATTERNS):
-        problems.append("it does not follow purpose-labelling-source-resolution-start-end-frequency-vN[-extra], "
-                        f"e.g. '{ANEMOI_NAME_EXAMPLE}'")
-    return problems
 
 
 def check_artefact_path(path: str) -> str:

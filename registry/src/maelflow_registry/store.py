@@ -12,8 +12,9 @@ PUT costs time in proportion to the directory's size: measured here, 42 ms per P
 
 rclone's ``serve s3`` ignores conditional writes and drops ``x-amz-meta-*`` metadata on restart
 (reference/s3-servers.md), so nothing here relies on either: version checks live in the index, and
-all metadata lives in the document body. S3 clients come from :mod:`maelflow.s3`, never from boto3
-directly, so the path-style/SigV4/checksum settings our servers need are always applied.
+all metadata lives in the document body. The store is given an obstore store of its bucket, made
+by the caller with the settings its server needs (maelflow makes it in ``maelflow.s3``); obstore
+sends, signs and retries the requests in Rust, so a rebuild's parallel reads do not queue on the GIL.
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ from __future__ import annotations
 import hashlib
 import json
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 from maelflow_registry.errors import StoreUnavailable
 
 FORMAT = "maelflow-catalogue/1"
 ENTRIES = "entries/"
 ARTEFACTS = "artefacts/"
+T = TypeVar("T")
 
 
 def entry_object(collection: str, key: str) -> str:
@@ -41,64 +43,70 @@ def dumps(data: Any) -> str:
 
 
 class Store:
-    def __init__(self, client: Any, bucket: str):
-        self.s3 = client
-        self.bucket = bucket
+    def __init__(self, objects: Any):
+        """``objects``: an obstore store of the catalogue's bucket (an ``S3Store``)."""
+        self.objects = objects
+        self.bucket = (getattr(objects, "config", None) or {}).get("bucket", "")
 
     # -- set-up ----------------------------------------------------------------------------------
     def ensure_bucket(self) -> None:
-        from botocore.exceptions import ClientError
+        """Make sure the bucket is there; S3 clients cannot make one here (the S3 service makes its
+        buckets as folders, the EWC's are made by their owners), so a missing one is an error."""
+        import obstore
+
+        self._call("list the bucket", lambda: obstore.list_with_delimiter(self.objects, ENTRIES))
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T | None:
+        """``fn()``; None when the object is missing, StoreUnavailable for any other failure."""
+        from obstore.exceptions import BaseError
 
         try:
-            self.s3.head_bucket(Bucket=self.bucket)
-        except ClientError:
-            self.s3.create_bucket(Bucket=self.bucket)
-
-    def _call(self, what: str, fn, *args, **kwargs):
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            return fn(*args, **kwargs)
-        except ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code", "")
-            if code in ("NoSuchKey", "404", "NotFound"):
-                return None
-            raise StoreUnavailable(f"S3 refused to {what}: {code or exc}") from exc
-        except BotoCoreError as exc:
-            raise StoreUnavailable(f"S3 could not be reached to {what}: {exc}") from exc
+            return fn()
+        except FileNotFoundError as exc:
+            if "NoSuchBucket" in str(exc):
+                raise StoreUnavailable(f"S3 has no bucket {self.bucket!r} to {what}: create it (the workspace's "
+                                       "S3 service makes the buckets the catalogue's settings name when it "
+                                       "starts: restart it after naming a new one)") from exc
+            return None
+        except (BaseError, OSError) as exc:
+            raise StoreUnavailable(f"S3 could not {what}: {str(exc).splitlines()[0][:300]}") from exc
 
     # -- entries ---------------------------------------------------------------------------------
-    def put_document(self, doc: dict) -> None:
-        body = dumps(doc).encode()
-        self._call(f"write {doc['collection']}/{doc['key']}", self.s3.put_object, Bucket=self.bucket,
-                   Key=entry_object(doc["collection"], doc["key"]), Body=body, ContentType="application/json")
+    def _get(self, what: str, name: str) -> Any:
+        import obstore
 
-    def get_document(self, collection: str, key: str) -> dict | None:
-        resp = self._call(f"read {collection}/{key}", self.s3.get_object, Bucket=self.bucket,
-                          Key=entry_object(collection, key))
-        return None if resp is None else json.loads(resp["Body"].read())
+        return self._call(what, lambda: obstore.get(self.objects, name))
+
+    def put_document(self, doc: dict) -> None:
+        import obstore
+
+        body = dumps(doc).encode()
+        self._call(f"write {doc['collection']}/{doc['key']}", lambda: obstore.put(
+            self.objects, entry_object(doc["collection"], doc["key"]), body,
+            attributes={"Content-Type": "application/json"}, use_multipart=False))
 
     def delete_document(self, collection: str, key: str) -> None:
-        self._call(f"delete {collection}/{key}", self.s3.delete_object, Bucket=self.bucket,
-                   Key=entry_object(collection, key))
+        import obstore
+
+        self._call(f"delete {collection}/{key}", lambda: obstore.delete(self.objects, entry_object(collection, key)))
 
     def list_entry_objects(self) -> Iterator[str]:
-        paginator = self.s3.get_paginator("list_objects_v2")
-        for page in self._call("list entries", lambda: list(paginator.paginate(Bucket=self.bucket,
-                                                                              Prefix=ENTRIES))) or []:
-            for obj in page.get("Contents", []):
-                if obj["Key"].endswith(".json"):
-                    yield obj["Key"]
+        import obstore
+
+        batches = self._call("list entries", lambda: obstore.list(self.objects, ENTRIES, chunk_size=1000).collect())
+        for meta in batches or []:
+            if meta["path"].endswith(".json"):
+                yield meta["path"]
 
     def iter_documents(self, threads: int = 16) -> Iterator[dict]:
         """Every entry document, read in parallel (a rebuild of 100 000 entries is bound by GET latency)."""
         keys = list(self.list_entry_objects())
 
         def fetch(object_key: str) -> dict | None:
-            resp = self._call(f"read {object_key}", self.s3.get_object, Bucket=self.bucket, Key=object_key)
+            resp = self._get(f"read {object_key}", object_key)
             if resp is None:  # deleted between the listing and the read
                 return None
-            doc = json.loads(resp["Body"].read())
+            doc = json.loads(bytes(resp.bytes()))
             return doc if isinstance(doc, dict) and doc.get("format") == FORMAT else None
 
         with ThreadPoolExecutor(max_workers=threads) as pool:
@@ -108,11 +116,13 @@ class Store:
 
     # -- artefacts -------------------------------------------------------------------------------
     def put_artefact(self, path: str, body: bytes, content_type: str) -> None:
-        self._call(f"write artefact {path}", self.s3.put_object, Bucket=self.bucket, Key=ARTEFACTS + path,
-                   Body=body, ContentType=content_type)
+        import obstore
+
+        self._call(f"write artefact {path}", lambda: obstore.put(
+            self.objects, ARTEFACTS + path, body, attributes={"Content-Type": content_type}))
 
     def get_artefact(self, path: str) -> tuple[bytes, str] | None:
-        resp = self._call(f"read artefact {path}", self.s3.get_object, Bucket=self.bucket, Key=ARTEFACTS + path)
+        resp = self._get(f"read artefact {path}", ARTEFACTS + path)
         if resp is None:
             return None
-        return resp["Body"].read(), resp.get("ContentType") or "application/octet-stream"
+        return bytes(resp.bytes()), resp.attributes.get("Content-Type") or "application/octet-stream"

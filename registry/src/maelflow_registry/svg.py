@@ -1,7 +1,7 @@
 """The lineage picture: an SVG drawn on the server, so a plain browser (or curl) shows it without scripts.
 
-Layout is deliberately simple and stable: one column per kind (datasets, trainings, checkpoints,
-models and experiments, tasks), nodes stacked in each column in key order, edges as curves with an
+Layout is deliberately simple and stable: one column per kind, as each collection declares it
+(datasets, trainings, checkpoints, models and experiments, tasks), nodes stacked in each column in key order, edges as curves with an
 arrow from upstream to downstream. Every node is a link to its page; missing nodes (a run or
 dataset that is referenced but not registered) are dashed.
 """
@@ -10,12 +10,15 @@ from __future__ import annotations
 
 from html import escape
 
-from maelflow_registry.keys import TITLES
+from maelflow_registry import collections
 
 NODE_W, NODE_H, COL_GAP, ROW_GAP, MARGIN, HEADER = 230, 38, 90, 18, 20, 34
-COLOURS = {"datasets": "#dbeafe", "trainings": "#fef3c7", "weights": "#dcfce7", "models": "#fae8ff",
-           "experiments": "#fee2e2", "tasks": "#e5e7eb"}
-COLUMN_TITLES = ["Datasets", "Trainings", "Checkpoints", "Models / experiments", "Tasks"]
+UNKNOWN_COLOUR = "#eeeeee"
+
+
+def column_title(column: int) -> str:
+    """The heading of a column: the titles of the collections drawn in it ("Models / Experiments")."""
+    return " / ".join(c.title for c in collections.all_collections() if c.column == column)
 
 
 def _short(text: str, limit: int = 30) -> str:
@@ -42,7 +45,7 @@ def render(graph: dict, link_prefix: str = "") -> str:
            '<style>text{font-family:system-ui,sans-serif;font-size:12px} .rel{font-size:10px;fill:#666}'
            ' .head{font-weight:600;font-size:13px}</style>']
     for c in used:
-        title = COLUMN_TITLES[c] if c < len(COLUMN_TITLES) else ""
+        title = column_title(c)
         out.append(f'<text class="head" x="{col_x[c]}" y="{MARGIN + 14}">{escape(title)}</text>')
     for edge in graph["edges"]:
         if edge["source"] not in pos or edge["target"] not in pos:
@@ -62,11 +65,12 @@ def render(graph: dict, link_prefix: str = "") -> str:
                    f'data-target="{escape(edge["target"])}"><title>{escape(edge["relation"])}</title></path>')
     for node in nodes:
         x, y = pos[node["id"]]
-        fill = COLOURS.get(node["collection"], "#eee")
+        coll = collections.find(node["collection"])
+        fill = coll.colour if coll else UNKNOWN_COLOUR
         root = node["id"] == graph["root"]
         stroke = "#b91c1c" if root else "#555"
         dash = ' stroke-dasharray="5 3"' if node["missing"] else ""
-        kind = TITLES.get(node["collection"], node["collection"]).rstrip("s").lower()
+        kind = coll.singular.lower() if coll else node["collection"]
         label = escape(_short(node["label"]))
         box = (f'<rect x="{x}" y="{y}" width="{NODE_W}" height="{NODE_H}" rx="6" fill="{fill}" '
                f'stroke="{stroke}" stroke-width="{2.5 if root else 1}"{dash}/>'

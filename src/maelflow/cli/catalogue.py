@@ -1,6 +1,7 @@
 """``maelflow catalogue serve|token|settings|rebuild-index|client-config``: run and administer the catalogue.
 
-The service itself lives in ``registry/`` (package ``maelflow_registry``); these commands are thin.
+The service itself is the ``maelflow_registry`` library (``registry/``), given its files and S3 store
+by ``maelflow.services.catalogue``; these commands are thin.
 ``serve`` runs in the foreground (``maelflow services up`` starts it in the background). Tokens and
 settings are files of the workspace, so they can be managed whether or not the server runs.
 """
@@ -33,8 +34,7 @@ def command() -> None:
 @click.option("--port", type=int, default=None, help="Port on 127.0.0.1 (default: the workspace's, or a free one).")
 def serve(workspace: str | None, port: int | None) -> None:
     """Run the catalogue in the foreground on 127.0.0.1 (S3 must be up: maelflow services up)."""
-    from maelflow_registry.server import serve as run
-    from maelflow.services.catalogue import CatalogueService
+    from maelflow.services.catalogue import CatalogueService, serve as run
 
     ws = resolve_workspace(workspace)
     try:
@@ -55,10 +55,10 @@ def token() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def token_create(workspace: str | None, role: str, name: str | None, as_json: bool) -> None:
     """Make a token and print it once; only its SHA-256 is kept."""
+    from maelflow.services.catalogue import catalogue_paths
     from maelflow_registry.auth import TokenStore
-    from maelflow_registry.config import Paths
 
-    secret, info = TokenStore(Paths(resolve_workspace(workspace))).create(role, name)
+    secret, info = TokenStore(catalogue_paths(resolve_workspace(workspace))).create(role, name)
     if as_json:
         click.echo(json.dumps({"token": secret, "id": info.id, "name": info.name, "role": info.role}))
         return
@@ -71,10 +71,10 @@ def token_create(workspace: str | None, role: str, name: str | None, as_json: bo
 @click.argument("which")
 def token_revoke(workspace: str | None, which: str) -> None:
     """Revoke tokens by id, name, or the token itself."""
+    from maelflow.services.catalogue import catalogue_paths
     from maelflow_registry.auth import TokenStore
-    from maelflow_registry.config import Paths
 
-    gone = TokenStore(Paths(resolve_workspace(workspace))).revoke(which)
+    gone = TokenStore(catalogue_paths(resolve_workspace(workspace))).revoke(which)
     if not gone:
         raise click.ClickException(f"no token has the id or name '{which}' (see: maelflow catalogue token list)")
     for info in gone:
@@ -85,10 +85,10 @@ def token_revoke(workspace: str | None, which: str) -> None:
 @workspace_option
 def token_list(workspace: str | None) -> None:
     """The tokens (never their secrets)."""
+    from maelflow.services.catalogue import catalogue_paths
     from maelflow_registry.auth import TokenStore
-    from maelflow_registry.config import Paths
 
-    for info in TokenStore(Paths(resolve_workspace(workspace))).list():
+    for info in TokenStore(catalogue_paths(resolve_workspace(workspace))).list():
         click.echo(f"{info.id}  {info.role:<5}  {info.name}  {info.created}")
 
 
@@ -100,9 +100,10 @@ def token_list(workspace: str | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def settings(workspace: str | None, anonymous_read: bool | None, dataset_naming: str | None, as_json: bool) -> None:
     """Show or change the catalogue's settings (a running server picks changes up at once)."""
-    from maelflow_registry.config import Paths, load_settings, save_settings
+    from maelflow.services.catalogue import catalogue_paths
+    from maelflow_registry.config import load_settings, save_settings
 
-    paths = Paths(resolve_workspace(workspace))
+    paths = catalogue_paths(resolve_workspace(workspace))
     current = load_settings(paths)
     if anonymous_read is not None:
         current.anonymous_read = anonymous_read
@@ -122,14 +123,14 @@ def settings(workspace: str | None, anonymous_read: bool | None, dataset_naming:
 @workspace_option
 def rebuild_index(workspace: str | None) -> None:
     """Rebuild the index from the S3 documents (safe while the server runs: one transaction)."""
-    from maelflow_registry.server import open_catalogue
+    from maelflow.services.catalogue import open_catalogue
 
     try:
-        catalogue, paths, _ = open_catalogue(resolve_workspace(workspace), rebuild=False)
+        catalogue = open_catalogue(resolve_workspace(workspace), rebuild=False)
         count = catalogue.rebuild()
     except ServiceError as exc:
         _fail(exc)
-    click.echo(f"{paths.index}: {count} entries from s3://{catalogue.store.bucket}")
+    click.echo(f"{catalogue.index.path}: {count} entries from s3://{catalogue.store.bucket}")
 
 
 @command.command("client-config")
@@ -142,16 +143,16 @@ def rebuild_index(workspace: str | None) -> None:
 @click.option("--allow-delete", is_flag=True, help="Let the client unregister entries and delete data.")
 def client_config(workspace: str | None, role: str, given: str | None, target: str | None, allow_delete: bool) -> None:
     """Point the anemoi-registry client at this workspace's catalogue and S3 (writes its settings files)."""
+    from maelflow.services.catalogue import catalogue_paths
     from maelflow.services.stack import discover
     from maelflow_registry.auth import TokenStore
-    from maelflow_registry.config import Paths
 
     ws = resolve_workspace(workspace)
     try:
         catalogue, s3 = discover(ws, "catalogue"), discover(ws, "s3")
     except ServiceError as exc:
         _fail(exc)
-    secret = given or TokenStore(Paths(ws)).create(role, name=f"anemoi-client-{role}")[0]
+    secret = given or TokenStore(catalogue_paths(ws)).create(role, name=f"anemoi-client-{role}")[0]
     folder = Path(target or os.path.join(os.path.expanduser("~"), ".config", "anemoi"))
     write_client_config(folder, catalogue.url, secret, s3.extra, allow_delete)
     click.echo(f"wrote {folder / 'settings.toml'} and {folder / 'settings.secrets.toml'} (mode 0600)")

@@ -19,10 +19,11 @@ def _client(workspace: str | None, url: str | None, token: str | None):
 
     if url:
         return CatalogueClient(url, token)
+    from maelflow import catalogue
     from maelflow.services.base import ServiceError
 
     try:
-        return CatalogueClient.for_workspace(resolve_workspace(workspace), token=token)
+        return catalogue.client(resolve_workspace(workspace), token=token)
     except ServiceError as exc:
         raise click.ClickException(str(exc)) from None
 

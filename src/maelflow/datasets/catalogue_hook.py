@@ -1,6 +1,6 @@
 """The transfer side of the catalogue: record where a dataset lives, take queued transfer tasks.
 
-Talks to maelflow's catalogue service (``maelflow_registry.CatalogueClient``) with the task protocol
+Talks to maelflow's catalogue service (``maelflow.catalogue.client``) with the task protocol
 of anemoi-registry: a ``transfer-dataset`` task names ``dataset``, ``source`` (a platform holding
 it, "ewc" for the object store) and ``destination`` (a site); a worker takes a ``queued`` one by
 switching it to ``running`` (a versioned PATCH, so two workers never take the same task), reports
@@ -43,6 +43,7 @@ def client(ws, site_root: str | None = None):
     """A catalogue client: ``<site root>/.maelflow/catalogue.json`` (url, token) when readable here,
     else the workspace's running catalogue service."""
     try:
+        from maelflow import catalogue
         from maelflow_registry.client import CatalogueClient
     except ImportError as exc:
         raise CatalogueUnavailable(f"the catalogue client is not installed ({exc.name or exc})") from None
@@ -52,7 +53,7 @@ def client(ws, site_root: str | None = None):
             data = json.loads(path.read_text())
             return CatalogueClient(data["url"], data.get("token"))
     try:
-        return CatalogueClient.for_workspace(ws)
+        return catalogue.client(ws)
     except Exception as exc:  # noqa: BLE001 - ServiceError, unreadable workspace, token store errors
         raise CatalogueUnavailable(f"the catalogue is not available: {exc}") from None
 
