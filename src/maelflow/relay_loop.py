@@ -1,5 +1,13 @@
 """The relay's loop: which spools to watch (every relay-mode site of every suite on the workspace's
-server), replaying them, mirroring job outputs, resubmitting timed-out trainings."""
+server), replaying them, mirroring job outputs, resubmitting timed-out trainings.
+
+Failures back off instead of being retried every second. While the ecFlow server is down, halted or
+restarting, no spool is read (lines stay where they are, in order) and the server is asked again
+after 1, 2, 4... up to ``SERVER_RETRY_MAX_S`` seconds. A site whose connection fails (a login node
+down, a refused or expired credential) is left alone for 5, 10, 20... up to ``SITE_RETRY_MAX_S``
+seconds, so a down site is not hammered (EuroHPC login nodes lock accounts out after repeated
+failures) while the other sites go on. Each change of state (failing, back) is logged once.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +19,57 @@ from pathlib import Path
 from typing import Callable
 
 from maelflow.config.loader import ResolvedExperiment
-from maelflow.relay import LocalSpool, RelayState, Sender, SpoolSource, SshSpool, replay, state_path
+from maelflow.relay import (LocalSpool, RelayState, Sender, ServerUnavailable, SpoolSource, SshSpool, replay,
+                            state_path)
 from maelflow.workspace import Workspace, write_atomic
 
 log = logging.getLogger("maelflow.relay")
 
 _configs: dict[str, tuple[float, ResolvedExperiment]] = {}
+
+SERVER_RETRY_FIRST_S, SERVER_RETRY_MAX_S = 1.0, 8.0
+SITE_RETRY_FIRST_S, SITE_RETRY_MAX_S = 5.0, 300.0
+
+
+@dataclass
+class Backoff:
+    """Exponential back-off for one thing that fails (the server, one site): when to try next."""
+
+    first: float
+    cap: float
+    delay: float = 0.0
+    next_at: float = 0.0
+    failing: bool = False
+
+    def ready(self, now: float) -> bool:
+        return now >= self.next_at
+
+    def failure(self, now: float) -> bool:
+        """Record a failure; True when this starts a failing spell (log it then, not every time)."""
+        self.delay = min(self.cap, self.delay * 2) if self.failing else self.first
+        self.next_at = now + self.delay
+        started = not self.failing
+        self.failing = True
+        return started
+
+    def success(self) -> bool:
+        """Record a success; True when it ends a failing spell."""
+        ended = self.failing
+        self.failing, self.delay, self.next_at = False, 0.0, 0.0
+        return ended
+
+
+class _Unreachable:
+    """The spool source of a site whose connection could not even be set up."""
+
+    def __init__(self, exc: Exception):
+        self.exc = exc
+
+    def listing(self, spool_dir: str) -> dict[str, int]:
+        raise self.exc
+
+    def read(self, path: str, offset: int) -> bytes:
+        raise self.exc
 
 
 @dataclass
@@ -47,9 +100,9 @@ def source_for(rx: ResolvedExperiment, site: str) -> SpoolSource:
     s = rx.sites[site]
     if s.connection.type == "local":
         return LocalSpool()
-    from maelflow.sites.ssh import session_for
+    from maelflow.sites.connections import connect
 
-    return SshSpool(session_for(site, s.connection.ssh))
+    return SshSpool(connect(site, s))
 
 
 def targets(ws: Workspace) -> list[Target]:
@@ -63,7 +116,8 @@ def targets(ws: Workspace) -> list[Target]:
     defs = client.get_defs()
     if defs is None:
         return []
-    sender = Sender(info.extra["host"], info.extra["port"])
+    sender = Sender(info.extra["host"], info.extra["port"], passwd_file=info.extra.get("passwd_file"),
+                    server_id=info.pid)
     out = []
     for suite in defs.suites:
         var = suite.find_variable("MAELFLOW_SUITE_CONFIG")
@@ -74,7 +128,11 @@ def targets(ws: Workspace) -> list[Target]:
             continue
         for site_name, site in rx.sites.items():
             if site.reporting == "relay":
-                t = Target(suite.name(), site_name, spool_dir(rx, site_name), source_for(rx, site_name), sender)
+                try:
+                    source: SpoolSource = source_for(rx, site_name)
+                except Exception as exc:  # noqa: BLE001 - that site backs off, the others go on
+                    source = _Unreachable(exc)
+                t = Target(suite.name(), site_name, spool_dir(rx, site_name), source, sender)
                 if site.connection.type == "ssh":
                     t.after_replay = _mirror(suite, rx, site_name)
                 out.append(t)
@@ -101,7 +159,7 @@ def _mirror(suite, rx: ResolvedExperiment, site: str) -> Callable[[], None]:
         if family is None:
             return
         nodes = family.get_all_nodes()
-        runners: dict[str, object] = {}
+        runner = None   # output is read through the site's connection, whatever the job's scheduler
         for node in nodes:
             if not isinstance(node, ecflow.Task):
                 continue
@@ -117,7 +175,7 @@ def _mirror(suite, rx: ResolvedExperiment, site: str) -> Callable[[], None]:
             handle = load_record(job)
             if handle is None or not handle.remote_out:
                 continue
-            runner = runners.setdefault(handle.kind, runner_for(rx, site, where="site" if handle.kind == "slurm" else "login"))
+            runner = runner or runner_for(rx, site)
             added = runner.fetch_output(handle, jobout)
             if state in ("complete", "aborted") and added == 0:
                 _final.add(key)
@@ -125,27 +183,52 @@ def _mirror(suite, rx: ResolvedExperiment, site: str) -> Callable[[], None]:
     return mirror
 
 
-def relay_forever(ws: Workspace, interval: float = 1.0, once: bool = False) -> None:
-    """Watch every deployed suite's relay sites, mirror job outputs, resubmit timed-out trainings."""
+def relay_forever(ws: Workspace, interval: float = 1.0, once: bool = False,
+                  find_targets: Callable[[Workspace], list[Target]] | None = None) -> None:
+    """Watch every deployed suite's relay sites, mirror job outputs, resubmit timed-out trainings.
+
+    ``find_targets`` replaces the discovery of spools from the deployed suites (fault tests use it
+    to relay one hand-made suite through this same loop)."""
     from maelflow.resubmit import resubmit_timeouts
 
     heartbeat = ws.path("relay", "heartbeat")
+    server = Backoff(SERVER_RETRY_FIRST_S, SERVER_RETRY_MAX_S)
+    sites: dict[tuple[str, str], Backoff] = {}
     while True:
         t0 = time.monotonic()
-        try:
-            found = targets(ws)
-            for target in found:
-                try:
-                    state = RelayState.load(state_path(ws, target.suite, target.site))
-                    replay(target.source, target.spool_dir, target.sender, state)
-                    target.after_replay()
-                except Exception as exc:  # noqa: BLE001 - one broken site must not stop the others
-                    log.warning("relay %s/%s: %s", target.suite, target.site, exc)
-            from maelflow.ecf import client_for
+        if server.ready(t0):
+            try:
+                unavailable = None
+                for target in (find_targets or targets)(ws):
+                    key = (target.suite, target.site)
+                    site = sites.setdefault(key, Backoff(SITE_RETRY_FIRST_S, SITE_RETRY_MAX_S))
+                    if not site.ready(time.monotonic()):
+                        continue
+                    try:
+                        state = RelayState.load(state_path(ws, target.suite, target.site))
+                        replay(target.source, target.spool_dir, target.sender, state)
+                        target.after_replay()
+                    except ServerUnavailable as exc:
+                        unavailable = exc
+                        break  # the server is the same for every site: stop the pass, keep the order
+                    except Exception as exc:  # noqa: BLE001 - one broken site must not stop the others
+                        if site.failure(time.monotonic()):
+                            log.warning("relay %s/%s: %s: %s; retrying with back-off (up to %.0f s)",
+                                        target.suite, target.site, type(exc).__name__, exc, site.cap)
+                        continue
+                    if site.success():
+                        log.warning("relay %s/%s: the site is reachable again", target.suite, target.site)
+                if unavailable is not None:
+                    raise unavailable
+                from maelflow.ecf import client_for
 
-            resubmit_timeouts(client_for(ws))
-        except Exception as exc:  # noqa: BLE001 - the server may be restarting
-            log.warning("relay: %s", exc)
+                resubmit_timeouts(client_for(ws))
+                if server.success():
+                    log.warning("relay: the ecFlow server takes commands again; replaying")
+            except Exception as exc:  # noqa: BLE001 - the server may be halted, restarting or down
+                if server.failure(time.monotonic()):
+                    log.warning("relay: %s; lines stay in the spools, retrying with back-off (up to %.0f s)",
+                                exc, server.cap)
         write_atomic(heartbeat, f"{time.time():.0f}\n")
         if once:
             return

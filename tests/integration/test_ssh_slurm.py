@@ -10,26 +10,29 @@ from __future__ import annotations
 import fcntl
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
-import paramiko
 import pytest
 
 from maelflow.config.loader import compose_file
 from maelflow.config.models import Site, SitePaths, SshSettings
-from maelflow.services import hpc
 
-from maelflow.sites import ssh as ssh_mod
-from maelflow.sites.base import JobHandle
-from maelflow.sites.slurm_runner import SshSlurmRunner, SubmitError, submission_token
-from maelflow.sites.ssh import CredentialError, HostKeyError, SshSession, session_for
+from maelflow.sites.connections import ssh as ssh_mod
+from maelflow.errors import ConnectionLost, SubmitError
+from maelflow.sites.connections.ssh import SshConnection
+from maelflow.sites.runner import BatchRunner, JobHandle, submission_token
+from maelflow.sites.schedulers import scheduler_named
+from maelflow.errors import CredentialError, HostKeyError
 from maelflow.workspace import Workspace
+from maelflow_sandbox import hpc
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.integration
@@ -70,7 +73,7 @@ def hpcsite(tmp_path_factory):
     finally:
         try:
             if root:
-                SshSession("cleanup", site.connection.ssh).run(f"rm -rf {root}", check=False, timeout=30)
+                SshConnection("cleanup", site.connection.ssh).run(f"rm -rf {root}", check=False, timeout=30)
         except Exception:  # noqa: BLE001 - the site may be the thing that failed
             pass
         ssh_mod.close_all()
@@ -85,7 +88,7 @@ def settings_with(base: SshSettings, **changes) -> SshSettings:
 def expect_credential_error(settings: SshSettings, *must_name: str, site: str = "localhpc") -> str:
     t0 = time.monotonic()
     with pytest.raises(CredentialError) as info:
-        SshSession(site, settings, control_path=None).run("true")
+        SshConnection(site, settings).run("true")
     elapsed = time.monotonic() - t0
     msg = str(info.value)
     assert elapsed < 10, f"credential failure took {elapsed:.1f} s"
@@ -97,42 +100,50 @@ def expect_credential_error(settings: SshSettings, *must_name: str, site: str = 
 
 
 # ------------------------------------------------------------------------------------- sessions
+def master_pid(conn: SshConnection) -> int | None:
+    check = subprocess.run([*conn.ssh_command(), "-O", "check", conn.host], capture_output=True, text=True)
+    m = re.search(r"pid=(\d+)", check.stderr + check.stdout)
+    return int(m.group(1)) if m else None
+
+
+def drop_master(conn: SshConnection, after: float = 0.0) -> threading.Thread:
+    """The connection dies (its master is told to exit), ``after`` seconds from now."""
+    def drop() -> None:
+        time.sleep(after)
+        subprocess.run([*conn.ssh_command(), "-O", "exit", conn.host], capture_output=True)
+    t = threading.Thread(target=drop)
+    t.start()
+    return t
+
+
 def test_run_as_site_user_reuses_one_connection(hpcsite):
-    s = session_for("localhpc", hpcsite.settings)
-    assert session_for("localhpc", hpcsite.settings) is s
+    s = SshConnection.for_site("localhpc", hpcsite.site)
+    assert SshConnection.for_site("localhpc", hpcsite.site) is s
     r = s.run("whoami; echo $SLURM_CONF; echo oops >&2; exit 3", check=False)
     assert (r.rc, r.stdout.split(), r.stderr) == (3, [hpcsite.info["user"], hpcsite.info["slurm_conf"]], "oops\n")
-    transport = s._backend.client.get_transport()
+    pid = master_pid(s)
     assert s.run("cat | wc -c", input=b"x" * 300_000).stdout.strip() == "300000"
-    assert s._backend.client.get_transport() is transport
-    transport.close()                       # a dead transport is replaced transparently
-    assert s.run("echo again").stdout == "again\n"
+    assert pid and master_pid(s) == pid                     # one handshake: every command rides the master
+    drop_master(s).join()                                   # a dead master is replaced transparently
+    assert s.run("echo again").stdout == "again\n" and master_pid(s) not in (None, pid)
 
 
-def test_drop_during_idempotent_run_is_retried(hpcsite, monkeypatch):
-    s = SshSession("localhpc", hpcsite.settings)
-    original = paramiko.Channel.exec_command
-    dropped = []
-
-    def exec_then_drop(chan, command):
-        original(chan, command)
-        if not dropped:
-            dropped.append(command)
-            chan.get_transport().close()
-
-    monkeypatch.setattr(paramiko.Channel, "exec_command", exec_then_drop)
-    assert s.run("echo retried").stdout == "retried\n" and dropped
-    dropped.clear()
+def test_drop_during_idempotent_run_is_retried(hpcsite):
+    s = SshConnection("localhpc", hpcsite.settings)
+    s.check()
+    dropper = drop_master(s, after=0.5)
+    assert s.run("sleep 1.5; echo retried").stdout == "retried\n"       # the drop, then a second try
+    dropper.join()
+    dropper = drop_master(s, after=0.5)
     with pytest.raises(ssh_mod.ConnectionLost) as info:
-        # still running when the connection drops: a bare echo could finish (and be reported as
-        # finished, rightly) before the drop reaches paramiko's reader thread
-        s.run("sleep 2; echo not-idempotent", retry=False)
+        s.run("sleep 1.5; echo not-idempotent", retry=False)
+    dropper.join()
     assert info.value.sent
     s.close()
 
 
 def test_put_text_is_atomic_and_readable_by_offset(hpcsite):
-    s = session_for("localhpc", hpcsite.settings)
+    s = SshConnection.for_site("localhpc", hpcsite.site)
     path = f"{hpcsite.root}/files/deep/note.txt"
     s.put_text(path, "first version\n", mode=0o640)
     inode1 = s.run(f"stat -c '%i %a' {path}").stdout.split()
@@ -182,7 +193,7 @@ def test_agent_auth(hpcsite, tmp_path, monkeypatch):
             time.sleep(0.02)
         monkeypatch.setenv("SSH_AUTH_SOCK", str(sock))
         subprocess.run(["ssh-add", "-q", hpcsite.info["identity_file"]], check=True, capture_output=True)
-        assert SshSession("agentsite", settings).run("whoami").stdout.strip() == hpcsite.info["user"]
+        assert SshConnection("agentsite", settings).run("whoami").stdout.strip() == hpcsite.info["user"]
     finally:
         agent.terminate()
         agent.wait(timeout=5)
@@ -206,7 +217,7 @@ def test_expired_certificate_is_a_credential_error(hpcsite, tmp_path):
 
 
 def test_valid_certificate_logs_in(hpcsite, tmp_path):
-    """The site trusts a CA (a cert-authority line for the site user), and paramiko presents the cert."""
+    """The site trusts a CA (a cert-authority line for the site user), and ssh presents the cert."""
     ca, key, cert = _sign(tmp_path, "-5m:+1h")
     ak = Path(hpcsite.info["home"]) / ".ssh" / "authorized_keys"
     tag = f"maelflow-test-ca-{uuid.uuid4().hex[:8]}"
@@ -215,13 +226,13 @@ def test_valid_certificate_logs_in(hpcsite, tmp_path):
     try:
         settings = settings_with(hpcsite.settings, auth="certificate", identity_file=str(key),
                                  certificate_file=str(cert))
-        assert SshSession("certsite", settings).run("whoami").stdout.strip() == "maelhpc"
+        assert SshConnection("certsite", settings).run("whoami").stdout.strip() == "maelhpc"
     finally:
         edit_authorized_keys(ak, lambda lines: [ln for ln in lines if not ln.endswith(tag)])
 
 
 def edit_authorized_keys(ak: Path, change) -> None:
-    """Same lock as services/hpc.py uses, so concurrent workspaces never lose each other's lines."""
+    """Same lock as maelflow_sandbox/hpc.py uses, so concurrent workspaces never lose each other's lines."""
     with open(ak.parent / ".maelflow.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         st = ak.stat()
@@ -240,7 +251,7 @@ def test_unknown_host_key_is_refused(hpcsite, tmp_path):
     kh.write_text(f"[127.0.0.1]:{hpcsite.info['port']} {' '.join(Path(f'{other}.pub').read_text().split()[:2])}\n")
     t0 = time.monotonic()
     with pytest.raises(HostKeyError):
-        SshSession("localhpc", settings_with(hpcsite.settings, known_hosts=str(kh))).run("true")
+        SshConnection("localhpc", settings_with(hpcsite.settings, known_hosts=str(kh))).run("true")
     assert time.monotonic() - t0 < 10
 
 
@@ -250,7 +261,7 @@ def test_2fa_without_live_master_fails_fast(hpcsite):
         settings = settings_with(hpcsite.settings, auth="2fa", renew_hint="log in with 2FA and retry")
         t0 = time.monotonic()
         with pytest.raises(CredentialError) as info:
-            SshSession("twofa", settings, control_path=f"{cm}/%r@%h:%p").run("true")
+            SshConnection("twofa", settings, control_path=f"{cm}/%r@%h:%p").run("true")
         assert time.monotonic() - t0 < 5
         msg = str(info.value)
         assert msg.endswith("log in with 2FA and retry") and "ssh -M -o ControlPersist=12h" in msg
@@ -271,7 +282,7 @@ def test_2fa_rides_a_live_master(hpcsite):
     check = subprocess.run([*base, "-O", "check", info["host"]], capture_output=True, text=True)
     pid = int(re.search(r"pid=(\d+)", check.stderr + check.stdout).group(1))
     try:
-        s = SshSession("twofa", settings_with(hpcsite.settings, auth="2fa", identity_file=None),
+        s = SshConnection("twofa", settings_with(hpcsite.settings, auth="2fa", identity_file=None),
                        control_path=cp)
         assert s.run("whoami").stdout.strip() == info["user"]
         path = f"{hpcsite.root}/twofa/x.txt"
@@ -299,7 +310,13 @@ def make_job(tmp_path: Path, name: str, body: str) -> tuple[Path, Path]:
     return job, d / f"{name}.1"
 
 
-def wait_for(runner: SshSlurmRunner, handle: JobHandle, done, timeout: float = 30.0) -> tuple[bool, str]:
+def slurm_runner(site: Site, connection: SshConnection | None = None, dry_run: bool = False) -> BatchRunner:
+    """ssh x slurm, as ``runner_for`` composes it for the localhpc site."""
+    conn = connection or SshConnection.for_site("localhpc", site, dry_run=dry_run)
+    return BatchRunner(conn, scheduler_named("slurm"), site_name="localhpc", site=site, relay=True)
+
+
+def wait_for(runner: BatchRunner, handle: JobHandle, done, timeout: float = 30.0) -> tuple[bool, str]:
     deadline = time.monotonic() + timeout
     while True:
         alive, text = runner.status(handle, None)
@@ -309,7 +326,7 @@ def wait_for(runner: SshSlurmRunner, handle: JobHandle, done, timeout: float = 3
 
 
 def test_job_completes_and_output_comes_back(hpcsite, tmp_path):
-    runner = SshSlurmRunner("localhpc", hpcsite.site)
+    runner = slurm_runner(hpcsite.site)
     job, jobout = make_job(tmp_path, "hello", 'echo "hello from $SLURM_JOB_ID in $(basename $PWD)"; sleep 1; echo done')
     handle = runner.submit(job, jobout)
     assert handle.kind == "slurm" and handle.job_id.isdigit()
@@ -321,15 +338,15 @@ def test_job_completes_and_output_comes_back(hpcsite, tmp_path):
     assert jobout.read_text() == f"hello from {handle.job_id} in fam\ndone\n"
     assert runner.fetch_output(handle, jobout) == 0
     # once squeue has forgotten the job (MinJobAge), the status falls back to sacct
-    no_squeue = runner.session.run("squeue() { :; }; " + runner.slurm.status_command(handle.job_id))
+    no_squeue = runner.connection.run("squeue() { :; }; " + runner.scheduler.poll_command(handle.job_id))
     assert no_squeue.stdout.split()[:2] == [handle.job_id, "COMPLETED"], no_squeue
-    remote = runner.session.read_bytes(handle.remote_job).decode()
+    remote = runner.connection.read_bytes(handle.remote_job).decode()
     assert remote.startswith("#!/bin/bash\n#SBATCH --job-name=demo.fam.hello\n")
     assert "#SBATCH --partition=debug" in remote and "#SBATCH --comment=maelflow:" in remote
 
 
 def test_kill_running_job_cancels_it(hpcsite, tmp_path):
-    runner = SshSlurmRunner("localhpc", hpcsite.site)
+    runner = slurm_runner(hpcsite.site)
     job, jobout = make_job(tmp_path, "long", "echo started; sleep 60")
     handle = runner.submit(job, jobout)
     alive, text = wait_for(runner, handle, lambda alive, text: "RUNNING" in text)
@@ -343,7 +360,7 @@ def test_kill_running_job_cancels_it(hpcsite, tmp_path):
 
 
 def test_kill_pending_job_aborts_on_its_behalf(hpcsite, tmp_path):
-    runner = SshSlurmRunner("localhpc", hpcsite.site)
+    runner = slurm_runner(hpcsite.site)
     job, jobout = make_job(tmp_path, "held", "#SBATCH --hold\necho never")
     handle = runner.submit(job, jobout)
     assert runner.status(handle, None)[0]
@@ -355,74 +372,94 @@ def test_kill_pending_job_aborts_on_its_behalf(hpcsite, tmp_path):
 
 def test_sbatch_refusal_is_reported_and_can_be_retried(hpcsite, tmp_path):
     slurm = hpcsite.site.slurm.model_copy(update={"partition": "nosuchpartition"})
-    runner = SshSlurmRunner("localhpc", hpcsite.site.model_copy(update={"slurm": slurm}))
+    runner = slurm_runner(hpcsite.site.model_copy(update={"slurm": slurm}))
     job, jobout = make_job(tmp_path, "refused", "echo never")
     with pytest.raises(SubmitError, match="invalid partition"):
         runner.submit(job, jobout)
-    left = runner.session.run(f"ls -A {hpcsite.root}/jobs/demo/fam").stdout.split()
+    left = runner.connection.run(f"ls -A {hpcsite.root}/jobs/demo/fam").stdout.split()
     assert "refused.job1" in left and not [n for n in left if n.startswith(".refused.job1.")], left
     with pytest.raises(SubmitError, match="invalid partition"):    # so sbatch runs again, not a replay
         runner.submit(job, jobout)
 
 
 def test_unknown_job_is_not_alive(hpcsite):
-    runner = SshSlurmRunner("localhpc", hpcsite.site)
+    runner = slurm_runner(hpcsite.site)
     alive, text = runner.status(JobHandle("localhpc", "987654", "slurm"), None)
     assert not alive and "UNKNOWN" in text
 
 
+class DropAfterSbatch(SshConnection):
+    """The connection dies after the login node started the guarded sbatch and before its answer came
+    back: at once (sbatch may still be running when we look again) or after ``delay`` seconds."""
+
+    def __init__(self, site_name, settings, delay: float):
+        super().__init__(site_name, settings)
+        self.delay = delay
+        self.dropped: list[str] = []
+
+    def run(self, command, **kwargs):
+        if "sbatch" in command and ".submit" in command and not self.dropped:
+            self.dropped.append(command)
+            # the command reaches the site (detached, so our side can lose it) and we never hear back
+            super().run(f"nohup bash -c {shlex.quote(command)} >/dev/null 2>&1 </dev/null &", check=False)
+            time.sleep(self.delay)
+            raise ConnectionLost("connection dropped after sending sbatch", sent=True)
+        return super().run(command, **kwargs)
+
+
 @pytest.mark.parametrize("delay", [0.0, 1.0], ids=["drop-at-once", "drop-then-wait"])
 def test_drop_during_sbatch_never_submits_twice(hpcsite, tmp_path, monkeypatch, delay):
-    """The connection dies after the server started sbatch and before its answer reached us: at once
-    (sbatch may still be running when we look again) or with time for sbatch to finish first (the
-    job is found in squeue by its comment token)."""
-    runner = SshSlurmRunner("localhpc", hpcsite.site, session=SshSession("localhpc", hpcsite.settings))
-    dropped = []
-    original = paramiko.Channel.exec_command
-
-    def exec_then_drop(chan, command):
-        original(chan, command)
-        if "sbatch" in command and not dropped:
-            dropped.append(command)
-            chan.get_transport().close()
-            time.sleep(delay)
-
-    monkeypatch.setattr(paramiko.Channel, "exec_command", exec_then_drop)
+    """A lost answer: the job is found in squeue by its comment token when sbatch had finished, else
+    the repeated guarded command waits for the first one's answer; never a second job."""
+    conn = DropAfterSbatch("localhpc", hpcsite.settings, delay)
+    runner = slurm_runner(hpcsite.site, conn)
     found = []
     real_find = runner.find
     monkeypatch.setattr(runner, "find", lambda token: found.append(real_find(token)) or found[-1])
     job, jobout = make_job(tmp_path, f"drop{int(delay)}", "echo once; sleep 2")
     handle = runner.submit(job, jobout)
-    assert dropped, "the connection was never dropped"
+    assert conn.dropped, "the connection was never dropped"
     token = submission_token("demo/fam/" + job.name, job.read_text())
-    listing = runner.session.run("squeue -h -t all -o '%i %k'").stdout
+    listing = conn.run("squeue -h -t all -o '%i %k'").stdout
     ids = [ln.split()[0] for ln in listing.splitlines() if ln.split()[1:] == [f"maelflow:{token}"]]
     assert ids == [handle.job_id], listing
     assert len(found) == 1                          # the recovery looked before submitting again
     if delay:
         assert found == [handle.job_id]             # sbatch had finished: squeue knew the token
     runner.kill(handle, None, {})
-    runner.session.close()
 
 
 def test_repeated_guarded_sbatch_reports_the_first_job(hpcsite, tmp_path):
     """The retry after a drop re-sends the same command: it must answer, not submit again."""
-    runner = SshSlurmRunner("localhpc", hpcsite.site, session=SshSession("localhpc", hpcsite.settings))
+    runner = slurm_runner(hpcsite.site)
     job, jobout = make_job(tmp_path, "again", "echo once")
     handle = runner.submit(job, jobout)
     token = submission_token("demo/fam/" + job.name, job.read_text())
-    cmd = runner._guarded_sbatch(str(Path(handle.remote_job).parent), job.name, token)
-    again = runner.session.run(cmd)
-    assert runner.slurm.parse_job_id(again.stdout) == handle.job_id
-    listing = runner.session.run("squeue -h -t all -o '%i %k'").stdout
+    cmd = runner.guarded_submit(str(Path(handle.remote_job).parent), job.name, token,
+                                runner.scheduler.submit_command(job.name, handle.remote_out, token))
+    again = runner.connection.run(cmd)
+    assert runner.scheduler.parse_job_id(again.stdout) == handle.job_id
+    listing = runner.connection.run("squeue -h -t all -o '%i %k'").stdout
     assert [ln.split()[0] for ln in listing.splitlines() if f"maelflow:{token}" in ln] == [handle.job_id]
-    runner.session.close()
+
+
+def test_login_node_process_runs_beside_slurm(hpcsite, tmp_path):
+    """ssh x local processes: today's login-node runner is the same BatchRunner with another scheduler."""
+    runner = BatchRunner(SshConnection.for_site("localhpc", hpcsite.site), scheduler_named("local"),
+                         site_name="localhpc", site=hpcsite.site, relay=True)
+    job, jobout = make_job(tmp_path, "login", 'echo "on $(hostname) as $(whoami)"; echo ${SLURM_JOB_ID:-no slurm}')
+    handle = runner.submit(job, jobout)
+    assert handle.kind == "local" and handle.remote_out == f"{hpcsite.root}/jobs/demo/fam/login.1"
+    alive, text = wait_for(runner, handle, lambda alive, text: not alive)
+    assert not alive, text
+    runner.fetch_output(handle, jobout)
+    assert jobout.read_text().endswith("no slurm\n") and hpcsite.info["user"] in jobout.read_text()
 
 
 def test_dry_run_touches_nothing(hpcsite, tmp_path, capsys):
-    runner = SshSlurmRunner("localhpc", hpcsite.site, dry_run=True)
+    runner = slurm_runner(hpcsite.site, dry_run=True)
     job, jobout = make_job(tmp_path, "dry", "echo dry")
     handle = runner.submit(job, jobout)
     out = capsys.readouterr().out
-    assert f"sbatch {handle.remote_job}" in out and "#SBATCH --partition=debug" in out
-    assert not session_for("localhpc", hpcsite.settings).exists(handle.remote_job)
+    assert f"cd {hpcsite.root}/jobs/demo/fam && sbatch dry.job1" in out and "#SBATCH --partition=debug" in out
+    assert not SshConnection.for_site("localhpc", hpcsite.site).exists(handle.remote_job)

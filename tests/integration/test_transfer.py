@@ -1,12 +1,13 @@
 """Dataset transfer against the real S3 server process (rclone serve s3), the loopback HPC site
 (sshd + SLURM, user maelhpc) and the catalogue service: publish, stage (here, on the login node
-over SSH, SFTP push), verify, resume after SIGKILL, corruption, credentials, the suite, the worker.
+over SSH, pushed by rsync over SSH), verify, resume after SIGKILL, corruption, credentials, the suite, the worker.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,11 +18,11 @@ import pytest
 from click.testing import CliRunner
 
 from maelflow.cli.main import cli
-from maelflow.services import hpc
 from maelflow.services import stack as stack_mod
 from maelflow.workspace import Workspace
 from maelflow.datasets import catalogue_hook as hook
 from maelflow.datasets.settings import ewc_settings, load_site, open_store
+from maelflow_sandbox import hpc
 from maelflow_transfer.errors import ChecksumMismatch, CredentialsError, NotPublished, SourceChanged
 from maelflow_transfer.manifest import MANIFEST_NAME
 from maelflow_transfer.publish import publish
@@ -34,6 +35,7 @@ from tests.integration.suite_helpers import wait_for
 
 pytestmark = pytest.mark.integration
 MAELFLOW = str(Path(sys.executable).with_name("maelflow"))
+RSYNC_TMP = re.compile(r"\..+\.[A-Za-z0-9]{6}")      # rsync's file being received: .<name>.<6 random>
 
 
 def make_zarr(path: Path, chunks: int, size: int) -> Path:
@@ -49,9 +51,10 @@ def make_zarr(path: Path, chunks: int, size: int) -> Path:
 @pytest.fixture(scope="module")
 def tstack(tmp_path_factory):
     ws = Workspace(tmp_path_factory.mktemp("transfer") / "ws")
-    from maelflow_registry.config import Paths, load_settings, save_settings
+    from maelflow.services.catalogue import catalogue_paths
+    from maelflow_registry.config import load_settings, save_settings
 
-    paths = Paths(ws)
+    paths = catalogue_paths(ws)
     settings = load_settings(paths)
     settings.dataset_naming = "relaxed"     # test datasets are not named by the anemoi convention
     save_settings(paths, settings)
@@ -99,7 +102,7 @@ def _kill_midway(args: list[str], env: dict, dest: Path, partial: Path, objects:
     time.sleep(settle)
     assert not dest.exists()
     return [p for p in partial.rglob("*") if p.is_file() and not p.name.endswith(".part")
-            and p.name != ".maelflow-journal"]
+            and not RSYNC_TMP.fullmatch(p.name) and not p.name.startswith(".maelflow-journal")]
 
 
 def _catalogue(ws):
@@ -168,14 +171,14 @@ def test_corrupt_object_in_the_store_is_never_staged(tstack, tmp_path):
     assert not dest.exists()
     res = _cli(ws, "transfer", "stage", "tr-corrupt", "--dest", str(dest))
     assert res.exit_code == 1 and "data/4.0" in res.output and not dest.exists()
-    # pushed to a site whose maelflow checks the bytes as they land: refused there, fetched again
-    # as often as a pull would, then the same error; the site's folder never becomes visible
+    # pushed to a site: the pull into the push's spool refuses it (fetched again as often as a
+    # pull would), then the same error; nothing of it reaches the site, whose folder stays invisible
     site = load_site("localhpc", ws)
     res = _cli(ws, "transfer", "stage", "tr-corrupt", "--site", "localhpc", "-o", "internet.login=false")
     assert res.exit_code == 1 and "data/4.0" in res.output and "after 4 reads" in res.output, res.output
     assert not Path(f"{site.paths.datasets}/tr-corrupt.zarr").exists()
     partial = Path(f"{site.paths.datasets}/.tr-corrupt.zarr.partial")
-    assert not (partial / "data" / "4.0").exists() and (partial / "data" / "3.0").exists()
+    assert not (partial / "data" / "4.0").exists()
 
 
 def test_source_changed_while_publishing_is_not_published(tstack, tmp_path):
@@ -208,13 +211,13 @@ def test_wrong_credentials_and_missing_dataset(tstack, tmp_path):
     assert not (tmp_path / "x.zarr").exists() and not (tmp_path / "y.zarr").exists()
 
 
-def test_sftp_push_and_login_pull_on_the_hpc_site(tstack, tmp_path):
+def test_push_and_login_pull_on_the_hpc_site(tstack, tmp_path):
     ws = tstack
     _published(ws, tmp_path, "tr-hpc", chunks=60, size=50_000)
     site = load_site("localhpc", ws)
-    # the login node cannot reach S3: pulled here, pushed over SFTP
+    # the login node cannot reach S3: pulled here, pushed by rsync over the site's SSH master
     res = _cli(ws, "transfer", "stage", "tr-hpc", "--site", "localhpc", "-o", "internet.login=false")
-    assert res.exit_code == 0 and "(sftp)" in res.output, res.output
+    assert res.exit_code == 0 and "(push)" in res.output, res.output
     pushed = f"{site.paths.datasets}/tr-hpc.zarr"
     res = _cli(ws, "transfer", "verify", "tr-hpc", "--site", "localhpc")
     assert res.exit_code == 0 and "all 62 objects match" in res.output, res.output
@@ -299,23 +302,10 @@ def test_worker_runs_a_queued_transfer_task(tstack, tmp_path):
     assert run_worker(ws, "localhpc", site, once=True, log=lines.append) == 0
 
 
-def test_sftp_push_without_an_ssh_binary_uses_paramiko(tstack, tmp_path, monkeypatch):
-    from maelflow.sites import ssh as ssh_mod
-
-    ws = tstack
-    _published(ws, tmp_path, "tr-paramiko", chunks=15, size=70_000)
-    monkeypatch.setattr(ssh_mod.shutil, "which", lambda name: None)
-    ssh_mod.close_all()
-    site = load_site("localhpc", ws, ("internet.login=false",))
-    res, dest, via = stage_dataset(ws, "tr-paramiko", site_name="localhpc", site=site, workers=3)
-    assert via == "sftp" and res.copied == 17
-    assert _cli(ws, "transfer", "verify", "tr-paramiko", "--site", "localhpc").exit_code == 0
-
-
-def test_sftp_push_from_a_local_copy_killed_and_resumed(tstack, tmp_path):
-    """The push with every SFTP request in flight: killed midway, the site's folder is never
-    visible; the re-run (from the store this time) copies only the rest; the journal lines
-    appended through the wires are what it trusts."""
+def test_push_from_a_local_copy_killed_and_resumed(tstack, tmp_path):
+    """The push's rsync streams killed midway (with it: they die with their parent): the site's
+    folder is never visible; the re-run (from the store this time) copies only the rest; the
+    journal lines the site's hash batches appended are what it trusts."""
     ws = tstack
     n = 300
     src = _published(ws, tmp_path, "tr-push", chunks=n - 2, size=16_384)
@@ -325,9 +315,9 @@ def test_sftp_push_from_a_local_copy_killed_and_resumed(tstack, tmp_path):
     env = {**os.environ, "MAELFLOW_WORKSPACE": str(ws.root)}
     complete = _kill_midway(["tr-push", "--site", "localhpc", "-o", "internet.login=false", "--from", str(src),
                              "--workers", "2", "--max-rate", str(1_000_000)], env, dest, partial, n // 2,
-                            settle=0.5)     # the site's sftp sessions finish what reached them
-    journal = (partial / ".maelflow-journal").read_text().splitlines()
-    assert n // 2 <= len(complete) < n and journal and all(json.loads(line)["k"] for line in journal)
+                            settle=0.5)     # the site's rsync receivers see their sender gone
+    journal = [ln for j in partial.glob(".maelflow-journal*") for ln in j.read_text().splitlines()]
+    assert n // 2 <= len(complete) < n and journal and all(len(ln.split()[0]) == 64 for ln in journal)
     res = _cli(ws, "transfer", "stage", "tr-push", "--site", "localhpc", "-o", "internet.login=false", "--json")
     assert res.exit_code == 0, res.output
     result = json.loads(res.output.strip().splitlines()[-1])["result"]
@@ -342,40 +332,20 @@ def test_sftp_push_from_a_local_copy_killed_and_resumed(tstack, tmp_path):
     assert not Path(other).exists()
 
 
-def test_sftp_push_is_served_by_the_sites_maelflow_else_by_openssh(tstack, tmp_path):
-    """The push's wires reach ``maelflow transfer sftp-server`` on the site (O_DIRECT writes, whole
-    blocks per WRITE); a site whose maelflow cannot start it gets OpenSSH's sftp-server, and the
-    push works the same."""
-    from maelflow.sites.ssh import session_for
-    from maelflow.datasets.stage import wire_server
-
+def test_push_answers_to_its_former_name_sftp(tstack, tmp_path):
+    """``--via sftp`` (what suites and scripts wrote before) is the push, with one stream too."""
     ws = tstack
-    site = load_site("localhpc", ws)
-    session = session_for("localhpc", site.connection.ssh)
-    wire = session.sftp_wire(wire_server(site))
-    data = os.urandom(3 * 2**20 + 777)
-    target = f"{site.paths.root}/wire-check"
-    session.makedirs(site.paths.root)
-    up = wire.upload(target + ".part")
-    up.write(memoryview(data))
-    done = []
-    up.commit(target, lambda: done.append(1))
-    wire.sync()
-    assert done == [1] and "-s" not in wire.argv and wire.write_chunk == 2**20, wire.argv
-    assert session.read_bytes(target) == data
-    session.close_wires()
-
-    _published(ws, tmp_path, "tr-fallback", chunks=12, size=300_000)
-    res = _cli(ws, "transfer", "stage", "tr-fallback", "--site", "localhpc", "-o", "internet.login=false",
-               "-o", "maelflow_command=/nonexistent/maelflow", "--json")
+    _published(ws, tmp_path, "tr-alias", chunks=12, size=300_000)
+    res = _cli(ws, "transfer", "stage", "tr-alias", "--site", "localhpc", "--via", "sftp", "--workers", "1", "--json")
     assert res.exit_code == 0, res.output
-    assert json.loads(res.output.strip().splitlines()[-1])["result"]["copied"] == 14
-    assert _cli(ws, "transfer", "verify", "tr-fallback", "--site", "localhpc").exit_code == 0
+    out = json.loads(res.output.strip().splitlines()[-1])
+    assert out["via"] == "push" and out["result"]["copied"] == 14
+    assert _cli(ws, "transfer", "verify", "tr-alias", "--site", "localhpc").exit_code == 0
 
 
-def test_sftp_push_with_a_refused_or_missing_key_says_how_to_renew(tstack, tmp_path):
-    """A push's first look at the site goes over OpenSSH (no paramiko on a fresh push): a key the
-    site refuses, or one that is not there, is still the site's credential error with its hint."""
+def test_push_with_a_refused_or_missing_key_says_how_to_renew(tstack, tmp_path):
+    """A key the site refuses, or one that is not there, is the site's credential error with its
+    hint, before anything is sent."""
     ws = tstack
     _published(ws, tmp_path, "tr-badkey", chunks=5)
     other = tmp_path / "other_key"

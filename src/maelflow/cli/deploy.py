@@ -19,7 +19,7 @@ def command(experiment: str, overrides: tuple[str, ...], workspace: str | None, 
     from maelflow.cli.status import follow
     from maelflow.ecf import client_for
     from maelflow.services.base import ServiceError
-    from maelflow.sites.ssh import SshError
+    from maelflow.errors import SiteError
     from maelflow.suite.builder import BuildError
     from maelflow.suite.server import deploy
 
@@ -28,7 +28,7 @@ def command(experiment: str, overrides: tuple[str, ...], workspace: str | None, 
     try:
         client = client_for(ws)
         built = deploy(rx, ws, client)
-    except (ServiceError, BuildError, SshError) as exc:
+    except (ServiceError, BuildError, SiteError) as exc:
         fail(str(exc))
     console.print(f"deployed suite [bold]/{built.name}[/] from {built.def_file}")
     if wait:

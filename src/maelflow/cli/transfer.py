@@ -24,8 +24,8 @@ site_option = click.option("--site", "site_name", default=None, help="Site name 
 override_option = click.option("-o", "--override", "overrides", multiple=True, metavar="FIELD=VALUE",
                                help="Override a field of the site, e.g. -o internet.login=false.")
 workers_option = click.option("--workers", type=click.IntRange(1, 256), default=None,
-                              help="Objects transferred at once [default: 16 for a pull, one SFTP connection "
-                              "per core up to 4 for a push, 16 for a publish].")
+                              help="Objects transferred at once [default: 16 for a pull and a publish; for a push, "
+                              "rsync streams: 4].")
 
 
 def _fail(exc: Exception, as_json: bool = False) -> None:
@@ -77,7 +77,7 @@ def publish(zarr: str, dataset: str | None, prefix: str | None, replace: bool, w
     name = dataset or source.name.removesuffix(".zarr")
     try:
         prefix = prefix or dataset_prefix(name, ws)
-        store = open_store(ewc_settings(ws), prefix, workers)
+        store = open_store(ewc_settings(ws), prefix)
         with RichBar(f"publish {name}", console=err_console) as bar:
             res = do_publish(source, name, store, workers=workers, progress=Progress([bar.sink]), replace=replace)
     except TransferError as exc:
@@ -94,9 +94,10 @@ def publish(zarr: str, dataset: str | None, prefix: str | None, replace: bool, w
 @click.argument("dataset")
 @site_option
 @click.option("--dest", default=None, help="Destination folder; default: the site's datasets folder/DATASET.zarr.")
-@click.option("--via", type=click.Choice(["auto", "here", "login", "sftp"]), default="auto", show_default=True,
-              help="here: this machine writes; login: pull on the site's login node over SSH; sftp: pull here "
-              "and push over SFTP; auto: by the site's connection and internet.login.")
+@click.option("--via", type=click.Choice(["auto", "here", "login", "push", "sftp"]), default="auto", show_default=True,
+              help="here: this machine writes; login: pull on the site's login node over SSH; push (or its "
+              "former name sftp): pull here and push by rsync over SSH; auto: by the site's connection and "
+              "internet.login.")
 @click.option("--prefix", default=None, help="Key prefix in the bucket (default from the dataset config).")
 @click.option("--from", "source", default=None, metavar="DIR",
               help="Read the objects from this local copy (checked against the published manifest) "
@@ -197,11 +198,3 @@ def worker(site_name: str | None, once: bool, poll: float, max_tasks: int | None
     except TransferError as exc:
         _fail(exc)
     console.print(f"worker for {site_name}: {n} task(s) done", highlight=False, soft_wrap=True)
-
-
-@command.command("sftp-server", hidden=True)
-def sftp_server() -> None:
-    """Serve a push's SFTP wire on stdin/stdout (started on the site by the pushing side over SSH)."""
-    from maelflow.sites.sftp_server import main as serve
-
-    sys.exit(serve())

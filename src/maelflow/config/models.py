@@ -112,7 +112,9 @@ class SiteLimits(Strict):
 class Site(Strict):
     name: str = Field(description="Site name, used for its ecFlow family.")
     description: str = Field("", description="What and where the machine is.")
-    scheduler: Literal["local", "slurm"] = Field(description="local: jobs are plain processes; slurm: sbatch.")
+    scheduler: str = Field(
+        description="How jobs start on the site: a scheduler of the 'maelflow.schedulers' entry points "
+        "(local: plain background processes; slurm: sbatch; a package may add more, see docs/extending.md).")
     connection: Connection = Field(description="How maelflow reaches the site.")
     reporting: Literal["direct", "relay"] = Field(
         "direct", description="direct: jobs call the ecFlow server; relay: jobs write to a spool on the "
@@ -126,12 +128,19 @@ class Site(Strict):
     environment: list[str] = Field(default_factory=list,
                                    description="Shell lines run at the start of every job (module load ...).")
     maelflow_command: str = Field("maelflow", description="How jobs call maelflow on the site.")
-    sftp_server: Literal["maelflow", "openssh"] = Field(
-        "maelflow", description="What serves a dataset push's SFTP connections on the login node: the "
-        "site's maelflow (writes with O_DIRECT, keeping a shared node's page cache; OpenSSH's sftp-server "
-        "is used anyway where it does not start), or OpenSSH's sftp-server.")
 
     _check_name = field_validator("name")(classmethod(lambda cls, v: check_name(v)))
+
+    @field_validator("scheduler")
+    @classmethod
+    def _scheduler(cls, v: str) -> str:
+        from maelflow.sites.schedulers import known
+
+        names = known()
+        if v not in names:
+            raise ValueError(f"no scheduler {v!r} is installed (known: {', '.join(names) or 'none'}); a package "
+                             "adds one through the 'maelflow.schedulers' entry points")
+        return v
 
     @model_validator(mode="after")
     def _consistent(self) -> "Site":

@@ -16,24 +16,24 @@ class SiteFiles:
     def __init__(self, rx: ResolvedExperiment, site: str):
         self.site = rx.sites[site]
         self.name = site
-        self._session = None
+        self._conn = None
 
     @property
     def local(self) -> bool:
         return self.site.connection.type == "local"
 
-    def session(self):
-        if self._session is None:
-            from maelflow.sites.ssh import session_for
+    def connection(self):
+        if self._conn is None:
+            from maelflow.sites.connections import connect
 
-            self._session = session_for(self.name, self.site.connection.ssh)
-        return self._session
+            self._conn = connect(self.name, self.site)
+        return self._conn
 
     def read_bytes(self, path: str) -> bytes | None:
         if self.local:
             p = Path(path)
             return p.read_bytes() if p.is_file() else None
-        s = self.session()
+        s = self.connection()
         return s.read_bytes(path) if s.exists(path) else None
 
     def files_under(self, path: str) -> list[str]:
@@ -41,7 +41,7 @@ class SiteFiles:
         if self.local:
             root = Path(path)
             return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
-        res = self.session().run(f"find {shlex.quote(path)} -type f -printf '%P\\n' 2>/dev/null || true", timeout=60)
+        res = self.connection().run(f"find {shlex.quote(path)} -type f -printf '%P\\n' 2>/dev/null || true", timeout=60)
         return sorted(line for line in res.stdout.splitlines() if line)
 
     def checksums(self, paths: list[str]) -> dict[str, tuple[int, str]]:
@@ -53,7 +53,7 @@ class SiteFiles:
 
             return {p: (Path(p).stat().st_size, sha256_file(Path(p))) for p in paths}
         quoted = " ".join(shlex.quote(p) for p in paths)
-        res = self.session().run(f"for f in {quoted}; do printf '%s ' $(stat -c %s \"$f\"); sha256sum \"$f\"; done",
+        res = self.connection().run(f"for f in {quoted}; do printf '%s ' $(stat -c %s \"$f\"); sha256sum \"$f\"; done",
                                  timeout=600)
         out: dict[str, tuple[int, str]] = {}
         for line in res.stdout.splitlines():

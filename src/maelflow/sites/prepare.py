@@ -1,6 +1,6 @@
 """Get a site ready for a suite at deploy time: folders, the resolved config, EWC credentials.
 
-Done once per deploy rather than in every job submission, and over the same SSH session the jobs
+Done once per deploy rather than in every job submission, and over the same SSH connection the jobs
 use, so a site that cannot be reached fails the deploy with the credential message, before any
 task is queued.
 """
@@ -26,19 +26,19 @@ def prepare_site(rx: ResolvedExperiment, site: str, config_file: Path, ws: Works
             Path(f).mkdir(parents=True, exist_ok=True)
         return f"{site}: folders ready under {root}"
     from maelflow.services.base import ServiceError
-    from maelflow.sites.ssh import session_for
+    from maelflow.sites.connections import connect
 
-    session = session_for(site, s.connection.ssh)
+    conn = connect(site, s)
     for f in folders:
-        session.makedirs(f)
-    session.put_text(site_config_path(rx, site), config_file.read_text(), mode=0o644)
+        conn.makedirs(f)
+    conn.put_text(site_config_path(rx, site), config_file.read_text(), mode=0o644)
     note = ""
     try:
         creds = workspace_settings(ws)
     except ServiceError:
         creds = None
     if creds is not None:
-        session.makedirs(f"{root}/.maelflow")
-        session.put_text(site_credentials_path(root), json.dumps(creds), mode=0o600)
+        conn.makedirs(f"{root}/.maelflow")
+        conn.put_text(site_credentials_path(root), json.dumps(creds), mode=0o600)
         note = ", EWC credentials"
     return f"{site}: folders, config{note} ready under {root} on {s.connection.ssh.host}"
