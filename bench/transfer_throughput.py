@@ -3,7 +3,10 @@
 
 A zarr of 2048 chunk files and 1 GiB (random float32, uncompressed: real compressed chunks do not
 shrink further) is built with the zarr library and published with ``maelflow transfer publish`` to
-the workspace's S3 server process (``rclone serve s3`` on 127.0.0.1). Then, into empty folders:
+the workspace's S3 server process (``rclone serve s3`` on 127.0.0.1). Two more shapes are pulled
+the same way after the push: "mix", 3000 chunks of 256 KiB plus four objects of 64 MiB (a new
+user's dataset), and "large", twelve objects of 64 MiB (anemoi-sized chunks). Then, into empty
+folders:
 
 S3 pull (each tool end to end, process start included):
   maelflow   ``maelflow transfer stage DATASET --dest DIR --via here`` (verifies every object's SHA-256)
@@ -12,13 +15,11 @@ S3 pull (each tool end to end, process start included):
   aws        ``aws s3 sync`` (PyPI awscli; max_concurrent_requests 32)
 SFTP push to the loopback HPC site (sshd on 127.0.0.1, user maelhpc), whose login node "cannot
 reach S3". The same job, S3 to the site:
-  maelflow        ``maelflow transfer stage --via sftp``: S3 -> this machine -> SFTP, streamed, verified
+  maelflow        ``maelflow transfer stage --via push``: S3 -> a spool here -> rsync over SSH, hashed on the site
   rclone          ``rclone copy`` from the S3 remote to an SFTP remote (--transfers 8)
   s5cmd+rsync     download with s5cmd, then rsync: the same job by hand
 and from a local copy of the dataset (the S3 leg not counted):
-  maelflow-local  ``maelflow transfer stage --via sftp --from ZARR`` (verified against the manifest)
-  maelflow-openssh  the same with ``-o sftp_server=openssh``: OpenSSH's sftp-server on the site
-                  instead of maelflow's (not a competitor: what maelflow's server is worth)
+  maelflow-local  ``maelflow transfer stage --via push --from ZARR`` (verified against the manifest)
   rsync           ``rsync -a -e ssh`` from the local copy
 Every tool's ssh uses the same cipher and key exchange as maelflow's (aes128-gcm, curve25519), so
 the comparison is of tools.
@@ -28,8 +29,9 @@ tool, each run after a ``sync`` into a fresh folder; the best is kept (the machi
 Outputs are deleted at the end of a round and the next round starts a minute later: on this
 journal-less ext4, a file created within a minute of a deletion in its block group makes the
 kernel walk the recently deleted inodes, which would slow whichever tool comes next.
-BENCH_SMALL=1: 256 chunk files, 64 MiB, one round (about a minute). BENCH_ONLY=TOOL,TOOL runs only
-those tools (e.g. ``maelflow-local,rsync``) for a focused re-measurement. Tools missing from the
+BENCH_SMALL=1: 256 chunk files, 64 MiB, one round; mix 300 + 1, large 3 (a few minutes). BENCH_ONLY=TOOL,TOOL runs only
+those tools (e.g. ``maelflow-local,rsync``) for a focused re-measurement; BENCH_STREAMS=N: the push's
+rsync streams (``--workers``). Tools missing from the
 environment are skipped with a note (pip install -e '.[bench]'; Debian rsync).
 The last line is the headline: maelflow's throughput and its ratio to the best competitor.
 """
@@ -54,6 +56,10 @@ ROUNDS = int(os.environ.get("BENCH_ROUNDS", "1" if SMALL else "3"))
 # BENCH_ONLY=maelflow-local,rsync: only these tools (a focused re-measurement); default all
 ONLY = {t for t in os.environ.get("BENCH_ONLY", "").split(",") if t}
 DATASET = "bench-transfer"
+SMALL_OBJECT = 256 * 1024
+LARGE_OBJECT = 64 << 20
+# (name, objects of SMALL_OBJECT, objects of LARGE_OBJECT): a new user's mix (issue 13), large objects (issue 20)
+CASES = [("mix", 300, 1), ("large", 0, 3)] if SMALL else [("mix", 3000, 4), ("large", 0, 12)]
 CIPHER = "aes128-gcm@openssh.com"
 KEX = "curve25519-sha256"      # maelflow's wires prefer it (sntrup761x25519 costs 0.1 s more per connection)
 
@@ -78,6 +84,22 @@ def build_zarr(path: Path) -> int:
         arr[i:i + step] = rng.random((min(step, CHUNKS - i), per_chunk), dtype="float32")
     root.attrs["description"] = "maelflow transfer benchmark"
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def build_case(path: Path, small_n: int, large_n: int) -> int:
+    """``small_n`` chunk files of SMALL_OBJECT and ``large_n`` of LARGE_OBJECT, random bytes."""
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    (path / "data").mkdir(parents=True)
+    (path / "large").mkdir()
+    for i in range(small_n):
+        (path / "data" / f"{i}.0").write_bytes(rng.bytes(SMALL_OBJECT))
+    for i in range(large_n):
+        with open(path / "large" / f"{i}.0", "wb") as fh:
+            for _ in range(LARGE_OBJECT >> 24):
+                fh.write(rng.bytes(16 << 20))
+    return small_n * SMALL_OBJECT + large_n * LARGE_OBJECT
 
 
 def timed(argv: list[str] | str, env: dict[str, str], shell: bool = False) -> float:
@@ -127,8 +149,9 @@ SIZE = 0
 
 
 def main() -> None:
+    global SIZE
     sys.path.insert(0, str(REPO / "src"))
-    from maelflow.services import hpc
+    from maelflow_sandbox import hpc
     from maelflow.services import stack as stack_mod
     from maelflow.workspace import Workspace
     from maelflow.datasets.settings import ewc_settings, load_site, open_store
@@ -163,31 +186,37 @@ def main() -> None:
         # for the whole bucket's MD5s in its first run.
         open_store(ewc_settings(ws), prefix).list()
 
-        global SIZE
-        SIZE = size
         ENV.update(env)
         out = tmp / "out"
-
-        def pull_cmds(tag: str) -> dict[str, list[str] | None]:
-            dest = out / tag
-            dest.mkdir(parents=True, exist_ok=True)
-            return {
-                "maelflow": [maelflow, "transfer", "stage", DATASET, "--dest", str(dest / "d.zarr"), "--via", "here",
-                             "--prefix", prefix, "--json"],
-                "s5cmd": [tool("s5cmd"), "--endpoint-url", url, "cp", f"s3://{bucket}/{prefix}/*", f"{dest}/"]
-                if tool("s5cmd") else None,
-                "rclone": [tool("rclone"), "copy", f"ewc:{bucket}/{prefix}", str(dest), "--transfers", "32",
-                           "--checkers", "32", "--config", str(tmp / "rclone.conf")] if tool("rclone") else None,
-                "aws": [tool("aws"), "s3", "sync", f"s3://{bucket}/{prefix}", str(dest), "--endpoint-url", url,
-                        "--only-show-errors"] if tool("aws") else None,
-            }
-
-        def pulled(name: str, tag: str) -> None:
-            got = tree_bytes(out / tag)
-            if got < size:
-                raise RuntimeError(f"{name} copied {got} of {size} bytes")
         (tmp / "rclone.conf").write_text("")
-        pull = run_rounds("S3 pull", pull_cmds, pulled, lambda: shutil.rmtree(out, ignore_errors=True))
+
+        def pull_case(dataset: str, prefix: str, size: int, title: str = "S3 pull") -> dict[str, list[float]]:
+            """Each tool's pull of the published ``dataset`` at ``prefix`` into empty folders."""
+            global SIZE
+            SIZE = size
+
+            def pull_cmds(tag: str) -> dict[str, list[str] | None]:
+                dest = out / tag
+                dest.mkdir(parents=True, exist_ok=True)
+                return {
+                    "maelflow": [maelflow, "transfer", "stage", dataset, "--dest", str(dest / "d.zarr"), "--via",
+                                 "here", "--prefix", prefix, "--json"],
+                    "s5cmd": [tool("s5cmd"), "--endpoint-url", url, "cp", f"s3://{bucket}/{prefix}/*", f"{dest}/"]
+                    if tool("s5cmd") else None,
+                    "rclone": [tool("rclone"), "copy", f"ewc:{bucket}/{prefix}", str(dest), "--transfers", "32",
+                               "--checkers", "32", "--config", str(tmp / "rclone.conf")] if tool("rclone") else None,
+                    "aws": [tool("aws"), "s3", "sync", f"s3://{bucket}/{prefix}", str(dest), "--endpoint-url", url,
+                            "--only-show-errors"] if tool("aws") else None,
+                }
+
+            def pulled(name: str, tag: str) -> None:
+                got = tree_bytes(out / tag)
+                if got < size:
+                    raise RuntimeError(f"{name} copied {got} of {size} bytes")
+            return run_rounds(title, pull_cmds, pulled, lambda: shutil.rmtree(out, ignore_errors=True))
+
+        pull = pull_case(DATASET, prefix, size)
+        SIZE = size
 
         push: dict[str, list[float]] = {}
         if with_hpc and tool("rsync"):
@@ -210,7 +239,8 @@ def main() -> None:
                 if tag != "probe":      # the parent exists for every tool, made before the clock starts
                     subprocess.run([*ssh, f"mkdir -p {remote}/{tag}"], check=True)
                 stage = [maelflow, "transfer", "stage", DATASET, "--site", "localhpc", "-o", "internet.login=false",
-                         "--dest", d, "--prefix", prefix, "--json"]
+                         "--dest", d, "--prefix", prefix, "--json"] + (["--workers", os.environ["BENCH_STREAMS"]]
+                                                                        if os.environ.get("BENCH_STREAMS") else [])
                 return {
                     "maelflow": stage,
                     "rclone": [tool("rclone"), "copy", f"ewc:{bucket}/{prefix}", f"site:{d}", "--transfers", "8",
@@ -219,9 +249,6 @@ def main() -> None:
                                     f"'s3://{bucket}/{prefix}/*' {local}/ >/dev/null && rsync -a -e '{rsh}' "
                                     f"{local}/ {info['user']}@127.0.0.1:{d}/") if tool("s5cmd") else None,
                     "maelflow-local": [*stage, "--from", str(src)],
-                    # the same push served by OpenSSH's sftp-server on the site: what maelflow's own
-                    # server (O_DIRECT writes) is worth
-                    "maelflow-openssh": [*stage, "--from", str(src), "-o", "sftp_server=openssh"],
                     "rsync": ["rsync", "-a", "-e", rsh, f"{src}/", f"{info['user']}@127.0.0.1:{d}/"],
                 }
             push = run_rounds("SFTP push", push_cmds,
@@ -231,8 +258,25 @@ def main() -> None:
         else:
             print("  SFTP push: skipped (needs root for the loopback HPC site, and rsync)", flush=True)
 
+        # the other shapes of a dataset (bench docstring): published, listed once, pulled like the zarr
+        cases: list[tuple[str, int, int, dict[str, list[float]]]] = []
+        for name, small_n, large_n in CASES:
+            folder = tmp / f"{name}.zarr"
+            t0 = time.perf_counter()
+            nbytes = build_case(folder, small_n, large_n)
+            count = small_n + large_n
+            print(f"{name}: {small_n} x {SMALL_OBJECT >> 10} KiB + {large_n} x {LARGE_OBJECT >> 20} MiB "
+                  f"({nbytes / 2**20:.0f} MiB), built in {time.perf_counter() - t0:.1f}s", flush=True)
+            case_prefix = f"datasets/bench-{name}.zarr"
+            dt = timed([maelflow, "transfer", "publish", str(folder), "--dataset", f"bench-{name}", "--prefix",
+                        case_prefix], env)
+            print(f"publish (maelflow): {nbytes / 2**20 / dt:.0f} MiB/s ({dt:.1f}s)", flush=True)
+            open_store(ewc_settings(ws), case_prefix).list()
+            cases.append((name, count, nbytes, pull_case(f"bench-{name}", case_prefix, nbytes, f"S3 pull {name}")))
+            shutil.rmtree(folder, ignore_errors=True)
+
         def table(title: str, runs: dict[str, list[float]], peers: list[str], mine: str = "maelflow",
-              also: tuple[str, ...] = ()):
+                  also: tuple[str, ...] = (), files: int = files, size: int = size):
             print(f"\n{title} ({files} files, {size / 2**20:.0f} MiB, best of {ROUNDS}):")
             rates = {k: size / 2**20 / min(v) for k, v in runs.items()}
             others = {k: rates[k] for k in peers if k in rates}
@@ -247,17 +291,21 @@ def main() -> None:
         m_pull, b_pull, r_pull = table("S3 pull into an empty folder", pull, ["s5cmd", "rclone", "aws"])
         headline = (f"maelflow stage S3 pull {m_pull:.0f} MiB/s = {m_pull / r_pull:.2f}x best competitor "
                     f"({b_pull} {r_pull:.0f} MiB/s)") if r_pull else f"maelflow stage S3 pull {m_pull:.0f} MiB/s"
+        for name, count, nbytes, runs in cases:
+            m, b, r = table(f"S3 pull into an empty folder, {name}", runs, ["s5cmd", "rclone", "aws"],
+                            files=count, size=nbytes)
+            headline += f"; {name} {m:.0f} MiB/s = {m / r:.2f}x {b}" if r else f"; {name} {m:.0f} MiB/s"
         if push:
             m_push, b_push, r_push = table("SFTP push, S3 to the site", push, ["rclone", "s5cmd+rsync"])
-            m_loc, b_loc, r_loc = table("SFTP push from a local copy", push, ["rsync"], mine="maelflow-local",
-                                        also=("maelflow-openssh",))
+            m_loc, b_loc, r_loc = table("SFTP push from a local copy", push, ["rsync"], mine="maelflow-local")
             if r_push:
                 headline += f"; SFTP push from S3 {m_push:.0f} MiB/s = {m_push / r_push:.2f}x {b_push}"
             if r_loc:
                 headline += (f"; from a local copy {m_loc:.0f} MiB/s = {m_loc / r_loc:.2f}x rsync -e ssh "
                              f"({r_loc:.0f} MiB/s; from S3: {m_push / r_loc:.2f}x)")
-        print(json.dumps({"files": files, "bytes": size, "rounds": ROUNDS,
-                          "pull_s": pull, "push_s": push}), flush=True)
+        print(json.dumps({"files": files, "bytes": size, "rounds": ROUNDS, "pull_s": pull, "push_s": push,
+                          "cases": {name: {"files": count, "bytes": nbytes, "pull_s": runs}
+                                    for name, count, nbytes, runs in cases}}), flush=True)
         print(headline, flush=True)
     finally:
         stack_mod.down(ws)

@@ -47,9 +47,3 @@ def settings_for_job(ws: Workspace, site_root: str | None) -> dict[str, Any]:
     """The site's credentials file when the job has one, else the workspace's S3 service."""
     return (site_settings(site_root) if site_root else None) or workspace_settings(ws)
 
-
-def client(settings: dict[str, Any], max_pool_connections: int = 16):
-    from maelflow.s3 import s3_client
-
-    return s3_client(settings["endpoint_url"], settings["access_key"], settings["secret_key"],
-                     region=settings.get("region", "us-east-1"), max_pool_connections=max_pool_connections)

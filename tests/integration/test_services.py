@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from maelflow.cli.main import cli
 from maelflow.ecf import client_for
-from maelflow.s3 import s3_client, s3_client_for_workspace
+from maelflow.s3 import object_store, workspace_store
 from maelflow.services import stack as stack_mod
 from maelflow.services.base import ServiceError, pid_alive, port_is_free
 
@@ -58,22 +58,23 @@ def test_up_twice_is_idempotent(stack):
 
 
 def test_s3_round_trip_and_wrong_key_refused(stack):
-    from botocore.exceptions import ClientError
+    import obstore
+    from obstore.exceptions import PermissionDeniedError
 
     ws, infos = stack
-    s3 = s3_client_for_workspace(ws)
-    bucket = infos["s3"].extra["bucket"]
+    s3 = workspace_store(ws)
     key = f"tests/{uuid.uuid4().hex}/hello.txt"
-    s3.put_object(Bucket=bucket, Key=key, Body=b"hello ewc")
-    assert s3.get_object(Bucket=bucket, Key=key)["Body"].read() == b"hello ewc"
-    listed = s3.list_objects_v2(Bucket=bucket, Prefix=key.rsplit("/", 1)[0])
-    assert [o["Key"] for o in listed["Contents"]] == [key]
+    obstore.put(s3, key, b"hello ewc")
+    assert bytes(obstore.get(s3, key).bytes()) == b"hello ewc"
+    assert [o["path"] for o in obstore.list(s3, key.rsplit("/", 1)[0]).collect()] == [key]
+    assert set(infos["s3"].extra) >= {"endpoint_url", "bucket", "access_key", "secret_key"}
+    for bucket in ("ewc", "catalogue"):                   # made as folders before the server started
+        obstore.list_with_delimiter(workspace_store(ws, bucket))
 
     extra = infos["s3"].extra
-    intruder = s3_client(extra["endpoint_url"], extra["access_key"], "not-the-secret", max_attempts=1)
-    with pytest.raises(ClientError) as err:
-        intruder.get_object(Bucket=bucket, Key=key)
-    assert err.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+    intruder = object_store({**extra, "secret_key": "not-the-secret"}, max_retries=0)
+    with pytest.raises(PermissionDeniedError, match="403"):
+        obstore.get(intruder, key)
 
 
 def test_mlflow_experiment_run_metric(stack):
@@ -117,8 +118,9 @@ def test_restart_keeps_suite_objects_and_credentials_then_down_stops_all(workspa
     defs = ecflow.Defs()
     defs.add_suite("keepme").add_task("t1")
     ci.load(defs)
-    s3 = s3_client_for_workspace(workspace)
-    s3.put_object(Bucket="ewc", Key="kept.txt", Body=b"still here")
+    import obstore
+
+    obstore.put(workspace_store(workspace), "kept.txt", b"still here")
 
     stopped = stack_mod.down(workspace)
     for name in ("ecflow", "s3"):
@@ -136,8 +138,7 @@ def test_restart_keeps_suite_objects_and_credentials_then_down_stops_all(workspa
     assert [s.name() for s in server.suites] == ["keepme"]
     assert str(server.get_server_state()) == "RUNNING"
     assert second["s3"].extra["secret_key"] == first["s3"].extra["secret_key"]
-    s3 = s3_client_for_workspace(workspace)
-    assert s3.get_object(Bucket="ewc", Key="kept.txt")["Body"].read() == b"still here"
+    assert bytes(obstore.get(workspace_store(workspace), "kept.txt").bytes()) == b"still here"
 
 
 def test_down_through_cli_stops_every_pid(workspace, services):

@@ -106,7 +106,7 @@ def test_choose_via_follows_the_site():
     offline = NS(connection=NS(type="ssh"), internet=NS(login=False))
     assert choose_via(local) == "here"
     assert choose_via(online) == "login"
-    assert choose_via(offline) == "sftp"
+    assert choose_via(offline) == "push" and choose_via(offline, "sftp") == "push"
     assert choose_via(offline, "login") == "login"
 
 
@@ -214,36 +214,44 @@ def test_unpublished_dataset_is_a_clear_error(tmp_path):
         stage(store, LocalTree(tmp_path / "ds.zarr"), "ds")
 
 
-def test_presigned_url_matches_botocore(monkeypatch):
-    """The hot-path signer signs exactly what botocore's SigV4 query signer signs."""
-    import datetime
-    from urllib.parse import parse_qs, urlsplit
+def test_large_objects_are_read_as_ranges_hashed_in_order_or_whole_without_ranges(tmp_path, monkeypatch):
+    """Ranges written at their offsets and hashed in order, memory bounded; a corrupt range is
+    fetched again; a server without ranges gets whole objects."""
+    from maelflow_transfer import stage as stage_mod
+    from maelflow_transfer.store import RangesUnsupported
 
-    import botocore.auth
-    from botocore.awsrequest import AWSRequest
-    from botocore.credentials import Credentials
+    monkeypatch.setattr(stage_mod, "RANGE_THRESHOLD", 50_000)
+    monkeypatch.setattr(stage_mod, "RANGE_SIZE", 8192)
+    monkeypatch.setattr(stage_mod, "RANGE_WINDOW", 3)
+    objects = _objects(4, 100_000) | {"small": b"s" * 1000}
 
-    from maelflow_transfer.sigv4 import Presigner
+    class Ranged(MemoryStore):
+        def __init__(self, objects, ranges=True):
+            super().__init__(objects)
+            self.ranges_ok, self.ranges, self.ranges_read, self.corrupt = ranges, None, [], set()
 
-    when = datetime.datetime(2026, 11, 23, 15, 4, 5)
+        def read_range(self, key, start, end, stop=None):
+            if not self.ranges_ok:
+                self.ranges = False
+                raise RangesUnsupported(f"{key}: no ranges")
+            with self.lock:
+                self.ranges_read.append((key, start))
+                bad = (key, start) in self.corrupt
+                self.corrupt.discard((key, start))
+            data = self.objects[key][start:end]
+            return b"\0" * len(data) if bad else data
 
-    class FixedDatetime(datetime.datetime):
-        @classmethod
-        def utcnow(cls):
-            return when
-
-        @classmethod
-        def now(cls, tz=None):
-            return when.replace(tzinfo=tz) if tz else when
-    monkeypatch.setattr(botocore.auth.datetime, "datetime", FixedDatetime)
-    key = "datasets/an-x_y.zarr/data/0.1.2 ~sp"
-    req = AWSRequest(method="GET", url=f"http://127.0.0.1:9000/ewc/{__import__('urllib.parse').parse.quote(key, safe='/~')}")
-    botocore.auth.S3SigV4QueryAuth(Credentials("AKID", "secret/+="), "s3", "eu-west-1", expires=3600).add_auth(req)
-    ours = Presigner("http://127.0.0.1:9000", "AKID", "secret/+=", region="eu-west-1").url(
-        "ewc", key, now=when.replace(tzinfo=datetime.timezone.utc).timestamp())
-    a, b = urlsplit(req.url), urlsplit(ours)
-    assert a.path == b.path
-    assert parse_qs(a.query) == parse_qs(b.query)
+    store = Ranged(objects)
+    store.corrupt.add(("data/2.0", 16384))
+    res = stage(store, LocalTree(tmp_path / "a.zarr"), "ds", workers=4, retries=1)
+    assert res.copied == 6 and verify_tree(tmp_path / "a.zarr", store.manifest) == []
+    assert sorted(store.gets) == [".zattrs", "small"]     # large objects only as ranges
+    assert sorted(k for k, s in store.ranges_read if s == 0) == ["data/0.0", "data/1.0", "data/2.0", "data/2.0",
+                                                                 "data/3.0"]
+    whole = Ranged(objects, ranges=False)
+    res = stage(whole, LocalTree(tmp_path / "b.zarr"), "ds", workers=4)
+    assert res.copied == 6 and verify_tree(tmp_path / "b.zarr", whole.manifest) == []
+    assert whole.ranges is False and sorted(whole.gets) == sorted(objects)
 
 
 def test_stage_from_a_local_copy_is_checked_against_the_published_manifest(tmp_path):

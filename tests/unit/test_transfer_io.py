@@ -1,6 +1,6 @@
-"""The stage's hot-path I/O: the keep-alive HTTP reader against a socket server speaking canned
-HTTP/1.1 answers (length, chunked, close-delimited bodies, an idle connection dropped, a body cut
-short, a silent server), and the O_DIRECT object writer with its fallbacks."""
+"""The stage's hot-path I/O: the obstore-backed Store (aligned buffers, ranges, the mapping of
+missing objects, refused and silent servers, and a server answering ranges with 200, to the stage's
+errors), and the O_DIRECT object writer with its fallbacks."""
 
 from __future__ import annotations
 
@@ -10,11 +10,15 @@ import mmap
 import os
 import socket
 import threading
+import time
 
 import pytest
 
-from maelflow_transfer.http_get import Connection, ProtocolError
+from maelflow_transfer import store as store_mod
+from maelflow_transfer.errors import NotPublished, StoreError, TransientError
 from maelflow_transfer.manifest import Entry
+from maelflow_transfer.retry import Backoff
+from maelflow_transfer.store import BUF, ObjectMissing, RangesUnsupported, Store
 from maelflow_transfer.trees import ALIGN, LocalPart, LocalTree
 
 pytestmark = pytest.mark.unit
@@ -22,11 +26,12 @@ pytestmark = pytest.mark.unit
 
 class CannedServer:
     """Answers each request on a connection with the next canned bytes, then closes it;
-    ``None`` reads the request and closes without answering."""
+    ``None`` reads the request and stays silent until the test ends."""
 
     def __init__(self, *connections: list[bytes | None]):
         self.connections = list(connections)
         self.requests: list[bytes] = []
+        self.done = threading.Event()
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen()
@@ -46,73 +51,102 @@ class CannedServer:
                         head += chunk
                     self.requests.append(head)
                     if answer is None:
+                        self.done.wait(30)
                         break
                     conn.sendall(answer)
 
-    def connection(self, timeout: float = 5.0) -> Connection:
-        return Connection("http", f"127.0.0.1:{self.port}", timeout=timeout)
+    def store(self, prefix: str = "ds") -> Store:
+        from obstore.store import S3Store
+
+        objects = S3Store("ewc", prefix=prefix, endpoint=f"http://127.0.0.1:{self.port}", region="us-east-1",
+                          virtual_hosted_style_request=False,
+                          credential_provider=lambda: {"access_key_id": "AKID", "secret_access_key": "s",
+                                                       "token": None, "expires_at": None},
+                          client_options={"allow_http": True, "connect_timeout": "1s", "read_timeout": "1s"},
+                          retry_config={"max_retries": 0})
+        return Store(objects, backoff=Backoff(attempts=2, base=0.01, cap=0.01))
 
 
-def _body(conn: Connection, path: str = "/b/k", size: int = 1 << 16) -> tuple[int, bytes]:
-    resp = conn.get(path, {"Range": "bytes=0-9"})
-    out = bytearray()
-    buf = bytearray(size)
-    while n := resp.readinto(memoryview(buf)):
-        out += buf[:n]
-    return resp.status, bytes(out)
+def _memory(**objects: bytes) -> Store:
+    import obstore
+    from obstore.store import MemoryStore
+
+    mem = MemoryStore()
+    for key, data in objects.items():
+        obstore.put(mem, key, data)
+    return Store(mem, url="s3://ewc/ds", endpoint="memory", backoff=Backoff(attempts=2, base=0.01, cap=0.01))
 
 
-def test_content_length_bodies_on_one_kept_alive_connection():
-    payload = os.urandom(300_000)
-    answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nETag: \"x\"\r\n\r\n" % len(payload) + payload
-    server = CannedServer([answer, answer])
-    conn = server.connection()
-    assert _body(conn) == (200, payload)
-    assert _body(conn, size=4096) == (200, payload)      # the same connection, small buffers
-    assert len(server.requests) == 2
-    assert server.requests[0].startswith(b"GET /b/k HTTP/1.1\r\nHost: 127.0.0.1:")
-    assert b"\r\nRange: bytes=0-9\r\n" in server.requests[0]
+def test_objects_arrive_in_full_page_aligned_buffers_whole_or_streamed(monkeypatch):
+    data = os.urandom(3 * BUF + 12345)
+    store = _memory(**{"data/0.0": data})
+    for whole_max in (store_mod.WHOLE_MAX, BUF):          # read in one call, then as a stream
+        monkeypatch.setattr(store_mod, "WHOLE_MAX", whole_max)
+        pieces, got = [], bytearray()
+
+        def sink(view: memoryview) -> None:
+            assert isinstance(view.obj, mmap.mmap)          # the thread's aligned buffer: O_DIRECT-able
+            pieces.append(len(view))
+            got.extend(view)
+        assert store.get("data/0.0", sink) == len(data)
+        assert bytes(got) == data and pieces == [BUF, BUF, BUF, 12345]
+    got = bytearray()
+    assert store.get("data/0.0", got.extend, start=10, end=BUF + 9) == BUF
+    assert bytes(got) == data[10:BUF + 10]
+    assert bytes(store.read_range("data/0.0", 5, 105)) == data[5:105] and store.ranges is True
 
 
-def test_chunked_and_close_delimited_bodies():
-    chunked = (b"HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\n\r\n"
-               b"5;ext=1\r\n<Code\r\nB\r\n>NoSuchKey<\r\n0\r\nX-Trailer: y\r\n\r\n")
-    closing = b"HTTP/1.1 500 Internal\r\nConnection: close\r\n\r\n<Code>InternalError</Code>"
-    server = CannedServer([chunked, closing])
-    conn = server.connection()
-    resp = conn.get("/b/missing")
-    assert (resp.status, resp.read()) == (404, b"<Code>NoSuchKey<")
-    resp = conn.get("/b/k")
-    assert (resp.status, resp.read()) == (500, b"<Code>InternalError</Code>")
-    assert conn.sock is None                             # the server said it closes
+def test_missing_objects_and_manifests_are_clear_errors():
+    store = _memory(**{"data/0.0": b"x"})
+    with pytest.raises(ObjectMissing, match="missing from the store, although the manifest lists it"):
+        store.get("data/1.0", lambda view: None)
+    assert store.read_manifest() is None
+    with pytest.raises(NotPublished, match="no manifest at s3://ewc/ds/.maelflow-manifest.json"):
+        store.require_manifest("ds")
+    assert store.sha256_of("data/1.0") is None
 
 
-def test_an_idle_connection_dropped_by_the_server_is_reopened_once():
-    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi"
-    server = CannedServer([ok, None], [ok])
-    conn = server.connection()
-    assert _body(conn) == (200, b"hi")
-    assert _body(conn) == (200, b"hi")                   # first try hits the closed socket
-    assert len(server.requests) == 3
+def test_a_sinks_own_error_is_not_taken_for_the_stores():
+    store = _memory(**{"data/0.0": os.urandom(2 * BUF)})
+
+    def full(view: memoryview) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(OSError) as info:
+        store.get("data/0.0", full)
+    assert info.value.errno == errno.ENOSPC and not isinstance(info.value, TransientError)
 
 
-def test_a_body_cut_short_and_a_silent_server_are_transport_errors():
-    cut = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly-part"
-    server = CannedServer([cut])
-    conn = server.connection()
-    resp = conn.get("/b/k")
-    with pytest.raises(ConnectionResetError, match="bytes of the body still to come"):
-        resp.readinto(memoryview(bytearray(200)))
-    silent = socket.socket()
-    silent.bind(("127.0.0.1", 0))
-    silent.listen()
-    conn = Connection("http", f"127.0.0.1:{silent.getsockname()[1]}", timeout=0.3)
-    with pytest.raises(TimeoutError, match="no data"):
-        conn.get("/b/k")
-    silent.close()
-    bad = CannedServer([b"SMTP ready\r\n\r\n"])
-    with pytest.raises(ProtocolError, match="not an HTTP/1.x status line"):
-        bad.connection().get("/")
+def test_a_refused_connection_and_a_silent_server_are_transient_then_final():
+    free = socket.socket()
+    free.bind(("127.0.0.1", 0))
+    port = free.getsockname()[1]
+    free.close()                                          # nothing listens there any more
+    refused = CannedServer()
+    refused.port = port
+    store = refused.store()
+    with pytest.raises(TransientError):
+        store.get("data/0.0", lambda view: None)
+    with pytest.raises(StoreError, match=r"gave up after 2 tries; is http://127.0.0.1:\d+ up\?"):
+        store.read_manifest()
+    silent = CannedServer([None])
+    t0 = time.monotonic()
+    with pytest.raises(TransientError):
+        silent.store().get("data/0.0", lambda view: None)
+    assert time.monotonic() - t0 < 10
+    silent.done.set()
+
+
+def test_a_range_answered_with_200_says_the_server_has_no_ranges():
+    """rclone's serve s3 answers a range with 200 and the range's bytes: obstore refuses it, the
+    store says so once and the stage reads such objects whole."""
+    body = b"0123456789"
+    server = CannedServer([b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\nContent-Range: bytes 0-9/100\r\n"
+                           b"ETag: \"x\"\r\nLast-Modified: Tue, 01 Dec 2026 10:00:00 GMT\r\n\r\n" + body])
+    store = server.store()
+    with pytest.raises(RangesUnsupported):
+        store.read_range("data/0.0", 0, 10)
+    assert store.ranges is False
+    assert b"range: bytes=0-9" in server.requests[0].lower()
 
 
 def test_direct_writer_writes_aligned_blocks_and_a_buffered_tail(tmp_path):
@@ -163,5 +197,5 @@ def test_ranged_objects_are_not_written_direct(tmp_path):
     tree.partial.mkdir(parents=True)
     e = Entry("data/0.0", 1 << 20, "0" * 64)
     assert tree.writer(e).direct is supported
-    assert tree.writer(e, ranged=True).direct is False     # hashed by reading it back: keep it cached
+    assert tree.writer(e, ranged=True).direct is False     # written at offsets, range by range
     assert tree.writer(Entry(".zattrs", 100, "0" * 64)).direct is False

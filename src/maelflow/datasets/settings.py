@@ -94,7 +94,7 @@ def ewc_settings(ws, *, site=None, credentials: str | None = None) -> dict[str, 
 
 def workspace_s3(ws) -> dict[str, Any]:
     """The workspace's S3 service, as ``ewc.workspace_settings`` gives it, without its health check
-    (a boto3 client and a request: about half a second of a CLI call); a TCP connect says it is up."""
+    (a request through an S3 client); a TCP connect says it is up."""
     import socket
     from urllib.parse import urlsplit
 
@@ -115,17 +115,12 @@ def workspace_s3(ws) -> dict[str, Any]:
     return settings_from_service(extra)
 
 
-def open_store(settings: dict[str, Any], prefix: str, workers: int = 16):
-    """The dataset ``prefix`` in the EWC bucket of ``settings``; its boto3 client is made on first use."""
+def open_store(settings: dict[str, Any], prefix: str):
+    """The dataset ``prefix`` in the EWC bucket of ``settings`` (its S3 store from ``maelflow.s3``)."""
+    from maelflow.s3 import object_store
     from maelflow_transfer.store import Store
 
     for field in ("endpoint_url", "access_key", "secret_key"):
         if not settings.get(field):
             raise CredentialsError(f"the EWC settings lack {field!r}")
-
-    def client():
-        from maelflow import ewc
-
-        return ewc.client(settings, max_pool_connections=max(10, workers + 4))
-    return Store(client, settings.get("bucket") or "ewc", prefix, endpoint_url=settings["endpoint_url"],
-                 keys=(settings["access_key"], settings["secret_key"]), region=settings.get("region") or "us-east-1")
+    return Store(object_store(settings, prefix=prefix), endpoint=settings["endpoint_url"])

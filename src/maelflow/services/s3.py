@@ -1,8 +1,11 @@
 """The workspace's S3 store: ``rclone serve s3`` over a data folder, with SigV4 keys.
 
 rclone was chosen because it persists plain files across restarts and checks SigV4 signatures
-(reference/s3-servers.md). A bucket is a top-level folder of the data folder. Keys are generated once
-per workspace and kept beside the data, so a restart serves the same objects to the same scripts.
+(reference/s3-servers.md). A bucket is a top-level folder of the data folder, and rclone keeps its
+listing of that folder for the life of the process: the buckets maelflow uses (the EWC bucket, the
+catalogue's, as its settings name them) are made as folders before the server starts (a bucket
+named later is there after a restart: ``maelflow services down/up``). Keys are generated once per
+workspace and kept beside the data, so a restart serves the same objects to the same scripts.
 """
 
 from __future__ import annotations
@@ -32,8 +35,8 @@ class S3Service(ManagedService):
 
     def __init__(self, workspace):
         super().__init__(workspace)
-        self._client = None
-        self._client_key: tuple | None = None
+        self._store = None
+        self._store_key: tuple | None = None
 
     @property
     def data_dir(self) -> Path:
@@ -73,9 +76,18 @@ class S3Service(ManagedService):
                 raise ServiceError(f"{binary} has no 'serve s3' command (it needs rclone >= 1.65): "
                                    f"{INSTALL_HINT}")
 
+    def buckets(self) -> set[str]:
+        """The buckets maelflow's parts use: the EWC bucket, the catalogue's (its settings)."""
+        from maelflow.services.catalogue import catalogue_paths
+        from maelflow_registry.config import load_settings
+
+        catalogue = load_settings(catalogue_paths(self.ws))
+        return {self.bucket, catalogue.bucket, catalogue.datasets_bucket}
+
     def command(self, port: int) -> tuple[Sequence[str], dict[str, str]]:
         access, secret = self.credentials()
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        for bucket in self.buckets():
+            (self.data_dir / bucket).mkdir(parents=True, exist_ok=True)
         # --no-checksum: rclone's VFS otherwise re-reads and MD5s every object it serves to check
         # its own read of the local file (about 1.4 s of CPU per GiB served, as much again as the
         # serving itself). EWC's object store does no such thing, and maelflow checks what it
@@ -89,29 +101,23 @@ class S3Service(ManagedService):
         # rclone reads RCLONE_AUTH_KEY as CSV, hence the quotes around "access,secret"
         return argv, {"RCLONE_AUTH_KEY": f'"{access},{secret}"'}
 
-    def client(self) -> Any:
-        """A client with short timeouts for health checks, reused while port and keys stay the same."""
-        from maelflow.s3 import s3_client
+    def store(self) -> Any:
+        """A store with short timeouts for health checks, reused while port and keys stay the same."""
+        from maelflow.s3 import object_store
 
         key = (self.endpoint_url(), *self.credentials())
-        if self._client is None or self._client_key != key:
-            self._client = s3_client(*key, region=REGION, max_pool_connections=2,
-                                     connect_timeout=2, read_timeout=5, max_attempts=1)
-            self._client_key = key
-        return self._client
+        if self._store is None or self._store_key != key:
+            settings = {"endpoint_url": key[0], "access_key": key[1], "secret_key": key[2], "region": REGION}
+            self._store = object_store(settings, self.bucket, connect_timeout=2, read_timeout=5, max_retries=0)
+            self._store_key = key
+        return self._store
 
     def healthy(self) -> bool:
-        self.client().list_buckets()
+        """The server answers a signed listing of the EWC bucket (keys, signing and bucket work)."""
+        import obstore
+
+        obstore.list_with_delimiter(self.store())
         return True
-
-    def after_start(self) -> None:
-        from botocore.exceptions import ClientError
-
-        s3 = self.client()
-        try:
-            s3.head_bucket(Bucket=self.bucket)
-        except ClientError:
-            s3.create_bucket(Bucket=self.bucket)
 
     def extra(self) -> dict[str, Any]:
         access, secret = self.credentials()

@@ -1,7 +1,8 @@
-"""Reading a site's files from the server side: locally for the local site, over SSH otherwise.
+"""Reading a site's files from the server side, through the site's connection.
 
 Server-side tasks (syncing offline MLflow runs, registering checkpoints) read what a job left on
-the site's filesystem without caring where the site is.
+the site's filesystem without caring where the site is. Every name a site lists is checked before
+it is used as a path here: a run folder on a shared filesystem is not ours to trust.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import shlex
 from pathlib import Path
 
 from maelflow.config.loader import ResolvedExperiment
+from maelflow_transfer.paths import inside, listing_entry
 
 
 class SiteFiles:
@@ -18,10 +20,6 @@ class SiteFiles:
         self.name = site
         self._conn = None
 
-    @property
-    def local(self) -> bool:
-        return self.site.connection.type == "local"
-
     def connection(self):
         if self._conn is None:
             from maelflow.sites.connections import connect
@@ -29,37 +27,31 @@ class SiteFiles:
             self._conn = connect(self.name, self.site)
         return self._conn
 
+    @property
+    def local(self) -> bool:
+        """The site's files are on this machine (read in place, no copy)."""
+        return bool(getattr(self.connection(), "local", False))
+
     def read_bytes(self, path: str) -> bytes | None:
-        if self.local:
-            p = Path(path)
-            return p.read_bytes() if p.is_file() else None
-        s = self.connection()
-        return s.read_bytes(path) if s.exists(path) else None
+        conn = self.connection()
+        return conn.read_bytes(path) if conn.exists(path) else None
 
     def files_under(self, path: str) -> list[str]:
-        """Relative paths of the files under ``path`` (empty when it does not exist)."""
-        if self.local:
-            root = Path(path)
-            return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
-        res = self.connection().run(f"find {shlex.quote(path)} -type f -printf '%P\\n' 2>/dev/null || true", timeout=60)
-        return sorted(line for line in res.stdout.splitlines() if line)
+        """Relative paths of the files under ``path`` (empty when it does not exist), each checked."""
+        res = self.connection().run(f"find {shlex.quote(path)} -type f -printf '%P\\0' 2>/dev/null || true",
+                                    timeout=60)
+        return sorted(listing_entry(rel, f"{self.name}:{path}") for rel in res.stdout.split("\0") if rel)
 
     def checksums(self, paths: list[str]) -> dict[str, tuple[int, str]]:
-        """(size, SHA-256) of each file, computed where the file is (one remote command for all)."""
+        """(size, SHA-256) of each file, computed where the file is (one command for all)."""
         if not paths:
             return {}
-        if self.local:
-            from maelflow_transfer.manifest import sha256_file
-
-            return {p: (Path(p).stat().st_size, sha256_file(Path(p))) for p in paths}
         quoted = " ".join(shlex.quote(p) for p in paths)
-        res = self.connection().run(f"for f in {quoted}; do printf '%s ' $(stat -c %s \"$f\"); sha256sum \"$f\"; done",
-                                 timeout=600)
-        out: dict[str, tuple[int, str]] = {}
-        for line in res.stdout.splitlines():
-            size, digest, name = line.split(" ", 2)
-            out[name.strip().lstrip("*")] = (int(size), digest)
-        return out
+        res = self.connection().run(
+            f"for f in {quoted}; do printf '%s\\0' \"$f\" \"$(stat -c %s \"$f\")\" "
+            f"\"$(sha256sum < \"$f\" | cut -d' ' -f1)\"; done", timeout=600)
+        fields = res.stdout.split("\0")
+        return {fields[i]: (int(fields[i + 1]), fields[i + 2]) for i in range(0, len(fields) - 2, 3)}
 
     def fetch_tree(self, path: str, dest: Path) -> int:
         """Copy the tree at ``path`` into ``dest`` (same relative layout); returns the file count."""
@@ -68,7 +60,8 @@ class SiteFiles:
             data = self.read_bytes(f"{path.rstrip('/')}/{rel}")
             if data is None:
                 continue
-            target = dest / rel
+            dest.mkdir(parents=True, exist_ok=True)
+            target = inside(dest, rel)
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
         return len(files)

@@ -1,7 +1,7 @@
 """A stage's objects read from a local copy of the dataset instead of the object store.
 
 The dataset is built (and published) at ECMWF; a site whose login nodes cannot reach the EWC is
-fed by an SFTP push from a machine that can reach it. When that machine also holds the copy the
+fed by a push from a machine that can reach it. When that machine also holds the copy the
 dataset was published from, reading it there saves downloading every byte from S3 first. The
 published manifest stays the definition of the dataset: each file is hashed as it is read and a
 file that differs from it is refused by the stage like a corrupt object, so the site gets exactly
@@ -18,7 +18,6 @@ from maelflow_transfer.errors import StoreError, TransientError
 from maelflow_transfer.manifest import Manifest
 from maelflow_transfer.retry import Backoff
 from maelflow_transfer.store import BUF, thread_buffer
-
 
 
 class LocalSource:
@@ -54,25 +53,6 @@ class LocalSource:
             raise StoreError(f"{path}: listed in the published manifest but missing from the local copy; "
                              + self.damaged_hint) from None
 
-    def splice(self, rel: str, write_from, size: int, moved, stop: threading.Event | None = None) -> int:
-        """Hand ``rel`` to ``write_from(fd, offset, length)`` a MiB at a time (the kernel moves the
-        bytes: nothing is read here; the site checks them), ``moved(n)`` after each. A file whose
-        size is not ``size`` is not sent: its size is returned, and the stage counts it as wrong."""
-        fd = self._open(rel)
-        try:
-            actual = os.fstat(fd).st_size
-            if actual != size:
-                return actual
-            for pos in range(0, size, BUF):
-                if stop is not None and stop.is_set():
-                    raise TransientError(f"reading {self.root / rel}: stopped")
-                n = min(BUF, size - pos)
-                write_from(fd, pos, n)
-                moved(n)
-            return size
-        finally:
-            os.close(fd)
-
     def get(self, rel: str, sink, *, start: int | None = None, end: int | None = None,
             stop: threading.Event | None = None) -> int:
         """Read ``rel`` (bytes ``start``..``end`` inclusive, if given) into ``sink``, a page-aligned
@@ -96,5 +76,15 @@ class LocalSource:
                 if left is not None:
                     left -= k
             return n
+        finally:
+            os.close(fd)
+
+    def read_range(self, rel: str, start: int, end: int, stop: threading.Event | None = None) -> bytes:
+        """Bytes ``start``..``end`` (exclusive) of ``rel``, like ``Store.read_range``."""
+        if stop is not None and stop.is_set():
+            raise TransientError(f"reading {self.root / rel}: stopped")
+        fd = self._open(rel)
+        try:
+            return os.pread(fd, end - start, start)
         finally:
             os.close(fd)

@@ -1,9 +1,9 @@
 """Publish a dataset folder (an ML-ready zarr) to the EWC object store.
 
 The folder is scanned first: every file's size and SHA-256 make the manifest. Objects are then
-uploaded in parallel (large ones as multipart uploads), each one's bytes hashed again as they are
-read for the upload: a file that changed since the scan is refused before its object is
-completed. Objects already in the store with the same checksum (an interrupted publish) are kept.
+uploaded in parallel (large ones as multipart uploads, several parts at a time), each one's bytes
+hashed again as they are read for the upload: a file that changed since the scan is refused before
+its object is completed. Objects already in the store with the same checksum (an interrupted publish) are kept.
 The manifest is written last, so a dataset without a manifest is, by definition, not published:
 a failed publish publishes nothing.
 """
@@ -67,7 +67,6 @@ def publish(source: Path, dataset: str, store: Store, *, workers: int = 16, prog
     stop = threading.Event()
     lock = threading.Lock()
     counts = {"copied": 0, "bytes": 0}
-    part_pool = ThreadPoolExecutor(max_workers=max(2, workers // 2), thread_name_prefix="part")
 
     def one(e: Entry) -> None:
         if stop.is_set():
@@ -83,21 +82,21 @@ def publish(source: Path, dataset: str, store: Store, *, workers: int = 16, prog
             store.put(e.key, data, e.sha256, stop)
             progress.moved(e.size)
         else:
-            h = hashlib.sha256()
-            seen = [0]
-
             def parts():
+                """The file's parts, hashed as they are read; a file that no longer matches the
+                scan raises after its last part, before the upload is completed."""
+                h, seen = hashlib.sha256(), 0
                 with open(path, "rb") as fh:
                     while chunk := fh.read(PART_SIZE):
+                        if stop.is_set():
+                            raise TransferError(f"dataset {dataset!r}: publish stopped")
                         h.update(chunk)
-                        seen[0] += len(chunk)
+                        seen += len(chunk)
                         progress.moved(len(chunk))
                         yield chunk
-
-            def check() -> None:
-                if seen[0] != e.size or h.hexdigest() != e.sha256:
+                if seen != e.size or h.hexdigest() != e.sha256:
                     raise _changed(source, dataset, e.key)
-            store.put_multipart(e.key, parts, e.sha256, check, part_pool, stop)
+            store.put_multipart(e.key, parts, e.sha256)
         progress.object_done()
         with lock:
             counts["copied"] += 1
@@ -112,11 +111,8 @@ def publish(source: Path, dataset: str, store: Store, *, workers: int = 16, prog
             errors.append(exc)
             stop.set()
 
-    try:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="publish") as pool:
-            list(pool.map(guarded, manifest.entries))
-    finally:
-        part_pool.shutdown(wait=True)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="publish") as pool:
+        list(pool.map(guarded, manifest.entries))
     if errors:
         exc = errors[0]
         if isinstance(exc, TransferError):

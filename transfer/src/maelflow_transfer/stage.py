@@ -1,13 +1,12 @@
-"""Stage a published dataset from the object store into a site's folder, object by object.
+"""Stage a published dataset from the object store into a folder, object by object.
 
 Each object is streamed from the store into its destination while it is hashed (one pass over the
-bytes, no re-reading), checked against the manifest, and only then renamed into place. Where the
-destination is a site served by maelflow's SFTP server, the site hashes the bytes as they land and
-renames only a match (the check moves to where the copy is, off the pushing side's cores). A wrong
+bytes, no re-reading), checked against the manifest, and only then renamed into place. A wrong
 object is fetched again (a few times, with back-off), then the stage fails naming it; network
-failures are retried with back-off. Large objects are fetched as parallel byte ranges where the
-destination allows writing at offsets (a local folder). The destination (``trees``) decides where
-the bytes go: this machine's disk, or a site's disk over SFTP.
+failures are retried with back-off. Large objects are read as parallel byte ranges where the
+destination can write at offsets and the server answers ranges: each range is written at its offset
+as it arrives and hashed in order, a bounded number of ranges held in memory at a time. The
+destination (``trees``) decides where the bytes go.
 """
 
 from __future__ import annotations
@@ -15,17 +14,20 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from maelflow_transfer.errors import ChecksumMismatch, DiskFull, StoreError, TransferError, TransientError, disk_error
 from maelflow_transfer.manifest import Entry, Manifest
 from maelflow_transfer.progress import Progress
-from maelflow_transfer.store import Store
+from maelflow_transfer.store import RangesUnsupported, Store
 
 DAMAGED_STORE = "the copy in the store is corrupt; publish the dataset again from its source"
-RANGE_THRESHOLD = 64 << 20     # objects above this are fetched as parallel ranges (local trees)
-RANGE_SIZE = 16 << 20
+RANGE_THRESHOLD = 64 << 20     # objects above this are read as parallel ranges (local trees)
+RANGE_SIZE = 8 << 20
+RANGE_WINDOW = 8               # ranges of one object in flight
+RANGE_BUFFERS = 32             # ranges held in memory by the whole stage (RANGE_SIZE each)
 
 
 def checksum_mismatch(store, manifest: Manifest, e: Entry, reads: int) -> ChecksumMismatch:
@@ -72,8 +74,7 @@ class RateLimit:
 
 class _Run:
     def __init__(self, store: Store, tree, manifest: Manifest, progress: Progress, retries: int,
-                 workers: int, limit: RateLimit, wrong: dict[str, int] | None = None):
-        """``wrong``: times each object was refused by the site, over the stage's runs."""
+                 workers: int, limit: RateLimit):
         self.store, self.tree, self.manifest, self.progress = store, tree, manifest, progress
         self.retries = retries
         self.limit = limit
@@ -81,10 +82,16 @@ class _Run:
         self.lock = threading.Lock()
         self.copied = self.bytes = 0
         self.done: set[str] = set()
-        self.wrong = wrong if wrong is not None else {}
-        self.refused: set[str] = set()     # refused by the site in this run
         self.error: BaseException | None = None
-        self.range_pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="range") if tree.ranged else None
+        self.ranged = bool(getattr(tree, "ranged", False)) and hasattr(store, "read_range")
+        self.range_pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="range") if self.ranged else None
+        self.range_slots = threading.BoundedSemaphore(RANGE_BUFFERS)
+
+    def count(self, moved: list[int], n: int) -> None:
+        with self.lock:
+            moved[0] += n
+        self.progress.moved(n)
+        self.limit.take(n)
 
     # -- one object ----------------------------------------------------------------------------
     def fetch(self, e: Entry) -> None:
@@ -92,9 +99,13 @@ class _Run:
         while not self.stop.is_set():
             moved = [0]
             try:
-                ok = self._fetch_ranged(e, moved) if self.range_pool and e.size > RANGE_THRESHOLD \
-                    else self._fetch_stream(e, moved)
-            except (TransientError, ConnectionError) as exc:   # ConnectionError: the site's SSH dropped
+                ok = self._fetch_ranged(e, moved) if self.ranged and e.size > RANGE_THRESHOLD \
+                    and getattr(self.store, "ranges", True) is not False else self._fetch_stream(e, moved)
+            except RangesUnsupported:
+                self.store.ranges = False        # this server answers no ranges: whole objects from now on
+                self.progress.moved(-moved[0])
+                continue
+            except (TransientError, ConnectionError) as exc:
                 self.progress.moved(-moved[0])
                 transient += 1
                 if transient >= self.store.backoff.attempts:
@@ -115,80 +126,77 @@ class _Run:
 
     def _fetch_stream(self, e: Entry, moved: list[int]) -> bool:
         part = self.tree.writer(e)
-        remote = getattr(part, "verifies", False)        # the site checks it (its answer comes later)
         h = hashlib.sha256()
 
-        def count(n: int) -> None:
-            moved[0] += n
-            self.progress.moved(n)
-            self.limit.take(n)
+        def sink(view: memoryview) -> None:
+            h.update(view)
+            part.write(view)
+            self.count(moved, len(view))
         try:
-            if remote and hasattr(self.store, "splice"):    # a local copy: the kernel moves its bytes
-                n = self.store.splice(e.key, part.write_from, e.size, count, stop=self.stop)
-            else:
-                def sink(view: memoryview) -> None:
-                    if not remote:
-                        h.update(view)
-                    part.write(view)
-                    count(len(view))
-                n = self.store.get(e.key, sink, stop=self.stop)
+            n = self.store.get(e.key, sink, stop=self.stop)
         except BaseException:
             part.abort()
             raise
-        if n != e.size or (not remote and h.hexdigest() != e.sha256):
+        if n != e.size or h.hexdigest() != e.sha256:
             part.abort()
             return False
-        if remote:
-            part.commit(lambda: self.placed(e), on_mismatch=lambda: self.mismatched(e))
-        else:
-            part.commit(lambda: self.placed(e))
+        part.commit(lambda: self.placed(e))
         return True
 
-    def mismatched(self, e: Entry) -> None:
-        """The site found ``e``'s bytes wrong and dropped them: fetched again by ``stage``."""
-        with self.lock:
-            self.wrong[e.key] = self.wrong.get(e.key, 0) + 1
-            self.refused.add(e.key)
-
     def _fetch_ranged(self, e: Entry, moved: list[int]) -> bool:
+        """Ranges read in parallel (``range_pool``), each written at its offset as it arrives and
+        hashed here in order: at most RANGE_WINDOW ranges of this object, and RANGE_BUFFERS ranges
+        of the whole stage, are held in memory."""
         part = self.tree.writer(e, ranged=True)
-        lock = threading.Lock()
+        h = hashlib.sha256()
+        bounds = [(s, min(s + RANGE_SIZE, e.size)) for s in range(0, e.size, RANGE_SIZE)]
 
-        def one_range(start: int, end: int) -> None:
+        def one_range(start: int, end: int):
             for attempt in range(self.store.backoff.attempts):
-                pos = [start]
-
-                def sink(view: memoryview) -> None:
-                    part.pwrite(view, pos[0])
-                    pos[0] += len(view)
-                    with lock:
-                        moved[0] += len(view)
-                    self.progress.moved(len(view))
-                    self.limit.take(len(view))
+                if self.stop.is_set():
+                    raise TransientError(f"{e.key}: stopped")
                 try:
-                    self.store.get(e.key, sink, start=start, end=end, stop=self.stop)
+                    data = self.store.read_range(e.key, start, end, stop=self.stop)
+                    if len(data) != end - start:
+                        raise TransientError(f"{e.key}: range {start}-{end} came back with {len(data)} bytes")
                 except TransientError:
-                    with lock:
-                        moved[0] -= pos[0] - start
-                    self.progress.moved(-(pos[0] - start))
                     if attempt + 1 == self.store.backoff.attempts or self.stop.is_set():
                         raise
                     self.store.backoff.sleep(attempt, self.stop)
                     continue
-                if pos[0] != end + 1:
-                    raise TransientError(f"{e.key}: range {start}-{end} came back with {pos[0] - start} bytes")
-                return
+                part.pwrite(memoryview(data), start)
+                self.count(moved, end - start)
+                return data
+            raise AssertionError("unreachable")
 
+        pending: deque = deque()
+        nxt = 0
         try:
-            futures = [self.range_pool.submit(one_range, s, min(s + RANGE_SIZE, e.size) - 1)
-                       for s in range(0, e.size, RANGE_SIZE)]
-            for f in futures:
-                f.result()
-            ok = part.sha256() == e.sha256
+            while nxt < len(bounds) or pending:
+                # another range when this object's window and the stage's memory allow; wait for a
+                # slot only when nothing of this object is in flight (its next hash needs one)
+                while nxt < len(bounds) and len(pending) < RANGE_WINDOW and \
+                        self.range_slots.acquire(blocking=not pending):
+                    pending.append(self.range_pool.submit(one_range, *bounds[nxt]))
+                    nxt += 1
+                fut = pending.popleft()
+                try:
+                    h.update(fut.result())
+                finally:
+                    self.range_slots.release()
         except BaseException:
+            for fut in pending:
+                fut.cancel()
+            for fut in pending:
+                if not fut.cancelled():
+                    try:
+                        fut.result()
+                    except BaseException:  # noqa: BLE001 - the first error is the one raised
+                        pass
+                self.range_slots.release()
             part.abort()
             raise
-        if not ok:
+        if h.hexdigest() != e.sha256:
             part.abort()
             return False
         part.commit(lambda: self.placed(e))
@@ -266,10 +274,9 @@ def stage(store: Store, tree, dataset: str, *, workers: int = 32, progress: Prog
     progress.skipped(sum(e.size for e in manifest.entries if e.key in done), len(done))
     tree.makedirs([e.key for e in todo])
     copied = nbytes = 0
-    wrong: dict[str, int] = {}
     lost_runs = 0
     while todo:
-        run = _Run(store, tree, manifest, progress, retries, workers, RateLimit(max_rate), wrong)
+        run = _Run(store, tree, manifest, progress, retries, workers, RateLimit(max_rate))
         try:
             run.run(todo, workers)
         except TransferError:
@@ -283,17 +290,11 @@ def stage(store: Store, tree, dataset: str, *, workers: int = 32, progress: Prog
         if not todo:
             break
         progress.moved(-sum(e.size for e in todo))
-        # objects the site refused (their bytes did not match): fetched again, as often as a pull would
-        for e in todo:
-            if wrong.get(e.key, 0) > retries:
-                raise checksum_mismatch(store, manifest, e, wrong[e.key])
-        # objects sent whose confirmation was lost with a dropped connection: fetched once more
-        lost = [e for e in todo if e.key not in run.refused]
-        if lost:
-            lost_runs += 1
-            if lost_runs > 1:
-                raise TransferError(f"dataset {dataset!r}: {len(lost)} objects (first {lost[0].key}) were sent to "
-                                    f"{tree} but never confirmed in place; run the stage again")
+        # objects written whose confirmation was lost (a destination that confirms later): once more
+        lost_runs += 1
+        if lost_runs > 1:
+            raise TransferError(f"dataset {dataset!r}: {len(todo)} objects (first {todo[0].key}) were sent to "
+                                f"{tree} but never confirmed in place; run the stage again")
     tree.finish(manifest)
     progress.finish()
     return Result(n, copied, nbytes, time.monotonic() - t0, already=len(done))

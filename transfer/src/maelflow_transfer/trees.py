@@ -28,12 +28,23 @@ from typing import Callable
 
 from maelflow_transfer.errors import DestinationConflict, DiskFull, TransferError, disk_error
 from maelflow_transfer.manifest import MANIFEST_NAME, Entry, Manifest, extra_files, sha256_file, verify_tree
+from maelflow_transfer.paths import UnsafePath, check_inside, inside
 
 JOURNAL_NAME = ".maelflow-journal"
+LOCK_NAME = ".maelflow-lock"
 
 
 def partial_name(name: str) -> str:
     return f".{name}.partial"
+
+
+def _fsync_dir(path: Path) -> None:
+    """A rename is durable once its folder is synced."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _is_part(rel: str) -> bool:
@@ -131,7 +142,14 @@ class LocalPart:
         return sha256_file(self.tmp)
 
     def commit(self, on_done: Callable[[], None]) -> None:
-        """Rename into place, journal it, then ``on_done()`` (the stage counts it)."""
+        """On the disk, renamed into place, journalled, then ``on_done()`` (the stage counts it).
+
+        The bytes are synced before the rename: a re-run after a power loss trusts journalled
+        objects by size and time, so a renamed object must never hold a zero-filled tail."""
+        try:
+            os.fdatasync(self.fd)
+        except OSError as exc:
+            raise disk_error(exc, str(self.tmp)) from None
         os.close(self.fd)
         self.fd = -1
         os.replace(self.tmp, self.target)
@@ -158,6 +176,7 @@ class LocalTree:
         self.journal_path = self.partial / JOURNAL_NAME
         self._journal = None
         self._lock = threading.Lock()
+        self._lock_fd: int | None = None
 
     def __str__(self) -> str:
         return str(self.dest)
@@ -179,11 +198,19 @@ class LocalTree:
         return "absent"
 
     def prepare(self, manifest: Manifest, workers: int = 4) -> set[str]:
-        """Create the partial folder; return the keys already there and correct."""
+        """Create the partial folder and hold its lock; return the keys already there and correct.
+
+        The folder is never followed through a symlink (someone else's link in a shared datasets
+        folder would have us unlink their files), and two stages to one destination never run at
+        once: the second is refused while the first holds the lock."""
+        if self.partial.is_symlink():
+            raise UnsafePath(f"{self.partial} is a symbolic link; a stage never writes through one: "
+                             "remove it and run the stage again", str(self.partial))
         try:
             self.partial.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise disk_error(exc, str(self.partial)) from None
+        self._hold_lock()
         journal: dict[str, dict] = {}
         if self.journal_path.is_file():
             for line in self.journal_path.read_text().splitlines():
@@ -199,7 +226,7 @@ class LocalTree:
             for name in files:
                 path = Path(dirpath) / name
                 rel = path.relative_to(self.partial).as_posix()
-                if rel == JOURNAL_NAME:
+                if rel in (JOURNAL_NAME, LOCK_NAME):
                     continue
                 e = wanted.get(rel)
                 st = path.stat()
@@ -213,13 +240,13 @@ class LocalTree:
                     to_hash.append(e)
         if to_hash:
             with ThreadPoolExecutor(max_workers=workers) as pool:
-                sums = list(pool.map(lambda e: sha256_file(self.partial / e.key), to_hash))
+                sums = list(pool.map(lambda e: sha256_file(inside(self.partial, e.key)), to_hash))
             for e, s in zip(to_hash, sums):
                 if s == e.sha256:
                     done.add(e.key)
-                    self.record(e, os.stat(self.partial / e.key).st_mtime_ns)
+                    self.record(e, os.stat(inside(self.partial, e.key)).st_mtime_ns)
                 else:
-                    (self.partial / e.key).unlink()
+                    inside(self.partial, e.key).unlink()
         return done
 
     def free_bytes(self) -> int | None:
@@ -228,18 +255,20 @@ class LocalTree:
         return manifest_mod.free_bytes(self.partial)
 
     def makedirs(self, keys: list[str]) -> None:
-        for d in sorted({str(PurePosixPath(k).parent) for k in keys}):
+        for d in sorted({str(PurePosixPath(k).parent) for k in keys} - {"."}):
+            folder = inside(self.partial, d)         # checked before anything is created
             try:
-                (self.partial / d).mkdir(parents=True, exist_ok=True)
+                folder.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
-                raise disk_error(exc, str(self.partial / d)) from None
+                raise disk_error(exc, str(folder)) from None
+            check_inside(self.partial, folder)
 
     # -- objects -------------------------------------------------------------------------------
     def writer(self, entry: Entry, ranged: bool = False) -> LocalPart:
         """``ranged``: written at offsets and hashed by reading it back, so kept in the page cache.
         ``commit(on_done)`` journals the object, then calls ``on_done()``."""
         try:
-            return LocalPart(self.partial / entry.key, entry.size, direct=not ranged,
+            return LocalPart(inside(self.partial, entry.key), entry.size, direct=not ranged,
                              journal=lambda stamp: self.record(entry, stamp))
         except OSError as exc:
             raise disk_error(exc, str(self.partial / entry.key)) from None
@@ -254,22 +283,40 @@ class LocalTree:
     def close(self, drain: bool = True) -> None:
         with self._lock:
             if self._journal is not None:
+                self._journal.flush()
+                os.fsync(self._journal.fileno())
                 self._journal.close()
                 self._journal = None
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+
+    def _hold_lock(self) -> None:
+        if self._lock_fd is not None:
+            return
+        fd = os.open(self.partial / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise DestinationConflict(f"another stage is writing {self.dest} right now (it holds "
+                                      f"{self.partial / LOCK_NAME}); wait for it to end") from None
+        self._lock_fd = fd
 
     def finish(self, manifest: Manifest) -> None:
         """Every object is in place: add the manifest, drop the journal, make the folder visible."""
-        self.close()
         tmp = self.partial / f".{MANIFEST_NAME}.tmp"
-        tmp.write_text(manifest.to_json())
+        with open(tmp, "w") as fh:
+            fh.write(manifest.to_json())
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, self.partial / MANIFEST_NAME)
         self.journal_path.unlink(missing_ok=True)
+        (self.partial / LOCK_NAME).unlink(missing_ok=True)
+        _fsync_dir(self.partial)
         os.rename(self.partial, self.dest)
-        fd = os.open(self.dest.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        self.close()                          # the lock is held until the folder has its name
+        _fsync_dir(self.dest.parent)
 
     # -- verification --------------------------------------------------------------------------
     def verify(self, manifest: Manifest, workers: int = 4) -> tuple[list[str], list[str]]:

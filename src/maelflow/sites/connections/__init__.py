@@ -36,6 +36,7 @@ class Connection(Protocol):
 
     site_name: str
     dry_run: bool
+    local: bool         # the site's files are this machine's (callers may read them in place)
 
     @property
     def target(self) -> str: ...

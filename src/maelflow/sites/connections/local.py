@@ -27,6 +27,8 @@ def _local(path: str) -> Path:
 class LocalConnection:
     """Commands and files on this machine."""
 
+    local = True        # the site's files are this machine's: callers may read them in place
+
     def __init__(self, site_name: str = "local", *, dry_run: bool = False):
         self.site_name = site_name
         self.dry_run = dry_run

@@ -112,6 +112,8 @@ def _private_dir() -> Path:
 class SshConnection:
     """Commands and files on one site's login node, each an ``ssh`` process riding one master."""
 
+    local = False
+
     def __init__(self, site_name: str, settings, *, dry_run: bool = False, control_path: str | None = None):
         """``settings``: the site's ``SshSettings``. ``control_path``: the 2FA master's socket (default
         ``$MAELFLOW_SSH_CONTROL_PATH`` or ``~/.ssh/maelflow-%r@%h:%p``); others get a private one."""
