@@ -19,10 +19,11 @@ import shlex
 from pathlib import PurePosixPath
 from typing import Callable, TypeVar
 
-from maelflow_transfer import errors as errors_mod
 from maelflow.datasets.settings import dataset_prefix, default_dest, ewc_settings, open_store
+from maelflow_transfer import errors as errors_mod
 from maelflow_transfer.errors import TransferError
 from maelflow_transfer.manifest import Manifest
+from maelflow_transfer.paths import check_segment
 from maelflow_transfer.progress import Progress, Snapshot
 from maelflow_transfer.stage import Result, stage
 
@@ -73,6 +74,7 @@ def stage_dataset(ws, dataset: str, *, site_name: str | None = None, site=None, 
     add GIL hand-offs here), rsync streams for a push (default 4, all riding the site's one SSH
     master). ``source``: read the objects from this local copy (checked against the published
     manifest) instead of the store: a push (or a local copy) from where the dataset was built."""
+    check_segment(dataset, "dataset name")       # it becomes a folder name at the destination
     prefix = prefix or dataset_prefix(dataset, ws)
     if source is not None:
         if via not in ("auto", "here", "push", "sftp"):

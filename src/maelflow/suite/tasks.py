@@ -105,7 +105,7 @@ def stage(ctx: TaskContext, dataset: str, site: str) -> None:
     """Stage the published dataset to the site, verified per object, visible only when complete.
 
     Runs where the suite placed it (layout.py): on the site's login node when it reaches the
-    internet (pull there), else beside the server (pull here, push over SFTP).
+    internet (pull there), else beside the server (pull here, push by rsync over SSH).
     """
     from maelflow.training.runs import dataset_path
     from maelflow_transfer.errors import TransferError
@@ -116,8 +116,8 @@ def stage(ctx: TaskContext, dataset: str, site: str) -> None:
     s = ctx.rx.sites[site]
     dest = str(dataset_path(ctx.rx, site, dataset))
     # mirrors layout.py's placement: the login node when it reaches the internet, else the server
-    via = "here" if s.connection.type == "local" or s.internet.login else "sftp"
-    ctx.reporter.label("info", f"staging {ds.key_prefix} to {dest} ({'pull on the login node' if via == 'here' else 'SFTP push'})")
+    via = "here" if s.connection.type == "local" or s.internet.login else "push"
+    ctx.reporter.label("info", f"staging {ds.key_prefix} to {dest} ({'pull on the login node' if via == 'here' else 'push by rsync over SSH'})")
     try:
         res, dest, via = stage_dataset(ctx.ws, dataset, site_name=site, site=s, dest=dest, prefix=ds.key_prefix,
                                        via=via, sinks=[reporter_sink(ctx.reporter)])
@@ -216,11 +216,12 @@ def _register_in_catalogue(ctx: TaskContext, key: str, lineage: dict) -> int:
     from maelflow.services.base import ServiceError
 
     try:
-        from maelflow_registry.client import CatalogueClient, CatalogueClientError
+        from maelflow import catalogue
+        from maelflow_registry.client import CatalogueClientError
     except ImportError as exc:
         raise TaskFailed(f"the catalogue client is not installed ({exc})") from None
     try:
-        cat = CatalogueClient.for_workspace(ctx.ws)
+        cat = catalogue.client(ctx.ws)
     except ServiceError as exc:
         raise TaskFailed(f"cannot register {key}: {exc}") from None
     try:

@@ -124,7 +124,7 @@ def check_inside(root: Path | str, path: Path | str) -> Path:
 
 
 def remote_inside(root: str, key: str) -> str:
-    """``root/key`` on a site (a POSIX path handed to SFTP or a shell) once ``key`` is a safe key:
+    """``root/key`` on a site (a POSIX path handed to rsync or a shell) once ``key`` is a safe key:
     the lexical check; the site's own folders are not followed from here."""
     check_key(key)
     return str(PurePosixPath(root) / key)
