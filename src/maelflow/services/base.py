@@ -12,6 +12,7 @@ A server with no bind option (ecflow_server 5.9.2) is kept on 127.0.0.1 by an LD
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import signal
 import socket
@@ -25,6 +26,8 @@ from maelflow.errors import ServiceFailure
 from maelflow.workspace import Workspace
 
 LOOPBACK = "127.0.0.1"
+
+log = logging.getLogger("maelflow.services")
 
 
 class ServiceError(ServiceFailure):
@@ -91,6 +94,18 @@ def pid_alive(pid: int | None) -> bool:
         return True
 
 
+def process_start(pid: int | None) -> int | None:
+    """The start time of ``pid`` in clock ticks since boot (/proc/PID/stat field 22), or None."""
+    if not pid:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            # the command name (field 2) may hold spaces and parentheses: split after its last ')'
+            return int(fh.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def wait_until(predicate, timeout: float, interval: float = 0.1) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -133,9 +148,36 @@ class ManagedService:
 
     def pid(self) -> int | None:
         try:
-            return int(self.pid_file.read_text().strip())
-        except (FileNotFoundError, ValueError):
+            return int(self.pid_file.read_text().split()[0])
+        except (FileNotFoundError, ValueError, IndexError):
             return None
+
+    def _recorded_start(self) -> int | None:
+        try:
+            return int(self.pid_file.read_text().split()[1])
+        except (FileNotFoundError, ValueError, IndexError):
+            return None
+
+    def _write_pid(self, pid: int) -> None:
+        start = process_start(pid)
+        self.pid_file.write_text(f"{pid} {start}\n" if start is not None else f"{pid}\n")
+
+    def ours(self, pid: int | None = None) -> bool:
+        """Whether the PID in the PID file (or ``pid``) is still the process we started.
+
+        Its start time must match the recorded one; a PID file from before start times were
+        recorded falls back to the working folder, which ``up`` sets to this service's folder.
+        """
+        pid = pid or self.pid()
+        if not pid_alive(pid):
+            return False
+        recorded = self._recorded_start()
+        if recorded is not None:
+            return process_start(pid) == recorded
+        try:
+            return Path(os.readlink(f"/proc/{pid}/cwd")) == self.dir.resolve()
+        except OSError:
+            return False
 
     def port(self) -> int:
         """The workspace keeps its port, so restarts (and ecFlow checkpoints named after it) line up."""
@@ -169,11 +211,11 @@ class ManagedService:
 
     # -- lifecycle ----------------------------------------------------------------------------
     def running(self) -> bool:
-        return pid_alive(self.pid())
+        return self.ours()
 
     def status(self) -> ServiceInfo:
         pid = self.pid()
-        running = pid_alive(pid)
+        running = self.ours(pid)
         healthy = bool(running and self._safe_healthy())
         return ServiceInfo(
             name=self.name, url=self.url() if running else None, pid=pid if running else None,
@@ -194,6 +236,7 @@ class ManagedService:
             raise ServiceError(f"{self.name}: process {self.pid()} runs but is not healthy; "
                                f"see {self.log_file}, or run 'maelflow services down' and retry")
         self.check_available()
+        self.ws.create()  # the workspace root is private (0700) before anything of ours is in it
         self.dir.mkdir(parents=True, exist_ok=True)
         port = self.port()
         argv, env = self.command(port)
@@ -203,7 +246,7 @@ class ManagedService:
             proc = subprocess.Popen(
                 list(argv), cwd=self.dir, env=full_env, stdin=subprocess.DEVNULL, stdout=log,
                 stderr=subprocess.STDOUT, start_new_session=True)
-        self.pid_file.write_text(f"{proc.pid}\n")
+        self._write_pid(proc.pid)
 
         def ready() -> bool:
             if proc.poll() is not None:
@@ -224,12 +267,16 @@ class ManagedService:
 
     def down(self) -> ServiceInfo:
         pid = self.pid()
-        if pid_alive(pid):
+        if self.ours(pid):
             try:
                 self.before_stop()
-            except Exception:
-                pass
+            except Exception as exc:  # noqa: BLE001 - stop it anyway, but say what was not done
+                log.warning("%s: the orderly stop failed (%s: %s); terminating process %s",
+                            self.name, type(exc).__name__, str(exc).strip()[:300], pid)
             self._terminate(pid)
+        elif pid_alive(pid):
+            log.warning("%s: process %s named in %s is not the one this workspace started "
+                        "(its start time differs): left alone", self.name, pid, self.pid_file)
         self.pid_file.unlink(missing_ok=True)
         return self.status()
 

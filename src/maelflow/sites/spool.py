@@ -4,6 +4,10 @@ Each job appends its child commands (init, meter, label, event, complete, abort)
 its own file in the site's spool folder on the shared filesystem; maelflow reads the files over the
 SSH session from the login side and replays them to the server in order (relay.py). One file per
 job try keeps the order of a job's commands and needs no locking: the job is the only writer.
+
+A line is checked field by field when it is read back (``ChildCommand.from_line``): the spool sits
+on a shared filesystem and a line may be cut short, garbled or hand-written. A bad line raises
+``MalformedLine`` so the relay can skip it and go on, instead of stopping on it for ever.
 """
 
 from __future__ import annotations
@@ -15,6 +19,12 @@ from dataclasses import dataclass
 from typing import Any
 
 COMMANDS = ("init", "meter", "label", "event", "complete", "abort")
+# how many arguments each command takes (at least, at most)
+_ARITY = {"init": (0, 1), "meter": (2, 2), "label": (1, 2), "event": (1, 2), "complete": (0, 0), "abort": (0, 64)}
+
+
+class MalformedLine(ValueError):
+    """A spool line that is not a child command (bad JSON, a missing key, a wrong type)."""
 
 
 @dataclass(frozen=True)
@@ -34,8 +44,41 @@ class ChildCommand:
 
     @classmethod
     def from_line(cls, line: bytes | str) -> "ChildCommand":
-        d: dict[str, Any] = json.loads(line)
-        return cls(d["task"], d["pass"], str(d["rid"]), int(d["try"]), d["cmd"], tuple(d["args"]), float(d["time"]))
+        """Parse and check one line; ``MalformedLine`` says what is wrong with it."""
+        try:
+            d: Any = json.loads(line)
+        except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+            raise MalformedLine(f"not JSON: {exc}") from None
+        if not isinstance(d, dict):
+            raise MalformedLine(f"not a JSON object but {type(d).__name__}")
+        missing = [k for k in ("task", "pass", "rid", "try", "cmd", "args", "time") if k not in d]
+        if missing:
+            raise MalformedLine(f"missing {', '.join(missing)}")
+        task, password, rid, try_no, cmd, args, when = (d[k] for k in ("task", "pass", "rid", "try", "cmd",
+                                                                        "args", "time"))
+        if not isinstance(task, str) or not task.startswith("/") or "\n" in task:
+            raise MalformedLine(f"task must be a node path such as /suite/task, got {task!r}")
+        if not isinstance(password, str) or not password:
+            raise MalformedLine("pass must be a non-empty string")
+        if isinstance(rid, bool) or not isinstance(rid, (str, int)) or str(rid) == "":
+            raise MalformedLine(f"rid must be a string or an integer, got {rid!r}")
+        if isinstance(try_no, bool) or not isinstance(try_no, int) or try_no < 0:
+            raise MalformedLine(f"try must be a non-negative integer, got {try_no!r}")
+        if cmd not in COMMANDS:
+            raise MalformedLine(f"unknown command {cmd!r}; known: {', '.join(COMMANDS)}")
+        if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+            raise MalformedLine(f"args must be a list of strings, got {args!r}")
+        lo, hi = _ARITY[cmd]
+        if not lo <= len(args) <= hi:
+            raise MalformedLine(f"{cmd} takes {lo}..{hi} arguments, got {len(args)}")
+        if cmd == "meter":
+            try:
+                int(args[1])
+            except ValueError:
+                raise MalformedLine(f"meter value must be an integer, got {args[1]!r}") from None
+        if isinstance(when, bool) or not isinstance(when, (int, float)):
+            raise MalformedLine(f"time must be a number, got {when!r}")
+        return cls(task, password, str(rid), try_no, cmd, tuple(args), float(when))
 
 
 def spool_file_name(task: str, try_no: int | str, rid: str) -> str:
