@@ -69,6 +69,8 @@ mf deploy demo name=broken 'description=demo whose dataset source is missing' 't
    dataset.synth-demo-local-5p0-2020-2020-6h-v1.recipe=null dataset.synth-demo-local-5p0-2020-2020-6h-v1.source=/nonexistent/synth-demo-local-5p0-2020-2020-6h-v1.zarr \
    --wait --timeout 120 || true
 port="$(mf services status --json | "$PYTHON" -c 'import json, sys; print(json.load(sys.stdin)["ecflow"]["port"])')"
+# the server admits only its owner, with the workspace's password file
+export ECF_PASSWD="$(mf services status --json | "$PYTHON" -c 'import json, sys; print(json.load(sys.stdin)["ecflow"]["passwd_file"] or "")')"
 say "ecflow_server on 127.0.0.1:$port"
 
 # ---- ecFlow UI on a private display -------------------------------------------------------------
