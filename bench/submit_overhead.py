@@ -6,7 +6,7 @@ the same run:
   bare ssh      a new ``ssh host sbatch job`` process per job (what a hand-written ECF_JOB_CMD does)
   maelflow CLI  ``maelflow job submit`` per job: what ecFlow runs (new process, new SSH connection,
                 copy of the job file, #SBATCH directives, guarded sbatch, job record)
-  maelflow lib  ``SshSlurmRunner.submit`` in one process: a reused SSH session (what a long-lived
+  maelflow lib  ``BatchRunner.submit`` (ssh x slurm) in one process: a reused SSH session (what a long-lived
                 submitter would pay)
 The headline is the per-job overhead of the CLI path and its ratio to bare ssh.
 BENCH_SMALL=1 submits 10 jobs per way instead of 40.
@@ -31,8 +31,8 @@ JOB = "#!/bin/bash\necho hello from $SLURM_JOB_ID\n"
 def main() -> None:
     from maelflow.config.loader import load_experiment
     from maelflow.placeholders import placeholders_for
-    from maelflow.services import hpc
-    from maelflow.sites.slurm_runner import SshSlurmRunner
+    from maelflow_sandbox import hpc
+    from maelflow.sites.runner import runner_for
     from maelflow.workspace import Workspace
 
     n = 10 if os.environ.get("BENCH_SMALL") else 40
@@ -70,7 +70,7 @@ def main() -> None:
                             str(jobs_dir / f"cli{i}.1")], check=True, capture_output=True)
             return time.perf_counter() - t0
 
-        runner = SshSlurmRunner("localhpc", site)
+        runner = runner_for(rx, "localhpc")
 
         def lib(i: int) -> float:
             job = jobs_dir / f"lib{i}.job1"

@@ -1,7 +1,9 @@
-"""Resubmit training jobs that SLURM stopped at their time limit, up to the configured number.
+"""Resubmit training jobs that their scheduler stopped at their time limit, up to the configured number.
 
-The job header reports such a stop as an abort whose reason starts with "TIMEOUT" (SLURM warns it
-with USR1 first). Only those are resubmitted: a real failure stays aborted for an operator to read.
+The job header reports such a stop as an abort whose reason starts with "TIMEOUT": a scheduler with
+time limits sends its warning signal first (``Scheduler.WARNING_SIGNAL``, SLURM's USR1), which the
+header traps, whatever the scheduler. Only those are resubmitted: a real failure stays aborted for
+an operator to read.
 The count lives in a server variable of the task (MAELFLOW_RESUBMITS), so it survives the requeue
 and a server restart, and shows in ecFlow UI; the job puts it on its ``resubmits`` meter.
 """
@@ -9,6 +11,8 @@ and a server restart, and shows in ecFlow UI; the job puts it on its ``resubmits
 from __future__ import annotations
 
 import logging
+
+from maelflow.sites.schedulers import TIMEOUT
 
 log = logging.getLogger("maelflow.resubmit")
 
@@ -29,7 +33,7 @@ def resubmit_timeouts(client) -> list[str]:
         if not isinstance(node, ecflow.Task) or str(node.get_state()) != "aborted":
             continue
         limit = node.find_variable(MAX_VAR)
-        if limit.empty() or not node.get_aborted_reason().startswith("TIMEOUT"):
+        if limit.empty() or not node.get_aborted_reason().startswith(TIMEOUT):
             continue
         count_var = node.find_variable(COUNT_VAR)
         count = int(count_var.value()) if not count_var.empty() else 0

@@ -4,7 +4,9 @@
 # failure or signal into an abort whose reason an operator can read in ecFlow UI ("Why?").
 set -eu -o pipefail
 export ECF_PORT=%ECF_PORT% ECF_HOST=%MAELFLOW_ECF_HOST% ECF_NAME=%ECF_NAME% ECF_PASS=%ECF_PASS%
-export ECF_TRYNO=%ECF_TRYNO% ECF_RID=${SLURM_JOB_ID:-$$} ECF_TIMEOUT=%MAELFLOW_CHILD_TIMEOUT:86400%
+# The scheduler (configs/sites/<site>.yaml) names the variable holding the job id; plain processes use their pid.
+export MAELFLOW_SCHEDULER=%MAELFLOW_SCHEDULER:local%
+export ECF_TRYNO=%ECF_TRYNO% ECF_RID=%MAELFLOW_JOB_ID:$$% ECF_TIMEOUT=%MAELFLOW_CHILD_TIMEOUT:86400%
 export MAELFLOW_REPORT=%MAELFLOW_REPORT% MAELFLOW_SPOOL=%MAELFLOW_SPOOL:%
 export MAELFLOW_CONFIG=%MAELFLOW_CONFIG% MAELFLOW_WORKSPACE=%MAELFLOW_WORKSPACE%
 export MAELFLOW_SITE=%SITE:% MAELFLOW_SUITE=%SUITE% MAELFLOW_DEPLOY_ID=%MAELFLOW_DEPLOY_ID:0%
@@ -22,9 +24,9 @@ abort_job() {
   if [ "$why" = signal ]; then
     kill $(jobs -p) 2>/dev/null
     if [ -n "${MAELFLOW_TIME_LIMIT:-}" ]; then
-      why="TIMEOUT: the SLURM time limit of job ${SLURM_JOB_ID:-?} was reached"
+      why="TIMEOUT: the ${MAELFLOW_SCHEDULER^^} time limit of job $ECF_RID was reached"
     else
-      why="killed by a signal (ecFlow kill or scancel)"
+      why="killed by a signal (ecFlow kill or the scheduler)"
     fi
   fi
   [ "$why" = exit ] && why="${MAELFLOW_ABORT_REASON:-a command failed with exit status $2 - see the job output}"
@@ -35,9 +37,12 @@ abort_job() {
 }
 trap 'abort_job exit $?' 0
 trap 'abort_job signal' 1 2 3 15
-# SLURM warns the batch shell before the time limit (sbatch --signal=B:USR1@SECONDS): remember it,
-# so the SIGTERM that follows is reported as TIMEOUT, which the suite resubmits from a checkpoint
-trap 'MAELFLOW_TIME_LIMIT=1; echo "maelflow: SLURM time limit approaching"; ecf --event=timeout || true' USR1
+# A scheduler with time limits warns the batch shell before one (SLURM: sbatch --signal=B:USR1@SECONDS):
+# remember it, so the SIGTERM that follows is reported as TIMEOUT, which the suite resubmits from a checkpoint
+MAELFLOW_WARNING_SIGNAL="%MAELFLOW_WARNING_SIGNAL:%"
+if [ -n "$MAELFLOW_WARNING_SIGNAL" ]; then
+  trap 'MAELFLOW_TIME_LIMIT=1; echo "maelflow: ${MAELFLOW_SCHEDULER^^} time limit approaching"; ecf --event=timeout || true' "$MAELFLOW_WARNING_SIGNAL"
+fi
 
 # Steps write a one-line reason here before failing; the abort then shows it instead of an exit code.
 export MAELFLOW_ABORT_FILE="${TMPDIR:-/tmp}/maelflow-abort.$$"
@@ -49,7 +54,7 @@ run() {
   while :; do
     rc=0
     wait $pid || rc=$?
-    # a trapped signal (USR1) interrupts wait while the step runs on: wait again
+    # a trapped signal (the warning) interrupts wait while the step runs on: wait again
     if [ $rc -gt 128 ] && kill -0 $pid 2>/dev/null; then continue; fi
     break
   done

@@ -75,9 +75,9 @@ def test_demo_end_to_end_through_the_cli(stack):
     lineage = json.loads(lineage_file.read_text())
     assert lineage["run_id"] == run_id and lineage["checkpoints"]
     # ... and in the catalogue: the training, its checkpoints, and the lineage between them
-    from maelflow_registry.client import CatalogueClient
+    from maelflow import catalogue
 
-    cat = CatalogueClient.for_workspace(ws)
+    cat = catalogue.client(ws)
     entry = cat.get("trainings", lineage["key"])
     assert entry["run_id"] == run_id and entry["datasets"] == ["synth-demo-local-5p0-2020-2020-6h-v1"]
     for c in lineage["checkpoints"]:

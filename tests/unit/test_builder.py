@@ -88,14 +88,15 @@ def test_failed_rebuild_keeps_previous_suite(config_root, tmp_path, monkeypatch)
 
 
 def test_gpu_training_job_asks_slurm_for_one_task_per_gpu(config_root, tmp_path, monkeypatch):
-    from maelflow.sites.slurm import TaskResources, directives
+    from maelflow.sites.schedulers import TaskResources
+    from maelflow.sites.schedulers.slurm import Slurm
 
     monkeypatch.setenv("MAELFLOW_KEEP_JOBCHECK", "1")
     built = _build(config_root, tmp_path, overrides=["sites=[lumi]", "trainings=[tiny]", "training.tiny.gpus_per_node=8",
                                                      "training.tiny.nodes=2"])
     job = next(p for p in (built.out_dir / ".jobcheck").rglob("train.job*") if "/tiny/" in str(p)).read_text()
     assert 'launch="srun --kill-on-bad-exit=1"' in job and "$(( 2 * 8 ))" in job
-    lines = directives(built_site(built), TaskResources.from_script(job))
+    lines = Slurm().directives(built_site(built), TaskResources.from_script(job))
     assert "#SBATCH --nodes=2" in lines and "#SBATCH --ntasks-per-node=8" in lines
     assert "#SBATCH --gpus-per-node=8" in lines and "#SBATCH --partition=standard-g" in lines
 

@@ -1,4 +1,4 @@
-"""SLURM as data: #SBATCH lines per site, state parsing, job ids; and the runner's dry run.
+"""SLURM as data: #SBATCH lines per site, state parsing, job ids; and the batch runner's dry run.
 
 No SSH and no SLURM here: the runner's dry run must print the commands without connecting.
 """
@@ -11,11 +11,10 @@ import pytest
 
 from maelflow.config.loader import compose_file, load_experiment
 from maelflow.config.models import Site
-from maelflow.sites.base import JobHandle
-from maelflow.sites.runner import runner_for
-from maelflow.sites.slurm import Slurm, TaskResources, directives, parse_state
-from maelflow.sites.slurm_runner import (
-    SshSlurmRunner, local_ecf_home, submission_token, with_directives)
+from maelflow.sites.runner import BatchRunner, JobHandle, local_ecf_home, runner_for, submission_token, \
+    with_directives
+from maelflow.sites.schedulers import TaskResources, scheduler_named
+from maelflow.sites.schedulers.slurm import Slurm
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.unit
@@ -41,6 +40,14 @@ def _fill(value):
 
 def load_site(name: str) -> Site:
     return Site.model_validate(_fill(compose_file(REPO / "configs" / "sites" / f"{name}.yaml", [])))
+
+
+def directives(site: Site, task: TaskResources, **kwargs) -> list[str]:
+    return Slurm().directives(site, task, **kwargs)
+
+
+def parse_state(text: str) -> str:
+    return Slurm().parse_state(text)
 
 
 def sbatch(lines: list[str]) -> dict[str, str]:
@@ -150,19 +157,33 @@ def test_job_id_regex_and_commands():
     s = Slurm()
     assert s.parse_job_id("Submitted batch job 4711\n") == "4711"
     assert s.parse_job_id("sbatch: error: invalid partition specified: gpu") is None
-    assert Slurm.JOB_ID_RE.search("Submitted batch job 12 on cluster maelflow").group(1) == "12"
-    assert "squeue -h -t all -j 7 -o '%i %T %r %M %l'" in s.status_command("7")
-    assert "sacct --completion -j 7" in s.status_command("7")
-    assert s.kill_command("7").endswith("scancel 7")
+    assert s.parse_job_id("Submitted batch job 12 on cluster maelflow") == "12"
+    assert "squeue -h -t all -j 7 -o '%i %T %r %M %l'" in s.poll_command("7")
+    assert "sacct --completion -j 7" in s.poll_command("7")
+    assert s.kill_command("7") == "scancel 7" and s.hard_kill_command("7") is None
+    assert s.submit_command("fit job1", "/o/fit.1", "abc") == "sbatch 'fit job1'"
+    assert s.find_command() == "squeue -h -t all -o '%i %k'"
     assert s.jobs_with_token("5 maelflow:abc\n6 maelflow:abd\n7 (null)\n", "abc") == ["5"]
+    assert s.valid_job_id("7") and s.valid_job_id("7_3") and not s.valid_job_id("0")
     for bad in ("7; rm -rf ~", "", "abc"):
         with pytest.raises(ValueError):
-            s.status_command(bad)
+            s.poll_command(bad)
+        with pytest.raises(ValueError):
+            s.kill_command(bad)
+
+
+def test_what_a_slurm_job_reads_about_itself():
+    s = Slurm()
+    assert s.ENV.job_id == "SLURM_JOB_ID" and s.ENV.procid == "SLURM_PROCID"
+    assert s.job_id_in({"SLURM_JOB_ID": "42"}) == "42" and s.job_id_in({}) is None
+    assert s.rank_in({"SLURM_PROCID": "3"}) == 3 and s.rank_in({}) is None
+    assert s.WARNING_SIGNAL == "USR1" and s.LAUNCH.startswith("srun ")
 
 
 def test_directives_go_after_the_shebang():
     assert with_directives("#!/bin/bash\necho hi\n", ["#SBATCH --x"]) == "#!/bin/bash\n#SBATCH --x\necho hi\n"
     assert with_directives("echo hi\n", ["#SBATCH --x"]) == "#!/bin/bash\n#SBATCH --x\necho hi\n"
+    assert with_directives("echo hi\n", []) == "echo hi\n"
 
 
 def test_token_changes_with_each_submission():
@@ -186,20 +207,28 @@ def test_dry_run_prints_and_connects_nowhere(tmp_path, capsys):
     (home / "demo" / "train").mkdir(parents=True)
     job = home / "demo" / "train" / "fit.job1"
     job.write_text("#!/bin/bash\n# maelflow gpus_per_node=4\necho training\n")
-    runner = SshSlurmRunner("leonardo", site, dry_run=True)
+    from maelflow.sites.connections import connect
+
+    runner = BatchRunner(connect("leonardo", site, dry_run=True), Slurm(), site_name="leonardo", site=site)
     handle = runner.submit(job, home / "demo" / "train" / "fit.1")
     root = site.paths.root
     assert handle.remote_job == f"{root}/jobs/demo/train/fit.job1"
     assert handle.remote_out == f"{root}/jobs/demo/train/fit.1"
+    assert handle.kind == "slurm"
     assert runner.kill(JobHandle("leonardo", "42", "slurm"), None, {}) == "dry run"
     assert runner.status(JobHandle("leonardo", "42", "slurm"), None) == (True, "dry run")
     printed = capsys.readouterr().out
     assert "#SBATCH --gres=gpu:4" in printed and "#SBATCH --qos=normal" in printed
-    assert f"sbatch {root}/jobs/demo/train/fit.job1" in printed
+    assert f"cd {root}/jobs/demo/train && sbatch fit.job1" in printed
     assert "scancel 42" in printed and "squeue -h -t all -j 42" in printed
 
 
-def test_runner_for_ssh_slurm_site(config_root):
+def test_runner_for_picks_the_sites_scheduler_or_local_processes(config_root):
     rx = load_experiment("demo", ["sites=[lumi]"], config_root=config_root)
-    runner = runner_for(rx, "lumi", dry_run=True)
-    assert isinstance(runner, SshSlurmRunner)
+    assert runner_for(rx, "lumi", dry_run=True).scheduler.name == "slurm"
+    login = runner_for(rx, "lumi", where="login", dry_run=True)
+    assert login.scheduler.name == "local" and not login.shares_files      # a process on lumi's login node
+    beside = runner_for(rx, "lumi", where="local", dry_run=True)
+    assert beside.scheduler.name == "local" and beside.shares_files        # a process beside the server
+    assert type(runner_for(rx, "lumi", dry_run=True).connection) is type(login.connection)
+    assert scheduler_named("slurm").name == "slurm"

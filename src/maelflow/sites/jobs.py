@@ -1,27 +1,19 @@
 """The ECF_JOB_CMD / ECF_KILL_CMD / ECF_STATUS_CMD entry points, whatever the site.
 
-ecFlow calls ``maelflow job submit|kill|status`` with the job file; this module picks the site's
-runner (connection x scheduler) and keeps a small record beside the job file (``<job>.sub``) so kill
-and status find the job again even after the server restarted.
+ecFlow calls ``maelflow job submit|kill|status`` with the job file; this module builds the site's
+``BatchRunner`` (connection x scheduler, or local processes for ``--runner login|local``) and keeps
+a small record beside the job file (``<job>.sub``) so kill and status find the job again even after
+the server restarted.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 from maelflow.config.loader import ResolvedExperiment
-from maelflow.sites.base import JobHandle
-from maelflow.sites.runner import runner_for
+from maelflow.sites.runner import JobHandle, runner_for
 from maelflow.workspace import write_atomic
-
-
-@dataclass
-class JobRequest:
-    job: Path
-    jobout: Path
-    site: str
 
 
 def record_path(job: Path) -> Path:
@@ -36,7 +28,7 @@ def load_record(job: Path) -> JobHandle | None:
 
 
 def _runner(rx: ResolvedExperiment, site: str, dry_run: bool, runner: str):
-    return runner_for(rx, site, dry_run=dry_run, where=runner)
+    return runner_for(rx, site, where=runner, dry_run=dry_run)
 
 
 def submit(rx: ResolvedExperiment, site: str, job: Path, jobout: Path, dry_run: bool = False,

@@ -19,6 +19,7 @@ import ecflow
 from maelflow.errors import MaelflowError
 from maelflow.config.loader import ResolvedExperiment
 from maelflow.installation import maelflow_command
+from maelflow.sites.schedulers import job_variables, scheduler_for, scheduler_named
 from maelflow.suite.layout import FamilySpec, SuiteSpec, TaskSpec, suite_layout
 from maelflow.workspace import Workspace, write_atomic
 
@@ -80,7 +81,8 @@ def suite_variables(rx: ResolvedExperiment, ws: Workspace, out_dir: Path, ecf_ho
         "MAELFLOW_WORKSPACE": str(ws.root),
         "MAELFLOW_ECF_HOST": ecf_host,
         "MAELFLOW_REPORT": "direct",
-        "MAELFLOW_RUNNER": "local",  # tasks outside a site family run beside the server
+        "MAELFLOW_RUNNER": "local",  # tasks outside a site family run beside the server ...
+        **job_variables(scheduler_named("local")),  # ... as plain processes
         "SUITE": rx.name,
     }
 
@@ -99,10 +101,16 @@ def _add_attrs(node, spec) -> None:
 
 
 def server_task_variables(suite_vars: dict[str, str]) -> dict[str, str]:
-    """A server-side task inside a site family runs here, reports directly, reads the local config."""
+    """A server-side task inside a site family runs here as a plain process, reports directly,
+    reads the local config."""
     return {"MAELFLOW_RUNNER": "local", "MAELFLOW_REPORT": "direct",
             "MAELFLOW_CONFIG": suite_vars["MAELFLOW_SUITE_CONFIG"], "MAELFLOW_SITE_CMD": suite_vars["MAELFLOW"],
-            "ECF_INCLUDE": suite_vars["ECF_INCLUDE"]}
+            "ECF_INCLUDE": suite_vars["ECF_INCLUDE"], **job_variables(scheduler_named("local"))}
+
+
+def login_task_variables() -> dict[str, str]:
+    """A task on a site's login node runs there as a plain process, whatever the site's scheduler."""
+    return {"MAELFLOW_RUNNER": "login", **job_variables(scheduler_named("local"))}
 
 
 def _add_children(parent, children, suite_name: str, server_vars: dict[str, str]) -> None:
@@ -113,7 +121,8 @@ def _add_children(parent, children, suite_name: str, server_vars: dict[str, str]
                 for k, v in server_vars.items():
                     node.add_variable(k, v)
             elif child.runs_on == "login":
-                node.add_variable("MAELFLOW_RUNNER", "login")
+                for k, v in login_task_variables().items():
+                    node.add_variable(k, v)
         else:
             node = parent.add_family(child.name)
         _add_attrs(node, child)
@@ -153,6 +162,7 @@ def build_suite(rx: ResolvedExperiment, out_dir: Path, ws: Workspace, ecf_host: 
         fam.variables["MAELFLOW_SITE_CMD"] = site_command(rx, site)
         fam.variables["MAELFLOW_REPORT"] = rx.sites[site].reporting
         fam.variables["MAELFLOW_RUNNER"] = "site"
+        fam.variables.update(job_variables(scheduler_for(site, rx.sites[site])))
         if rx.sites[site].connection.type != "local":
             # the job reads the config where the runner copies it on the site
             fam.variables["MAELFLOW_CONFIG"] = site_config_path(rx, site)

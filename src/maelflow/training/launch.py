@@ -8,11 +8,11 @@ limit) continues from the last checkpoint and the same MLflow run.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from maelflow.config.loader import ResolvedExperiment
 from maelflow.reporting import Reporter
+from maelflow.sites.schedulers import scheduler_for
 from maelflow.training.runs import (TrainingError, TrainingResult, dataset_path, dataset_uuid, import_object,
                                     run_dir)
 from maelflow.workspace import write_atomic
@@ -43,6 +43,7 @@ def train(rx: ResolvedExperiment, training_name: str, site_name: str, reporter: 
     from maelflow.provenance import record
     from maelflow.tracking.mlflow_runs import choose_mode, offline_uri, run_label
     from maelflow.training.progress import EcflowProgress
+    from maelflow.training.timing import timing_callbacks
 
     training = rx.trainings[training_name]
     site = rx.sites[site_name]
@@ -102,15 +103,18 @@ def train(rx: ResolvedExperiment, training_name: str, site_name: str, reporter: 
         logger.experiment.log_dict(run_id, prov, "provenance.json")
 
     plugins = []
-    if os.environ.get("SLURM_JOB_ID"):
-        # the suite resubmits a timed-out job itself; Lightning's own `scontrol requeue` would race it
-        from lightning_fabric.plugins.environments import SLURMEnvironment
-
-        plugins.append(SLURMEnvironment(auto_requeue=False))
+    scheduler = scheduler_for(site_name, site)
+    if scheduler.job_id_in():
+        # in a batch job: Lightning's view of the cluster, with the scheduler's own requeue off (the
+        # suite resubmits a timed-out job itself)
+        cluster = scheduler.lightning_environment()
+        if cluster is not None:
+            plugins.append(cluster)
     trainer = pl.Trainer(plugins=plugins,
         max_epochs=max_epochs, accelerator="gpu" if training.gpus_per_node else "cpu",
         devices=training.gpus_per_node or 1, num_nodes=training.nodes, logger=logger if logger else False,
-        callbacks=[EcflowProgress(reporter), ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_epochs=1)],
+        callbacks=[EcflowProgress(reporter), *timing_callbacks(),
+                   ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_epochs=1)],
         default_root_dir=str(out), enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1)
     trainer.fit(model, datamodule=dm, ckpt_path=start_from)
     checkpoints = sorted(ckpt_dir.glob("*.ckpt"))
