@@ -32,6 +32,7 @@ COMMANDS: dict[str, str] = {
     "transfer": "transfer",
     "catalogue": "catalogue",
     "lineage": "lineage",
+    "benchmark": "benchmark",
 }
 
 

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from maelflow.provenance import guard_anemoi
 from maelflow.training.runs import TrainingError, TrainingResult, dataset_path, run_dir
 from maelflow.training.progress import EcflowProgress
+from maelflow.training.timing import timing_callbacks
 from maelflow.workspace import write_atomic
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -230,7 +231,7 @@ def _trainer_class():
     from anemoi.training.train.train import AnemoiTrainer
 
     class MaelflowAnemoiTrainer(AnemoiTrainer):
-        """AnemoiTrainer with maelflow's ecFlow progress among its Lightning callbacks."""
+        """AnemoiTrainer with maelflow's ecFlow progress and timing among its Lightning callbacks."""
 
         def __init__(self, config, progress: AnemoiProgress):
             self.maelflow_progress = progress
@@ -238,7 +239,7 @@ def _trainer_class():
 
         @cached_property
         def callbacks(self):
-            return [*get_callbacks(self.config), self.maelflow_progress]
+            return [*get_callbacks(self.config), self.maelflow_progress, *timing_callbacks()]
 
         @cached_property
         def strategy(self):

@@ -1,0 +1,1 @@
+"""Reports that read what trainings left in MLflow (the benchmark comparison)."""
