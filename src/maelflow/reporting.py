@@ -15,12 +15,16 @@ import time
 class Reporter:
     def __init__(self, env: dict[str, str] | None = None):
         self.env = dict(os.environ if env is None else env)
-        # under srun every rank runs the step: only rank 0 speaks for the task
-        self.active = bool(self.env.get("ECF_NAME") and self.env.get("ECF_PASS")) and \
-            self.env.get("SLURM_PROCID", "0") == "0"
+        # under the scheduler's launcher (SLURM: srun) every rank runs the step: only rank 0 speaks
+        self.active = bool(self.env.get("ECF_NAME") and self.env.get("ECF_PASS")) and self._rank() in (None, 0)
         self.mode = self.env.get("MAELFLOW_REPORT", "direct")
         self._last: dict[tuple[str, str], float] = {}
         self._client = None
+
+    def _rank(self) -> int | None:
+        from maelflow.sites.schedulers import current
+
+        return current(self.env).rank_in(self.env)
 
     # -- child commands -------------------------------------------------------------------------
     def meter(self, name: str, value: int) -> None:

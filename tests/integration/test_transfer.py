@@ -246,7 +246,7 @@ def test_suite_publishes_stages_and_registers(tstack, config_root):
     cat = _catalogue(ws)
     exp = write_yaml(config_root / "experiments" / "t_data.yaml",
                      {"name": "t_data", "sites": ["local", "localhpc"], "datasets": [FAST_DATASET], "trainings": []})
-    # the login node of localhpc cannot reach S3 here: the suite pushes over SFTP from the server side
+    # the login node of localhpc cannot reach S3 here: the suite pushes by rsync over SSH from the server side
     rx = load_experiment(str(exp), ["site.localhpc.internet.login=false"], placeholders=placeholders_for(ws))
     prepare_datasets(rx)
     client = client_for(ws)

@@ -7,8 +7,9 @@ Design choices, and why:
 - Every request error is a 4xx JSON body ``{"error", "status", "message"}``; the anemoi client retries
   5xx for an hour, so an unexpected exception is the only thing allowed to become a 500.
 - Pure ASGI middleware normalises ``//`` (the client's ``entry`` command sends ``/api/v1//datasets/x``),
-  refuses bodies over the size limit before the application reads them, answers 503 while the
-  index is rebuilt, and answers the hottest request (a lookup by key) without routing.
+  authenticates writes and refuses bodies over the size limit before anything reads them (so an
+  anonymous caller cannot make the server hold 256 MiB), answers 503 while the index is rebuilt,
+  and answers the hottest request (a lookup by key) without routing.
 """
 
 from __future__ import annotations
@@ -80,16 +81,43 @@ def create_app(ctx: Context) -> FastAPI:
 
 
 def asgi(ctx: Context) -> Any:
-    """The application behind its ASGI layers: size limit, not-ready answer, fast lookups."""
-    return BodyLimit(NotReady(FastLookups(create_app(ctx), ctx), ctx.catalogue), body_limits(ctx.settings))
+    """The application behind its ASGI layers: write auth and size limit, not-ready answer, fast lookups."""
+    return BodyLimit(NotReady(FastLookups(create_app(ctx), ctx), ctx.catalogue), body_limits(ctx.settings),
+                     authenticate=writer_check(ctx))
+
+
+WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+def writer_check(ctx: Context) -> Callable[[dict], None]:
+    """Raise 401/403 unless a request's token may write (the routes then check the exact role)."""
+    def check(scope: dict) -> None:
+        auth = None
+        for name, value in scope.get("headers") or []:
+            if name == b"authorization":
+                auth = value.decode("latin-1")
+                break
+        authorise(identify(auth, ctx.tokens), "write", ctx.settings)
+
+    return check
 
 
 class BodyLimit:
-    """ASGI middleware: refuse a body over the limit (413) before the app sees it; squash '//' in paths."""
+    """ASGI middleware in front of everything that reads a body; squashes '//' in paths.
 
-    def __init__(self, app, limits: Callable[[str], int]):
+    A write to the API (POST, PUT, PATCH, DELETE under ``/api/v1``) is authenticated here, from its
+    headers, before a byte of its body is read: an anonymous or read-only caller gets its 401/403
+    at once, whatever it sends, and the body is only drained (read and dropped, a chunk at a time,
+    up to a cap) so that the client sees the answer rather than a reset connection. A body over the
+    path's limit is refused (413) the same way. Entry bodies (16 MiB at most) are then read whole
+    before the application sees them; an artefact upload (up to 256 MiB) is passed through with its
+    size counted, and the route streams it to a temporary file, so no request holds it in memory.
+    """
+
+    def __init__(self, app, limits: Callable[[str], int], authenticate: Callable[[dict], None] | None = None):
         self.app = app
         self.limits = limits
+        self.authenticate = authenticate
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -97,19 +125,25 @@ class BodyLimit:
         path = scope.get("path", "")
         if "//" in path:
             scope = dict(scope, path=re.sub(r"/{2,}", "/", path))
-        limit = self.limits(scope["path"])
-        declared = dict(scope.get("headers") or []).get(b"content-length")
+        path = scope["path"]
+        headers = dict(scope.get("headers") or [])
+        if self.authenticate is not None and scope.get("method") in WRITE_METHODS and path.startswith(API + "/"):
+            try:
+                self.authenticate(scope)
+            except CatalogueError as exc:
+                return await _refuse(receive, send, exc, headers)
+        limit = self.limits(path)
+        declared = headers.get(b"content-length")
         if declared is not None:
             try:
                 size = int(declared)
             except ValueError:
-                return await _send_error(send, BadRequest("Content-Length is not a number"))
+                return await _refuse(receive, send, BadRequest("Content-Length is not a number"), headers, drain=False)
             if size > limit:
-                # read what the client is sending anyway (up to a cap): most clients send the whole body
-                # before reading the answer and would see a reset connection instead of the 413
-                if size <= DRAIN_CAP:
-                    await _drain(receive)
-                return await _send_error(send, TooLarge(f"the body is {size} bytes; the limit is {limit}"))
+                return await _refuse(receive, send, TooLarge(f"the body is {size} bytes; the limit is {limit}"),
+                                     headers, drain=size <= DRAIN_CAP)
+        if streamed(path):
+            return await self.app(scope, counted(receive, limit), send)
         received = 0
         chunks: list[dict] = []
         # read (and count) the whole body first: a chunked upload cannot declare its length
@@ -120,9 +154,8 @@ class BodyLimit:
                 break
             received += len(message.get("body", b""))
             if received > limit:
-                if message.get("more_body"):
-                    await _drain(receive, DRAIN_CAP - received)
-                return await _send_error(send, TooLarge(f"the body exceeds the limit of {limit} bytes"))
+                return await _refuse(receive, send, TooLarge(f"the body exceeds the limit of {limit} bytes"),
+                                     headers, drain=bool(message.get("more_body")), budget=DRAIN_CAP - received)
             chunks.append(message)
             if not message.get("more_body"):
                 break
@@ -138,6 +171,30 @@ class BodyLimit:
 DRAIN_CAP = 256 * 1024**2
 
 
+def streamed(path: str) -> bool:
+    """Paths whose body the route reads as a stream (artefacts), rather than the middleware whole."""
+    return path.startswith(API + "/artefacts/")
+
+
+def counted(receive, limit: int):
+    """``receive`` that raises TooLarge (a 413 from the route) once the body passes ``limit``; the rest
+    is drained first, up to a cap, so that the client reads the answer."""
+    received = 0
+
+    async def wrapped():
+        nonlocal received
+        message = await receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > limit:
+                if message.get("more_body"):
+                    await _drain(receive, DRAIN_CAP - received)
+                raise TooLarge(f"the body exceeds the limit of {limit} bytes")
+        return message
+
+    return wrapped
+
+
 async def _drain(receive, budget: int = DRAIN_CAP) -> None:
     while budget > 0:
         message = await receive()
@@ -146,12 +203,22 @@ async def _drain(receive, budget: int = DRAIN_CAP) -> None:
         budget -= len(message.get("body", b""))
 
 
-async def _send_error(send, error: CatalogueError) -> None:
+async def _refuse(receive, send, error: CatalogueError, headers: dict, *, drain: bool = True,
+                  budget: int = DRAIN_CAP) -> None:
+    """Answer ``error`` before reading the body, then drop what the client still sends (up to
+    ``budget`` bytes, never kept) and close: most clients send their whole body before they read
+    the answer, and would otherwise see a reset connection instead of it."""
     body = json.dumps(error.to_json()).encode()
     await send({"type": "http.response.start", "status": error.status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close")]})
-    await send({"type": "http.response.body", "body": body})
+    # a client waiting for "100 Continue" sends nothing more; asking for the body would send it one
+    if not drain or headers.get(b"expect", b"").lower() == b"100-continue":
+        await send({"type": "http.response.body", "body": body})
+        return
+    await send({"type": "http.response.body", "body": body, "more_body": True})
+    await _drain(receive, budget)
+    await send({"type": "http.response.body", "body": b""})
 
 
 class FastLookups:

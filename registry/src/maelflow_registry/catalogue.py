@@ -10,6 +10,16 @@ End-to-end "no lost update" between clients that read, think, and write back is 
 the ``If-Match: "<version>"`` header (answers carry ``ETag: "<version>"``), and JSON-patch ``test``
 operations (what the anemoi-registry client uses for task ownership and plots).
 
+S3 is the store of record and the index a cache of it, and S3 can be changed behind the
+catalogue's back (by anyone holding the bucket's key). So nothing read back from S3 is trusted: a
+document is checked by its collection's own validation before it is indexed (:func:`document_problem`),
+and an invalid one is skipped with a warning naming its object and why. Reads are answered from the
+index alone (a lookup costs microseconds; an S3 read per lookup would cost a millisecond); writes
+first bring the entry's row in line with S3 (:meth:`Catalogue.refresh`), so a write never
+resurrects a document deleted from S3 nor overwrites one changed there. :meth:`Catalogue.reconcile`
+(every ``reconcile_seconds`` in the server, and ``POST /api/v1/_admin/reconcile``) finds entries
+whose document is gone and documents the index lacks; a rebuild re-reads everything.
+
 Nothing here names a collection: what differs between them (key field, defaults, rules, who may
 delete) comes from their definitions in :mod:`maelflow_registry.collections`.
 """
@@ -21,7 +31,7 @@ import json
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jsonpatch
 import jsonpointer
@@ -29,10 +39,11 @@ import jsonpointer
 from maelflow_registry import collections, lineage, records
 from maelflow_registry.auth import role_allows
 from maelflow_registry.config import Settings
-from maelflow_registry.errors import BadRequest, Conflict, Forbidden, NotFound, PreconditionFailed
+from maelflow_registry.errors import (BadRequest, CatalogueError, Conflict, Forbidden, NotFound,
+                                     PreconditionFailed)
 from maelflow_registry.index import Index
 from maelflow_registry.keys import check_key
-from maelflow_registry.store import FORMAT, Store
+from maelflow_registry.store import FORMAT, Store, entry_object, parse_entry_object
 
 LOG = logging.getLogger("maelflow_registry")
 
@@ -77,9 +88,14 @@ class Catalogue:
         """Apply ``mutate`` to the current record; returns (record, version, created)."""
         coll = collections.get(collection)
         settings = self.settings
+        change = self.refresh(collection, key)
         with self.index.write() as tx:
             current = tx.current(collection, key)
             if must_exist and current is None:
+                if change in ("lost", "invalid"):
+                    raise NotFound(f"{collection} entry '{key}' is no longer in S3, the catalogue's store of record "
+                                   f"({'deleted' if change == 'lost' else 'replaced by an invalid document'} "
+                                   "behind the catalogue's back); the index has dropped it")
                 raise NotFound(f"no {collection} entry '{key}'")
             if must_exist is False and current is not None:
                 raise Conflict(f"{collection} entry '{key}' already exists",
@@ -212,10 +228,146 @@ class Catalogue:
         return self.index.find_any(ident)
 
     def rebuild(self) -> int:
-        """Drop the index's content and read it back from every S3 document."""
-        count = self.index.rebuild(self.store.iter_documents())
-        LOG.warning("index rebuilt from S3: %d entries", count)
+        """Drop the index's content and read it back from every valid S3 document.
+
+        An invalid document (not JSON, wrong shape, stored under another key's name, or refused by
+        its collection's validation) is skipped with a warning naming its object and why: it is
+        never indexed, and it never stops the rebuild.
+        """
+        settings = self.settings
+        skipped = 0
+
+        def valid() -> Iterator[dict]:
+            nonlocal skipped
+            for name, doc, problem in self._scan():
+                problem = problem or document_problem(doc, settings, name)
+                if problem:
+                    skipped += 1
+                    LOG.warning("rebuild: %s skipped, not indexed: %s",
+                                name or f"{doc.get('collection')}/{doc.get('key')}", problem)
+                    continue
+                yield doc
+
+        count = self.index.rebuild(valid())
+        LOG.warning("index rebuilt from S3: %d entries%s", count,
+                    f", {skipped} invalid documents skipped" if skipped else "")
         return count
+
+    def _scan(self) -> Iterator[tuple[str | None, dict | None, str | None]]:
+        scan = getattr(self.store, "scan", None)
+        if scan is not None:
+            yield from scan()
+            return
+        for doc in self.store.iter_documents():  # a store without names (in-memory test doubles)
+            yield None, doc, None
+
+    # -- S3 and the index disagreeing ----------------------------------------------------------------
+    def refresh(self, collection: str, key: str) -> str | None:
+        """Bring one entry's index row in line with its S3 document; what changed, if anything.
+
+        'lost': the document is gone, the row dropped; 'invalid': the document is no longer valid,
+        the row dropped; 'taken': the index now holds S3's document (it lacked it or had another
+        one). S3 is read while the index's write lock is held, so no write of the catalogue's own
+        can come in between. A store that cannot read one document (a test double) changes nothing.
+        """
+        get = getattr(self.store, "get_document", None)
+        if get is None:
+            return None
+        settings = self.settings
+        with self.index.write() as tx:
+            current = tx.current(collection, key)
+            doc, problem = get(collection, key)
+            if doc is None and problem is None:
+                if current is None:
+                    return None
+                tx.remove(collection, key)
+                LOG.warning("%s/%s: its S3 document is gone (deleted behind the catalogue's back); "
+                            "dropped from the index", collection, key)
+                return "lost"
+            problem = problem or document_problem(doc, settings, entry_object(collection, key))
+            if problem:
+                if current is None:
+                    return None
+                tx.remove(collection, key)
+                LOG.warning("%s/%s: its S3 document is not valid (%s); dropped from the index",
+                            collection, key, problem)
+                return "invalid"
+            if current is not None and current["version"] == doc["version"] and current["record"] == doc["record"] \
+                    and current["original"] == doc.get("original"):
+                return None
+            if current is not None:
+                tx.remove(collection, key)
+            tx.insert(doc)
+            LOG.warning("%s/%s: the index %s; it now holds S3's version %s", collection, key,
+                        "lacked it" if current is None else f"had version {current['version']}", doc["version"])
+            return "taken"
+
+    def reconcile(self) -> dict:
+        """Compare the index with S3's listing: drop entries whose document is gone, index documents it
+        lacks (each difference re-checked with :meth:`refresh`). A document changed in place is taken
+        by the next write of its entry, or by a rebuild."""
+        if getattr(self.store, "list_entry_objects", None) is None:  # an in-memory test double
+            return {"lost": 0, "added": 0}
+        objects = set(self.store.list_entry_objects())
+        indexed = {entry_object(c, k): (c, k) for c, k in self.index.keys()}
+        found: dict[str, int] = {}
+        for name in sorted(set(indexed) - objects):
+            change = self.refresh(*indexed[name])
+            if change:
+                found[change] = found.get(change, 0) + 1
+        for name in sorted(objects - set(indexed)):
+            parsed = parse_entry_object(name)
+            if parsed is None or collections.find(parsed[0]) is None:
+                continue
+            try:
+                check_key(parsed[1])
+            except BadRequest:
+                LOG.warning("reconcile: %s skipped: its name is not a valid key", name)
+                continue
+            change = self.refresh(*parsed)
+            if change:
+                found[change] = found.get(change, 0) + 1
+        return {"lost": found.get("lost", 0) + found.get("invalid", 0), "added": found.get("taken", 0)}
+
+
+def document_problem(doc: Any, settings: Settings, name: str | None = None) -> str | None:
+    """Why a document read back from S3 may not be indexed; None when it may.
+
+    Its server fields must have their shapes, its key must be one the catalogue accepts and match the
+    object it is stored as (a document planted under another entry's name does not become that
+    entry), and its record must pass its collection's validation. A collection that is not
+    registered here is left to the index (skipped there, counted, not an error).
+    """
+    if not isinstance(doc, dict):
+        return "it is not a JSON object"
+    collection, key = doc.get("collection"), doc.get("key")
+    if not isinstance(collection, str):
+        return "it has no 'collection'"
+    coll = collections.find(collection)
+    if coll is None:
+        return None
+    try:
+        check_key(key)
+    except BadRequest as exc:
+        return exc.message
+    if name is not None and name != entry_object(collection, key):
+        return f"it says it is {collection}/{key}, which is stored as {entry_object(collection, key)}"
+    version = doc.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        return "its 'version' is not a positive integer"
+    for field in ("created", "updated"):
+        if not isinstance(doc.get(field), str):
+            return f"its '{field}' is not a string"
+    for field in ("created_by", "updated_by"):
+        if doc.get(field) is not None and not isinstance(doc.get(field), str):
+            return f"its '{field}' is not a string"
+    if doc.get("original") is not None and not isinstance(doc.get("original"), dict):
+        return "its 'original' is not an object"
+    try:
+        coll.validate(key, doc.get("record"), None, settings=settings, creating=False)
+    except CatalogueError as exc:
+        return f"its record is not valid: {exc.message}"
+    return None
 
 
 def check_patch(ops: Any) -> list[dict]:

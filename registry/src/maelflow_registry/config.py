@@ -33,6 +33,7 @@ class Settings:
     datasets_platform: str = "ewc"
     weights_platform: str = "ewc"
     list_limit: int = 10000              # default and maximum page of a list request
+    reconcile_seconds: int = 300         # how often the server compares the index with S3's listing (0: never)
 
     @classmethod
     def from_json(cls, data: dict | None) -> "Settings":
@@ -65,6 +66,11 @@ class Paths:
         return self.dir / "tokens.json"
 
     @property
+    def tokens_lock(self) -> Path:
+        """Held (flock) across every read-modify-write of ``tokens.json`` and ``service-token``."""
+        return self.dir / ".tokens.lock"
+
+    @property
     def service_token(self) -> Path:
         """A write token for the caller's own tasks (see :meth:`maelflow_registry.auth.TokenStore.service_token`)."""
         return self.dir / "service-token"
@@ -82,13 +88,22 @@ def save_settings(paths: Paths, settings: Settings) -> None:
 
 
 def write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
-    """Write beside the target then rename, so the server reads the old file or the new one, never half."""
+    """Write beside the target then rename, so the server reads the old file or the new one, never half.
+
+    The temporary file is made 0600 (``mkstemp``: O_EXCL) before anything is written, so a secret is
+    never readable by others, not even while written; it gets ``mode`` once complete. The data is
+    fsynced before the rename and the folder after it: after a power loss the name points at the
+    complete new content or the old one, never at an empty file (which would make every
+    authenticated request fail).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
-        os.chmod(tmp, mode)
+            fh.flush()
+            os.fsync(fh.fileno())
+            os.fchmod(fh.fileno(), mode)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -96,6 +111,16 @@ def write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
         except FileNotFoundError:
             pass
         raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename (or a new name) in folder ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class Watched:

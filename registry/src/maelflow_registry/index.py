@@ -128,6 +128,10 @@ class Index:
         args += [limit, offset]
         return [r[0] for r in self.conn.execute(" ".join(sql), args)]
 
+    def keys(self) -> list[tuple[str, str]]:
+        """(collection, key) of every entry (for comparing the index with S3's listing)."""
+        return [tuple(r) for r in self.conn.execute("SELECT collection, key FROM entries")]
+
     def counts(self) -> dict[str, int]:
         return dict(self.conn.execute("SELECT collection, COUNT(*) FROM entries GROUP BY collection"))
 
@@ -231,8 +235,17 @@ class Index:
                 if doc.get("collection") not in known:
                     skipped[str(doc.get("collection"))] = skipped.get(str(doc.get("collection")), 0) + 1
                     continue
-                tx.insert(doc)
-                count += 1
+                # one savepoint per document: one that the index cannot take is skipped, not half kept
+                tx.conn.execute("SAVEPOINT doc")
+                try:
+                    tx.insert(doc)
+                except Exception as exc:  # noqa: BLE001 - a bad document must not stop the rebuild
+                    tx.conn.execute("ROLLBACK TO doc")
+                    LOG.warning("rebuild: %s/%s skipped, not indexed: %s: %s", str(doc.get("collection"))[:60],
+                                str(doc.get("key"))[:200], type(exc).__name__, str(exc)[:200])
+                else:
+                    count += 1
+                tx.conn.execute("RELEASE doc")
             for name, n in skipped.items():
                 LOG.warning("rebuild: %d documents of collection '%s', which is not registered, were skipped",
                             n, name[:60])

@@ -34,6 +34,37 @@ def check_key(key: object, what: str = "key") -> str:
     return key
 
 
+def segment_problem(value: object) -> str | None:
+    """Why ``value`` is not one safe path segment (the transfer worker's rule); None when it is.
+
+    A task's ``dataset``, ``source`` and ``destination`` become folder and site names on a worker's
+    disk; the worker checks them with the same rule before it stages (``maelflow_transfer.paths``), and
+    the server checks them when the task is written, so a bad one is refused where it is made.
+    """
+    if not isinstance(value, str):
+        return f"it is a {type(value).__name__}, not a string"
+    if not value:
+        return "it is empty"
+    if len(value) > KEY_MAX:
+        return f"it is {len(value)} characters long; at most {KEY_MAX} are allowed"
+    if "/" in value or "\\" in value:
+        return "it contains '/' or '\\': it must be one path segment"
+    if value in (".", ".."):
+        return f"it is {value!r}"
+    for ch in value:
+        if ord(ch) < 0x20 or ord(ch) == 0x7F:
+            return f"it contains the control character {ch!r}"
+    return None
+
+
+def check_segment(value: object, what: str = "name") -> str:
+    """Raise BadRequest unless ``value`` is one safe path segment (see :func:`segment_problem`)."""
+    problem = segment_problem(value)
+    if problem:
+        raise BadRequest(f"the {what} '{_show(value)}' is not valid: {problem}")
+    return value  # type: ignore[return-value]
+
+
 def check_platform(name: object) -> str:
     if not isinstance(name, str) or not PLATFORM_RE.match(name):
         raise BadRequest(f"the location (platform) name '{_show(name)}' is not valid: use letters, digits, "

@@ -3,7 +3,8 @@
 The library decides nothing about where it runs: the caller (maelflow's glue,
 ``maelflow.services.catalogue``) chooses the :class:`~maelflow_registry.config.Paths`, makes the
 :class:`~maelflow_registry.store.Store` for the bucket the settings name, and runs the ASGI
-application from :func:`build` under a server of its choice. Tests and the bench may call
+application from :func:`build` under a server of its choice. The server compares its index with
+S3's listing every ``reconcile_seconds`` (see :meth:`~maelflow_registry.catalogue.Catalogue.reconcile`). Tests and the bench may call
 :func:`open_catalogue` to work on the index without a socket.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 from maelflow_registry.api.deps import Context
@@ -59,5 +61,22 @@ def build(paths: Paths, store: Store, *, s3_endpoint: str | None = None) -> Any:
             catalogue.ready.set()
 
         threading.Thread(target=rebuild, name="rebuild-index", daemon=True).start()
+    threading.Thread(target=_reconcile_loop, args=(catalogue,), name="reconcile", daemon=True).start()
     tokens = Watched(paths.tokens, lambda: TokenStore(paths).by_hash())
     return asgi(Context(catalogue, tokens.get, s3_endpoint=s3_endpoint))
+
+
+def _reconcile_loop(catalogue: Catalogue) -> None:
+    """Every ``reconcile_seconds``, compare the index with S3's listing (S3 may change behind our back)."""
+    while True:
+        seconds = catalogue.settings.reconcile_seconds
+        time.sleep(seconds if isinstance(seconds, (int, float)) and seconds > 0 else 60)
+        if not (isinstance(seconds, (int, float)) and seconds > 0) or not catalogue.ready.is_set():
+            continue
+        try:
+            found = catalogue.reconcile()
+        except Exception:  # noqa: BLE001 - S3 down for a while: try again next time
+            LOG.exception("comparing the index with S3 failed; trying again in %ss", seconds)
+            continue
+        if any(found.values()):
+            LOG.warning("index reconciled with S3: %s", found)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
 from maelflow_registry.errors import StoreUnavailable
@@ -35,6 +36,19 @@ T = TypeVar("T")
 def entry_object(collection: str, key: str) -> str:
     shard = hashlib.sha256(key.encode()).hexdigest()[:2]
     return f"{ENTRIES}{collection}/{shard}/{key}.json"
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_entry_object(name: str) -> tuple[str, str] | None:
+    """(collection, key) of an object named like :func:`entry_object`; None for any other name."""
+    parts = name.split("/")
+    if len(parts) != 4 or parts[0] + "/" != ENTRIES or not parts[3].endswith(".json"):
+        return None
+    collection, key = parts[1], parts[3][:-len(".json")]
+    return (collection, key) if entry_object(collection, key) == name else None
 
 
 def dumps(data: Any) -> str:
@@ -98,28 +112,52 @@ class Store:
             if meta["path"].endswith(".json"):
                 yield meta["path"]
 
-    def iter_documents(self, threads: int = 16) -> Iterator[dict]:
-        """Every entry document, read in parallel (a rebuild of 100 000 entries is bound by GET latency)."""
-        keys = list(self.list_entry_objects())
+    def read_object(self, name: str) -> tuple[dict | None, str | None]:
+        """The document stored as ``name``: (doc, None); (None, why) when it is not one; (None, None)
+        when there is no such object. Anyone holding the bucket's key can write there, so nothing
+        read back is trusted: the caller validates what this returns."""
+        resp = self._get(f"read {name}", name)
+        if resp is None:
+            return None, None
+        try:
+            doc = json.loads(bytes(resp.bytes()), parse_constant=_refuse_constant)
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            return None, f"it is not valid JSON ({str(exc)[:120]})"
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            return None, f"it is not a {FORMAT} document"
+        return doc, None
 
-        def fetch(object_key: str) -> dict | None:
-            resp = self._get(f"read {object_key}", object_key)
-            if resp is None:  # deleted between the listing and the read
-                return None
-            doc = json.loads(bytes(resp.bytes()))
-            return doc if isinstance(doc, dict) and doc.get("format") == FORMAT else None
+    def get_document(self, collection: str, key: str) -> tuple[dict | None, str | None]:
+        """One entry's document, as :meth:`read_object` gives it."""
+        return self.read_object(entry_object(collection, key))
+
+    def scan(self, threads: int = 16) -> Iterator[tuple[str, dict | None, str | None]]:
+        """(object name, document, problem) of every entry object, read in parallel (a rebuild of
+        100 000 entries is bound by GET latency); objects deleted since the listing are left out."""
+        names = list(self.list_entry_objects())
+
+        def fetch(name: str) -> tuple[str, dict | None, str | None]:
+            return (name, *self.read_object(name))
 
         with ThreadPoolExecutor(max_workers=threads) as pool:
-            for doc in pool.map(fetch, keys, chunksize=64):
-                if doc is not None:
-                    yield doc
+            for name, doc, problem in pool.map(fetch, names, chunksize=64):
+                if doc is not None or problem is not None:
+                    yield name, doc, problem
+
+    def iter_documents(self, threads: int = 16) -> Iterator[dict]:
+        """Every entry document that parses (unchecked: see :meth:`scan`)."""
+        for _, doc, _ in self.scan(threads):
+            if doc is not None:
+                yield doc
 
     # -- artefacts -------------------------------------------------------------------------------
-    def put_artefact(self, path: str, body: bytes, content_type: str) -> None:
+    def put_artefact(self, path: str, body: bytes | str | Path, content_type: str) -> None:
+        """Store an artefact from bytes, or from the file named by ``body`` (streamed from disk)."""
         import obstore
 
+        source = Path(body) if isinstance(body, (str, Path)) else body
         self._call(f"write artefact {path}", lambda: obstore.put(
-            self.objects, ARTEFACTS + path, body, attributes={"Content-Type": content_type}))
+            self.objects, ARTEFACTS + path, source, attributes={"Content-Type": content_type}))
 
     def get_artefact(self, path: str) -> tuple[bytes, str] | None:
         resp = self._get(f"read artefact {path}", ARTEFACTS + path)

@@ -11,14 +11,20 @@ import sys
 
 import click
 
-from rich.console import Console
-
 from maelflow.cli.options import resolve_workspace, workspace_option
 
-# not maelflow.cli.common's consoles: importing it loads the config models (pydantic), a tenth of a
-# second that ``stage --dest`` on a login node never needs
-console = Console()
-err_console = Console(stderr=True)
+_consoles: dict[bool, object] = {}
+
+
+def _console(stderr: bool = False):
+    """rich's Console, made on first use: not maelflow.cli.common's (importing it loads the config
+    models, pydantic, a tenth of a second), and not at import either (rich.console is another 16 ms
+    that ``stage --json`` on a login node, started once per dataset, never needs)."""
+    if stderr not in _consoles:
+        from rich.console import Console
+
+        _consoles[stderr] = Console(stderr=stderr)
+    return _consoles[stderr]
 
 site_option = click.option("--site", "site_name", default=None, help="Site name (configs/sites/SITE.yaml).")
 override_option = click.option("-o", "--override", "overrides", multiple=True, metavar="FIELD=VALUE",
@@ -37,7 +43,7 @@ def _fail(exc: Exception, as_json: bool = False) -> None:
     else:
         from rich.markup import escape
 
-        err_console.print(f"[bold red]error[/]: {escape(str(exc))}", highlight=False, soft_wrap=True)
+        _console(stderr=True).print(f"[bold red]error[/]: {escape(str(exc))}", highlight=False, soft_wrap=True)
     sys.exit(1)
 
 
@@ -78,16 +84,17 @@ def publish(zarr: str, dataset: str | None, prefix: str | None, replace: bool, w
     try:
         prefix = prefix or dataset_prefix(name, ws)
         store = open_store(ewc_settings(ws), prefix)
-        with RichBar(f"publish {name}", console=err_console) as bar:
+        with RichBar(f"publish {name}", console=_console(stderr=True)) as bar:
             res = do_publish(source, name, store, workers=workers, progress=Progress([bar.sink]), replace=replace)
     except TransferError as exc:
         _fail(exc)
-    console.print(f"published [bold]{name}[/] at {store.url}: {res.summary()}", highlight=False, soft_wrap=True)
+    _console().print(f"published [bold]{name}[/] at {store.url}: {res.summary()}", highlight=False, soft_wrap=True)
     try:
         hook.register_location(ws, name, hook.EWC_PLATFORM, store.url)
-        console.print(f"catalogue: {name} located at {hook.EWC_PLATFORM} = {store.url}", highlight=False, soft_wrap=True)
+        _console().print(f"catalogue: {name} located at {hook.EWC_PLATFORM} = {store.url}", highlight=False,
+                         soft_wrap=True)
     except hook.CatalogueUnavailable as exc:
-        err_console.print(f"catalogue: not updated ({exc})", highlight=False, soft_wrap=True)
+        _console(stderr=True).print(f"catalogue: not updated ({exc})", highlight=False, soft_wrap=True)
 
 
 @command.command("stage")
@@ -113,7 +120,6 @@ def stage(dataset: str, site_name: str | None, dest: str | None, via: str, prefi
           source: str | None, credentials: str | None, max_rate: float | None, as_json: bool, no_register: bool,
           overrides: tuple[str, ...], workers: int | None, workspace: str | None) -> None:
     """Stage the published DATASET to a site (resumable, verified, visible only when complete)."""
-    from maelflow.datasets import catalogue_hook as hook
     from maelflow_transfer.errors import TransferError
     from maelflow_transfer.progress import RichBar, json_sink
     from maelflow.datasets.stage import stage_dataset
@@ -126,7 +132,7 @@ def stage(dataset: str, site_name: str | None, dest: str | None, via: str, prefi
                                             via=via, credentials=credentials, sinks=[json_sink()],
                                             workers=workers, max_rate=max_rate, source=source)
         else:
-            with RichBar(f"stage {dataset}", console=err_console) as bar:
+            with RichBar(f"stage {dataset}", console=_console(stderr=True)) as bar:
                 res, where, how = stage_dataset(ws, dataset, site_name=site_name, site=site, dest=dest,
                                                 prefix=prefix, via=via, credentials=credentials,
                                                 sinks=[bar.sink], workers=workers, max_rate=max_rate,
@@ -136,13 +142,15 @@ def stage(dataset: str, site_name: str | None, dest: str | None, via: str, prefi
     if as_json:
         click.echo(json.dumps({"result": res.__dict__, "dest": where, "via": how}))
         return
-    console.print(f"staged [bold]{dataset}[/] at {where} ({how}): {res.summary()}", highlight=False, soft_wrap=True)
+    _console().print(f"staged [bold]{dataset}[/] at {where} ({how}): {res.summary()}", highlight=False, soft_wrap=True)
     if site_name and not no_register:
+        from maelflow.datasets import catalogue_hook as hook
+
         try:
             hook.register_location(ws, dataset, site_name, where)
-            console.print(f"catalogue: {dataset} located at {site_name} = {where}", highlight=False, soft_wrap=True)
+            _console().print(f"catalogue: {dataset} located at {site_name} = {where}", highlight=False, soft_wrap=True)
         except hook.CatalogueUnavailable as exc:
-            err_console.print(f"catalogue: not updated ({exc})", highlight=False, soft_wrap=True)
+            _console(stderr=True).print(f"catalogue: not updated ({exc})", highlight=False, soft_wrap=True)
 
 
 @command.command("verify")
@@ -170,7 +178,7 @@ def verify(dataset: str, site_name: str | None, dest: str | None, prefix: str | 
         shown = ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
         _fail(RuntimeError(f"{where}: {len(bad)} of {len(manifest.entries)} objects missing or wrong: {shown}"))
     note = f"; {len(extra)} files not in the manifest" if extra else ""
-    console.print(f"{where}: all {len(manifest.entries)} objects match the manifest "
+    _console().print(f"{where}: all {len(manifest.entries)} objects match the manifest "
                   f"({manifest.total_bytes / 2**20:.1f} MiB){note}", highlight=False, soft_wrap=True)
 
 
@@ -194,7 +202,7 @@ def worker(site_name: str | None, once: bool, poll: float, max_tasks: int | None
     try:
         site = _site(ws, site_name, overrides)
         n = run_worker(ws, site_name, site, once=once, poll=poll, max_tasks=max_tasks, workers=workers,
-                       log=lambda m: console.print(m, highlight=False, soft_wrap=True))
+                       log=lambda m: _console().print(m, highlight=False, soft_wrap=True))
     except TransferError as exc:
         _fail(exc)
-    console.print(f"worker for {site_name}: {n} task(s) done", highlight=False, soft_wrap=True)
+    _console().print(f"worker for {site_name}: {n} task(s) done", highlight=False, soft_wrap=True)

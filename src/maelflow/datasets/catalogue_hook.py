@@ -7,13 +7,23 @@ switching it to ``running`` (a versioned PATCH, so two workers never take the sa
 ``progress`` ({"percentage": ...}) as it goes, then sets ``completed`` (or ``failed`` with the
 reason) and adds the location to the dataset's entry. Where the catalogue is not installed or not
 running, every call raises ``CatalogueUnavailable`` saying so.
+
+A worker can die (kill -9, a lost node) with its task ``running``. So a taken task carries a lease
+(``{"seconds": N}``; the catalogue stamps ``lease.expires`` N seconds after every change, so each
+progress patch or heartbeat renews it) and the worker's ``id`` in ``worker``. A running task whose
+lease expired is taken over by the next worker that looks (a versioned PATCH that tests the expiry
+it saw, so two workers never both take it), which records the takeover in ``takeovers``. Every later
+patch of a worker tests that the task is still its own: a worker that was only stalled learns that
+it lost the task (``TaskTakenOver``) instead of overwriting the new owner's progress or outcome.
 """
 
 from __future__ import annotations
 
+import datetime
 import getpass
 import json
 import os
+import secrets
 import socket
 import time
 from dataclasses import dataclass
@@ -24,10 +34,15 @@ from maelflow_transfer.errors import TransferError
 
 EWC_PLATFORM = "ewc"
 ACTION = "transfer-dataset"
+LEASE_SECONDS = 300.0  # a dead worker's task is taken over this long after its last heartbeat
 
 
 class CatalogueUnavailable(TransferError):
     """No catalogue to talk to (not installed, not running, or refusing us)."""
+
+
+class TaskTakenOver(CatalogueUnavailable):
+    """Another worker took this task over (this one's lease had expired): stop working on it."""
 
 
 @dataclass
@@ -37,6 +52,8 @@ class TransferTask:
     source: str
     destination: str
     record: dict
+    worker_id: str = ""
+    lease_seconds: float = LEASE_SECONDS
 
 
 def client(ws, site_root: str | None = None):
@@ -97,50 +114,118 @@ def location_of(ws, dataset: str, platform: str, catalogue=None) -> str | None:
     return loc.get("path")
 
 
-def next_transfer_task(ws, destination: str, catalogue=None) -> TransferTask | None:
-    """Take the oldest queued transfer task for ``destination``; None when there is none."""
+def _worker() -> dict:
+    return {"id": secrets.token_hex(8), "host": socket.gethostname(), "pid": os.getpid(),
+            "user": getpass.getuser(), "started": time.time()}
+
+
+def _utcnow() -> datetime.datetime:
+    """Naive UTC, as the catalogue writes its stamps."""
+    return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+
+
+def lease_expired(rec: dict, now: datetime.datetime | None = None) -> bool:
+    """Whether a running task's lease has run out (a task without a lease never expires here)."""
+    lease = rec.get("lease")
+    expires = lease.get("expires") if isinstance(lease, dict) else None
+    if not isinstance(expires, str):
+        return False
+    try:
+        when = datetime.datetime.fromisoformat(expires)
+    except ValueError:
+        return False
+    if when.tzinfo is not None:
+        when = when.astimezone(datetime.timezone.utc).replace(tzinfo=None)
+    return when < (now or _utcnow())
+
+
+def _owner_test(task: TransferTask) -> list[dict]:
+    return [{"op": "test", "path": "/worker/id", "value": task.worker_id}] if task.worker_id else []
+
+
+def next_transfer_task(ws, destination: str, catalogue=None, lease_seconds: float = LEASE_SECONDS
+                       ) -> TransferTask | None:
+    """Take the oldest queued transfer task for ``destination``, else one whose worker's lease
+    expired (a dead worker's); None when there is none."""
     cat = catalogue or client(ws)
     try:
         queued = cat.list("tasks", status="queued", action=ACTION, destination=destination)
     except Exception as exc:  # noqa: BLE001
         raise _fail(exc, "listing queued transfer tasks") from None
     for rec in sorted(queued, key=lambda r: str(r.get("created", ""))):
-        uuid = rec.get("uuid")
-        try:
-            current, version = cat.get_with_version("tasks", uuid)
-            if current.get("status") != "queued":
-                continue
-            taken = cat.patch("tasks", uuid, [
-                {"op": "test", "path": "/status", "value": "queued"},
-                {"op": "replace", "path": "/status", "value": "running"},
-                {"op": "add", "path": "/worker", "value": {"host": socket.gethostname(), "pid": os.getpid(),
-                                                           "user": getpass.getuser(), "started": time.time()}},
-            ], if_version=version)
-        except Exception as exc:  # noqa: BLE001 - 409/412: another worker took it first
-            if getattr(exc, "status", None) in (404, 409, 412):
-                continue
-            raise _fail(exc, f"taking task {uuid}") from None
-        return TransferTask(uuid, str(taken.get("dataset", "")), str(taken.get("source") or EWC_PLATFORM),
-                            str(taken.get("destination", destination)), taken)
+        task = _take(cat, rec, destination, lease_seconds, takeover=False)
+        if task is not None:
+            return task
+    try:
+        running = cat.list("tasks", status="running", action=ACTION, destination=destination)
+    except Exception as exc:  # noqa: BLE001
+        raise _fail(exc, "listing running transfer tasks") from None
+    now = _utcnow()
+    for rec in sorted((r for r in running if lease_expired(r, now)), key=lambda r: str(r["lease"]["expires"])):
+        task = _take(cat, rec, destination, lease_seconds, takeover=True)
+        if task is not None:
+            return task
     return None
 
 
-def task_progress(ws, task: TransferTask, percent: float, text: str = "", catalogue=None) -> None:
-    cat = catalogue or client(ws)
+def _take(cat, rec: dict, destination: str, lease_seconds: float, takeover: bool) -> TransferTask | None:
+    """Make ``rec`` ours with one versioned PATCH; None when another worker was quicker."""
+    uuid = rec.get("uuid")
+    worker = _worker()
     try:
-        cat.patch("tasks", task.uuid, [{"op": "add", "path": "/progress",
-                                        "value": {"percentage": round(percent, 1), "text": text}}])
+        current, version = cat.get_with_version("tasks", uuid)
+        if takeover:
+            if current.get("status") != "running" or not lease_expired(current):
+                return None
+            expired = current["lease"]["expires"]
+            record = {"at": _utcnow().isoformat(timespec="seconds"), "from": current.get("worker"),
+                      "lease_expired": expired, "by": worker}
+            ops = [{"op": "test", "path": "/status", "value": "running"},
+                   {"op": "test", "path": "/lease/expires", "value": expired},
+                   {"op": "add", "path": "/takeovers", "value": [*(current.get("takeovers") or []), record]}]
+        else:
+            if current.get("status") != "queued":
+                return None
+            ops = [{"op": "test", "path": "/status", "value": "queued"},
+                   {"op": "replace", "path": "/status", "value": "running"}]
+        ops += [{"op": "add", "path": "/worker", "value": worker},
+                {"op": "add", "path": "/lease", "value": {"seconds": lease_seconds}}]
+        taken = cat.patch("tasks", uuid, ops, if_version=version)
+    except Exception as exc:  # noqa: BLE001 - 409/412: another worker took it first
+        if getattr(exc, "status", None) in (404, 409, 412):
+            return None
+        raise _fail(exc, f"taking task {uuid}") from None
+    return TransferTask(uuid, str(taken.get("dataset", "")), str(taken.get("source") or EWC_PLATFORM),
+                        str(taken.get("destination", destination)), taken, worker_id=worker["id"],
+                        lease_seconds=lease_seconds)
+
+
+def _patch_own(cat, task: TransferTask, ops: list[dict], what: str) -> None:
+    """Patch the task if it is still ours; TaskTakenOver when another worker has it now."""
+    try:
+        cat.patch("tasks", task.uuid, _owner_test(task) + ops)
     except Exception as exc:  # noqa: BLE001
-        raise _fail(exc, f"reporting progress of task {task.uuid}") from None
+        if getattr(exc, "status", None) == 409 and task.worker_id:
+            raise TaskTakenOver(f"task {task.uuid} was taken over by another worker (this worker's lease had "
+                                f"expired): {what} not recorded") from None
+        raise _fail(exc, f"{what} (task {task.uuid})") from None
+
+
+def task_heartbeat(ws, task: TransferTask, catalogue=None) -> None:
+    """Renew the task's lease (any change does; this one changes only the stamps)."""
+    _patch_own(catalogue or client(ws), task, [{"op": "add", "path": "/status", "value": "running"}],
+               "the heartbeat")
+
+
+def task_progress(ws, task: TransferTask, percent: float, text: str = "", catalogue=None) -> None:
+    _patch_own(catalogue or client(ws), task, [{"op": "add", "path": "/progress",
+                                                "value": {"percentage": round(percent, 1), "text": text}}],
+               "reporting progress")
 
 
 def task_finished(ws, task: TransferTask, ok: bool, message: str = "", catalogue=None) -> None:
-    cat = catalogue or client(ws)
     ops: list[dict[str, Any]] = [{"op": "replace", "path": "/status", "value": "completed" if ok else "failed"},
                                  {"op": "add", "path": "/message", "value": message}]
     if ok:
         ops.append({"op": "add", "path": "/progress", "value": {"percentage": 100, "text": message}})
-    try:
-        cat.patch("tasks", task.uuid, ops)
-    except Exception as exc:  # noqa: BLE001
-        raise _fail(exc, f"closing task {task.uuid}") from None
+    _patch_own(catalogue or client(ws), task, ops, "closing")

@@ -28,7 +28,7 @@ from typing import Callable
 
 from maelflow_transfer.errors import DestinationConflict, DiskFull, TransferError, disk_error
 from maelflow_transfer.manifest import MANIFEST_NAME, Entry, Manifest, extra_files, sha256_file, verify_tree
-from maelflow_transfer.paths import UnsafePath, check_inside, inside
+from maelflow_transfer.paths import UnsafePath, check_inside, check_key, inside
 
 JOURNAL_NAME = ".maelflow-journal"
 LOCK_NAME = ".maelflow-lock"
@@ -84,28 +84,38 @@ class LocalPart:
     """
 
     def __init__(self, target: Path, size: int, direct: bool = False,
-                 journal: Callable[[int], None] | None = None):
-        """``journal(mtime_ns)`` records the object once it is in place (the tree's journal line)."""
+                 journal: Callable[[int], None] | None = None, dir_fd: int | None = None):
+        """``journal(mtime_ns)`` records the object once it is in place (the tree's journal line).
+        ``dir_fd``: the folder ``target`` is in, opened by the tree without following links; the
+        part is then created, renamed and removed relative to it (never through a path that
+        someone could swap for a symlink meanwhile, and without a path lookup per call)."""
         self.target = target
         self.journal = journal
         self.tmp = target.with_name(f".{target.name}.part")
+        self.dir_fd = dir_fd
         self.direct = direct and size >= DIRECT_MIN and hasattr(os, "O_DIRECT")
         try:
             self.fd = self._open()
         except FileNotFoundError:
+            if dir_fd is not None:
+                raise
             target.parent.mkdir(parents=True, exist_ok=True)
             self.fd = self._open()
 
     def _open(self) -> int:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+        at = {} if self.dir_fd is None else {"dir_fd": self.dir_fd}
+        if at:
+            flags |= os.O_NOFOLLOW
+        where = self.tmp.name if at else self.tmp
         if self.direct:
             try:
-                return os.open(self.tmp, flags | os.O_DIRECT, 0o644)
+                return os.open(where, flags | os.O_DIRECT, 0o644, **at)
             except OSError as exc:
                 if exc.errno != errno.EINVAL:       # EINVAL: this file system has no O_DIRECT
                     raise
                 self.direct = False
-        return os.open(self.tmp, flags, 0o644)
+        return os.open(where, flags, 0o644, **at)
 
     def _buffered(self) -> None:
         self.direct = False
@@ -148,13 +158,17 @@ class LocalPart:
         objects by size and time, so a renamed object must never hold a zero-filled tail."""
         try:
             os.fdatasync(self.fd)
+            stamp = os.fstat(self.fd).st_mtime_ns       # a rename keeps it: no lookup by path after
         except OSError as exc:
             raise disk_error(exc, str(self.tmp)) from None
         os.close(self.fd)
         self.fd = -1
-        os.replace(self.tmp, self.target)
+        if self.dir_fd is not None:
+            os.replace(self.tmp.name, self.target.name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
+        else:
+            os.replace(self.tmp, self.target)
         if self.journal is not None:
-            self.journal(os.stat(self.target).st_mtime_ns)
+            self.journal(stamp)
         on_done()
 
     def abort(self) -> None:
@@ -162,7 +176,10 @@ class LocalPart:
             os.close(self.fd)
             self.fd = -1
         try:
-            os.unlink(self.tmp)
+            if self.dir_fd is not None:
+                os.unlink(self.tmp.name, dir_fd=self.dir_fd)
+            else:
+                os.unlink(self.tmp)
         except OSError:
             pass
 
@@ -177,6 +194,7 @@ class LocalTree:
         self._journal = None
         self._lock = threading.Lock()
         self._lock_fd: int | None = None
+        self._dirs: dict[str, int] = {}       # folder (relative) -> its fd, opened without following links
 
     def __str__(self) -> str:
         return str(self.dest)
@@ -267,11 +285,52 @@ class LocalTree:
     def writer(self, entry: Entry, ranged: bool = False) -> LocalPart:
         """``ranged``: written at offsets and hashed by reading it back, so kept in the page cache.
         ``commit(on_done)`` journals the object, then calls ``on_done()``."""
+        folder, _, name = check_key(entry.key).rpartition("/")
         try:
-            return LocalPart(inside(self.partial, entry.key), entry.size, direct=not ranged,
-                             journal=lambda stamp: self.record(entry, stamp))
+            return LocalPart(self.partial / entry.key, entry.size, direct=not ranged,
+                             journal=lambda stamp: self.record(entry, stamp), dir_fd=self._dir_fd(folder))
         except OSError as exc:
             raise disk_error(exc, str(self.partial / entry.key)) from None
+
+    def _dir_fd(self, folder: str) -> int:
+        """The partial folder's ``folder`` (a checked key's folder, "" for the top), opened once per
+        stage: checked to resolve inside the partial folder (``inside``), then opened one segment at
+        a time without following a symlink, so a folder swapped for a link later is never written
+        through (objects are created, renamed and removed relative to this fd)."""
+        fd = self._dirs.get(folder)
+        if fd is not None:
+            return fd
+        with self._lock:
+            fd = self._dirs.get(folder)
+            if fd is not None:
+                return fd
+            if folder:
+                inside(self.partial, folder)
+            flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(self.partial, flags)
+            try:
+                for segment in folder.split("/") if folder else ():
+                    try:
+                        try:
+                            nxt = os.open(segment, flags, dir_fd=fd)
+                        except FileNotFoundError:            # not made by ``makedirs``: made here
+                            try:
+                                os.mkdir(segment, dir_fd=fd)
+                            except FileExistsError:
+                                pass
+                            nxt = os.open(segment, flags, dir_fd=fd)
+                    except OSError as exc:
+                        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                            raise UnsafePath(f"{self.partial / folder} is or passes through a symbolic link; "
+                                             "refused", str(self.partial / folder)) from None
+                        raise
+                    os.close(fd)
+                    fd = nxt
+            except BaseException:
+                os.close(fd)
+                raise
+            self._dirs[folder] = fd
+            return fd
 
     def record(self, entry: Entry, stamp: int | None) -> None:
         line = json.dumps({"k": entry.key, "s": entry.size, "h": entry.sha256, "m": stamp}) + "\n"
@@ -282,6 +341,9 @@ class LocalTree:
 
     def close(self, drain: bool = True) -> None:
         with self._lock:
+            for fd in self._dirs.values():
+                os.close(fd)
+            self._dirs.clear()
             if self._journal is not None:
                 self._journal.flush()
                 os.fsync(self._journal.fileno())

@@ -1,4 +1,4 @@
-"""Maintenance that needs an admin token: reading the index back from S3."""
+"""Maintenance that needs an admin token: reading the index back from S3, or comparing it with S3."""
 
 from __future__ import annotations
 
@@ -16,3 +16,10 @@ router = APIRouter(prefix=API + "/_admin", tags=["service"], responses=ERRORS)
 async def rebuild_index(caller: Admin, cat: CatalogueDep) -> dict:
     """Drop the index and read it back from S3 (admin)."""
     return {"entries": await run_in_threadpool(cat.rebuild)}
+
+
+@router.post("/reconcile")
+async def reconcile(caller: Admin, cat: CatalogueDep) -> dict:
+    """Compare the index with S3's listing now (admin): entries whose document is gone are dropped,
+    documents the index lacks are indexed (if valid). Returns how many of each."""
+    return await run_in_threadpool(cat.reconcile)

@@ -1,6 +1,14 @@
-"""Files beside the entries (plots, config snapshots) under ``s3://<bucket>/artefacts/<path>``."""
+"""Files beside the entries (plots, config snapshots) under ``s3://<bucket>/artefacts/<path>``.
+
+An upload may be up to ``max_artefact_bytes`` (256 MiB): it is streamed to a temporary file as it
+arrives (the middleware counts it against the limit and has checked the token before any of it was
+read) and sent to S3 from there, so a request never holds the whole file in memory.
+"""
 
 from __future__ import annotations
+
+import os
+import tempfile
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
@@ -19,10 +27,19 @@ router = APIRouter(prefix=API + "/artefacts", tags=["artefacts"], responses=ERRO
 async def put_artefact(caller: Writer, cat: CatalogueDep, request: Request, path: str) -> dict:
     """Store a file (plot, config snapshot...) under ``s3://<bucket>/artefacts/<path>`` (write)."""
     check_artefact_path(path)
-    body = await request.body()
     ctype = request.headers.get("content-type", "application/octet-stream")[:100]
-    await run_in_threadpool(cat.store.put_artefact, path, body, ctype)
-    return {"path": path, "size": len(body), "url": f"s3://{cat.store.bucket}/artefacts/{path}"}
+    fd, tmp = tempfile.mkstemp(prefix="maelflow-artefact-")
+    try:
+        size = 0
+        with os.fdopen(fd, "wb") as fh:
+            async for chunk in request.stream():
+                if chunk:
+                    fh.write(chunk)  # a page-cache write of <= 64 KiB: not worth a thread hop
+                    size += len(chunk)
+        await run_in_threadpool(cat.store.put_artefact, path, tmp, ctype)
+    finally:
+        os.unlink(tmp)
+    return {"path": path, "size": size, "url": f"s3://{cat.store.bucket}/artefacts/{path}"}
 
 
 @router.get("/{path:path}")
