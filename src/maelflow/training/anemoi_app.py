@@ -219,10 +219,15 @@ def _world_size(training: "Training") -> int:
 
 
 def _rank() -> int:
-    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    return 0
+    """This process's rank: torch's, else the job's scheduler's (SLURM: SLURM_PROCID), else 0."""
+    from maelflow.sites.schedulers import current
+
+    if os.environ.get("RANK", "").isdigit():
+        return int(os.environ["RANK"])
+    rank = current().rank_in()
+    if rank is not None:
+        return rank
+    return int(os.environ["LOCAL_RANK"]) if os.environ.get("LOCAL_RANK", "").isdigit() else 0
 
 
 # ------------------------------------------------------------------------------------ trainer
@@ -243,13 +248,16 @@ def _trainer_class():
 
         @cached_property
         def strategy(self):
-            strategy = AnemoiTrainer.strategy.func(self)
-            if os.environ.get("SLURM_JOB_ID") and hasattr(strategy, "cluster_environment"):
-                # the suite resubmits a timed-out job itself; Lightning's own `scontrol requeue`
-                # (its default in a SLURM job) would race it
-                from lightning_fabric.plugins.environments import SLURMEnvironment
+            from maelflow.sites.schedulers import current
 
-                strategy.cluster_environment = SLURMEnvironment(auto_requeue=False)
+            strategy = AnemoiTrainer.strategy.func(self)
+            scheduler = current()
+            if scheduler.job_id_in() and hasattr(strategy, "cluster_environment"):
+                # the suite resubmits a timed-out job itself; a scheduler's own requeue (Lightning's
+                # `scontrol requeue`, its default in a SLURM job) would race it
+                environment = scheduler.lightning_environment()
+                if environment is not None:
+                    strategy.cluster_environment = environment
             return strategy
 
     return MaelflowAnemoiTrainer
@@ -274,6 +282,7 @@ def train_anemoi(rx: "ResolvedExperiment", training_name: str, site_name: str, r
                  tracking_uri: str | None) -> TrainingResult:
     from omegaconf import OmegaConf
 
+    from maelflow.sites.schedulers import scheduler_for
     from maelflow.tracking.mlflow_runs import choose_mode, offline_uri, run_label
 
     training = rx.trainings[training_name]
@@ -286,9 +295,9 @@ def train_anemoi(rx: "ResolvedExperiment", training_name: str, site_name: str, r
     if not ds_path.exists():
         raise TrainingError(f"training {training_name!r}: dataset not staged on {site_name}: {ds_path}")
     world = _world_size(training)
-    if world > 1 and not os.environ.get("SLURM_PROCID"):
+    if world > 1 and scheduler_for(site_name, site).rank_in() is None:
         raise TrainingError(f"training {training_name!r}: {world} devices need one process per GPU started by "
-                            "srun; this launcher runs one device in-process")
+                            f"the {site.scheduler} scheduler's launcher; this launcher runs one device in-process")
     rank0 = _rank() == 0
 
     out = run_dir(rx, site_name, training_name).absolute()
