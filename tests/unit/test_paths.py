@@ -152,7 +152,7 @@ def test_the_worker_refuses_an_unsafe_dataset_and_survives_any_error_in_a_task(m
     finished: dict[str, tuple[bool, str]] = {}
     staged: list[str] = []
 
-    def next_task(ws, site, catalogue=None):
+    def next_task(ws, site, catalogue=None, **kw):
         return queue.pop(0) if queue else None
 
     def task_finished(ws, task, ok, message="", catalogue=None):
