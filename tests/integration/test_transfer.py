@@ -102,7 +102,7 @@ def _kill_midway(args: list[str], env: dict, dest: Path, partial: Path, objects:
     time.sleep(settle)
     assert not dest.exists()
     return [p for p in partial.rglob("*") if p.is_file() and not p.name.endswith(".part")
-            and not RSYNC_TMP.fullmatch(p.name) and not p.name.startswith(".maelflow-journal")]
+            and not RSYNC_TMP.fullmatch(p.name) and not p.name.startswith((".maelflow-journal", ".maelflow-lock"))]
 
 
 def _catalogue(ws):

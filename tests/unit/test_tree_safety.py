@@ -45,7 +45,7 @@ def test_a_folder_inside_the_partial_that_links_outside_is_never_written_through
     with pytest.raises(UnsafePath):
         tree.writer(manifest.entries[0])
     assert os.listdir(outside) == []
-    tree.close()
+    tree.release()
 
 
 def test_two_stages_to_one_destination_never_run_at_once(tmp_path):
@@ -54,9 +54,12 @@ def test_two_stages_to_one_destination_never_run_at_once(tmp_path):
     first.prepare(manifest)
     with pytest.raises(DestinationConflict, match="another stage"):
         second.prepare(manifest)
-    first.close()
+    first.close()                                  # writers done: the lock is still held
+    with pytest.raises(DestinationConflict):
+        second.prepare(manifest)
+    first.release()
     assert second.prepare(manifest) == set()       # the lock went with the first stage
-    second.close()
+    second.release()
 
 
 def test_a_finished_copy_keeps_no_lock_journal_or_partial_folder(tmp_path):

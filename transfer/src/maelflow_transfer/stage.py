@@ -246,7 +246,7 @@ class _Run:
         if self.range_pool:
             self.range_pool.shutdown(wait=True)
         try:
-            self.tree.close(drain=self.error is None)    # the site's last answers: failures surface here
+            self.tree.close()
         except BaseException as exc:  # noqa: BLE001
             self.error = self.error or exc
         if self.error is not None:
@@ -270,19 +270,18 @@ def stage(store: Store, tree, dataset: str, *, workers: int = 32, progress: Prog
         progress.skipped(manifest.total_bytes, n)
         progress.finish()
         return Result(n, 0, 0, time.monotonic() - t0, already=n)
-    done = tree.prepare(manifest, workers=min(workers, 8))
-    todo = [e for e in manifest.entries if e.key not in done]
-    need = sum(e.size for e in todo)
-    free = tree.free_bytes()
-    if free is not None and need > free:
-        raise DiskFull(f"dataset {dataset!r}: {need / 2**30:.2f} GiB still to copy but only {free / 2**30:.2f} GiB "
-                       f"free at {tree}; free some space (or stage to another --dest) and run again")
-    progress.start(manifest.total_bytes, n)
-    progress.skipped(sum(e.size for e in manifest.entries if e.key in done), len(done))
-    tree.makedirs([e.key for e in todo])
-    copied = nbytes = 0
-    lost_runs = 0
-    while todo:
+    try:
+        done = tree.prepare(manifest, workers=min(workers, 8))
+        todo = [e for e in manifest.entries if e.key not in done]
+        need = sum(e.size for e in todo)
+        free = tree.free_bytes()
+        if free is not None and need > free:
+            raise DiskFull(f"dataset {dataset!r}: {need / 2**30:.2f} GiB still to copy but only "
+                           f"{free / 2**30:.2f} GiB free at {tree}; free some space (or stage to another "
+                           "--dest) and run again")
+        progress.start(manifest.total_bytes, n)
+        progress.skipped(sum(e.size for e in manifest.entries if e.key in done), len(done))
+        tree.makedirs([e.key for e in todo])
         run = _Run(store, tree, manifest, progress, retries, workers, RateLimit(max_rate))
         try:
             run.run(todo, workers)
@@ -292,16 +291,13 @@ def stage(store: Store, tree, dataset: str, *, workers: int = 32, progress: Prog
             err = disk_error(exc, f"dataset {dataset!r}: writing to {tree}")
             raise err if isinstance(err, TransferError) else \
                 TransferError(f"dataset {dataset!r}: writing to {tree} failed: {exc}") from None
-        copied, nbytes = copied + run.copied, nbytes + run.bytes
-        todo = [e for e in todo if e.key not in run.done]
-        if not todo:
-            break
-        progress.moved(-sum(e.size for e in todo))
-        # objects written whose confirmation was lost (a destination that confirms later): once more
-        lost_runs += 1
-        if lost_runs > 1:
-            raise TransferError(f"dataset {dataset!r}: {len(todo)} objects (first {todo[0].key}) were sent to "
-                                f"{tree} but never confirmed in place; run the stage again")
-    tree.finish(manifest)
+        missing = [e for e in todo if e.key not in run.done]
+        if missing:
+            raise TransferError(f"dataset {dataset!r}: {len(missing)} objects (first {missing[0].key}) were "
+                                f"never placed in {tree}; run the stage again: it continues where it stopped")
+        tree.finish(manifest)
+    finally:
+        tree.release()        # the destination's lock: held from prepare to the rename, or the failure
+    copied, nbytes = run.copied, run.bytes
     progress.finish()
     return Result(n, copied, nbytes, time.monotonic() - t0, already=len(done))

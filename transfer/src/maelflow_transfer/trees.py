@@ -339,7 +339,8 @@ class LocalTree:
                 self._journal = open(self.journal_path, "a", buffering=1)
             self._journal.write(line)
 
-    def close(self, drain: bool = True) -> None:
+    def close(self) -> None:
+        """The writers are done: folders and journal closed (synced); the lock stays held."""
         with self._lock:
             for fd in self._dirs.values():
                 os.close(fd)
@@ -349,6 +350,11 @@ class LocalTree:
                 os.fsync(self._journal.fileno())
                 self._journal.close()
                 self._journal = None
+
+    def release(self) -> None:
+        """The stage is over (published, or failed): another may write the destination now."""
+        self.close()
+        with self._lock:
             if self._lock_fd is not None:
                 os.close(self._lock_fd)
                 self._lock_fd = None
@@ -377,7 +383,7 @@ class LocalTree:
         (self.partial / LOCK_NAME).unlink(missing_ok=True)
         _fsync_dir(self.partial)
         os.rename(self.partial, self.dest)
-        self.close()                          # the lock is held until the folder has its name
+        self.release()                        # the lock is held until the folder has its name
         _fsync_dir(self.dest.parent)
 
     # -- verification --------------------------------------------------------------------------
