@@ -19,6 +19,18 @@ from maelflow.training.timing import (CATEGORIES, STATS, EventTimer, TimingCallb
 
 pytestmark = pytest.mark.unit
 
+
+@pytest.fixture
+def no_process_group(monkeypatch):
+    """A fresh distributed start: an in-process training earlier in the same pytest run (anemoi's
+    strategy) may have left the default process group and its MASTER_PORT behind."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    for var in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK"):
+        monkeypatch.delenv(var, raising=False)
+
 MS = 1_000_000  # ns
 
 
@@ -247,7 +259,7 @@ def test_gpu_categories_reach_the_summary():
 
 
 # --------------------------------------------------------------------------- communication
-def test_the_comm_hook_times_ddps_all_reduce_and_keeps_the_gradients(tmp_path):
+def test_the_comm_hook_times_ddps_all_reduce_and_keeps_the_gradients(tmp_path, no_process_group):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
@@ -362,7 +374,7 @@ def test_an_exception_still_logs_what_was_measured(tmp_path):
     assert sink.last("timing/batch/count") == 3
 
 
-def test_two_processes_time_their_all_reduce(tmp_path, monkeypatch):
+def test_two_processes_time_their_all_reduce(tmp_path, monkeypatch, no_process_group):
     """DDP on CPU (gloo, 2 processes spawned by Lightning): rank 0 logs the communication window."""
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     from mlflow import MlflowClient
