@@ -149,3 +149,27 @@ def test_timeout_is_resubmitted_and_resumes_from_checkpoint(hpc_stack, config_ro
     steps = [m.step for m in history]
     assert len(set(steps)) == epochs and len(history) <= epochs + resubmits  # an epoch cut short may repeat
     assert train["labels"]["mlflow"].split()[1] == state["run_id"]
+
+
+def test_the_demo_completes_on_the_loopback_site_with_the_installation_owned_by_another_user(hpc_stack):
+    """``maelflow deploy demo sites=[localhpc] --wait``, as a user types it: the jobs run as the site
+    user (maelhpc) from this installation, a git checkout owned by root. anemoi's provenance (git
+    through GitPython: "dubious ownership") used to abort the anemoi training here."""
+    import os
+    import sys
+
+    ws = hpc_stack
+    repo = Path(__file__).resolve().parents[2]
+    site_user = hpc.connection_info(ws)["user"]
+    assert repo.stat().st_uid == 0 and site_user != "root"
+    maelflow = str(Path(sys.executable).with_name("maelflow"))
+    env = dict(os.environ, MAELFLOW_WORKSPACE=str(ws.root))
+    run = subprocess.run([maelflow, "deploy", "demo", "sites=[localhpc]", "--wait", "--timeout", "600"], cwd=repo,
+                         env=env, capture_output=True, text=True, timeout=700)
+    data = tree(client_for(ws), "demo")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert find(data, "/demo")["state"] == "complete"
+    for path in ("/demo/localhpc/train/tiny_anemoi/train", "/demo/localhpc/train/tiny/train"):
+        node = find(data, path)
+        assert node["state"] == "complete" and node["events"]["checkpoint"] is True, node
+        assert node["labels"]["mlflow"].startswith("run "), node["labels"]

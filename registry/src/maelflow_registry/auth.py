@@ -107,25 +107,27 @@ class TokenStore:
             self._write(data)
         return gone
 
+    def _kept_service_token(self) -> str | None:
+        """The kept service token while it is still valid (not revoked), else None."""
+        try:
+            token = self.paths.service_token.read_text().strip()
+        except FileNotFoundError:
+            return None
+        return token if token and hash_token(token) in self.by_hash() else None
+
     def service_token(self, name: str = "service") -> str:
         """The caller's own write token (for its tasks on this host), made on first use and kept 0600.
 
         Made under the store's lock, so two first uses at once make one token, not two (with one of
         them lost). A kept token that is no longer in the store (revoked) is replaced by a new one.
         """
-        try:
-            token = self.paths.service_token.read_text().strip()
-            if token and hash_token(token) in self.by_hash():
-                return token
-        except FileNotFoundError:
-            pass
+        token = self._kept_service_token()
+        if token:
+            return token
         with self.locked():
-            try:
-                token = self.paths.service_token.read_text().strip()
-                if token and hash_token(token) in self.by_hash():
-                    return token
-            except FileNotFoundError:
-                pass
+            token = self._kept_service_token()      # made meanwhile by another process
+            if token:
+                return token
             token, _ = self._create("write", name)
             write_atomic(self.paths.service_token, token + "\n", mode=0o600)
             return token

@@ -28,7 +28,7 @@ from maelflow_transfer.errors import DiskFull, StoreError, TransferError
 from maelflow_transfer.local_source import LocalSource
 from maelflow_transfer.manifest import Entry, Manifest
 from maelflow_transfer.progress import Progress
-from maelflow_transfer.stage import Result, checksum_mismatch, stage
+from maelflow_transfer.stage import Result, already_complete, checksum_mismatch, stage
 from maelflow_transfer.trees import LocalTree, SiteTree
 
 SPOOL_BATCH = 1 << 30      # bytes of the store's objects pulled into the spool at a time (two at most)
@@ -242,10 +242,7 @@ def push(source, tree: SiteTree, dataset: str, *, streams: int = 4, progress: Pr
     manifest = source.require_manifest(dataset)
     n = len(manifest.entries)
     if tree.state(manifest) == "complete":
-        progress.start(manifest.total_bytes, n)
-        progress.skipped(manifest.total_bytes, n)
-        progress.finish()
-        return Result(n, 0, 0, time.monotonic() - t0, already=n)
+        return already_complete(manifest, progress, t0)
     done = tree.prepare(manifest)
     todo = [e for e in manifest.entries if e.key not in done]
     need = sum(e.size for e in todo)

@@ -253,6 +253,15 @@ class _Run:
             raise self.error
 
 
+def already_complete(manifest: Manifest, progress: Progress, t0: float) -> Result:
+    """The destination holds this manifest's copy: nothing to do, all of it counted as there."""
+    n = len(manifest.entries)
+    progress.start(manifest.total_bytes, n)
+    progress.skipped(manifest.total_bytes, n)
+    progress.finish()
+    return Result(n, 0, 0, time.monotonic() - t0, already=n)
+
+
 def stage(store: Store, tree, dataset: str, *, workers: int = 32, progress: Progress | None = None,
           retries: int = 3, max_rate: float | None = None) -> Result:
     """Copy the published ``dataset`` at ``store`` into ``tree``; returns what was done.
@@ -266,10 +275,7 @@ def stage(store: Store, tree, dataset: str, *, workers: int = 32, progress: Prog
     manifest = store.require_manifest(dataset)
     n = len(manifest.entries)
     if tree.state(manifest) == "complete":
-        progress.start(manifest.total_bytes, n)
-        progress.skipped(manifest.total_bytes, n)
-        progress.finish()
-        return Result(n, 0, 0, time.monotonic() - t0, already=n)
+        return already_complete(manifest, progress, t0)
     try:
         done = tree.prepare(manifest, workers=min(workers, 8))
         todo = [e for e in manifest.entries if e.key not in done]
