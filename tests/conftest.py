@@ -29,3 +29,13 @@ def config_root(tmp_path) -> Path:
 # anemoi-datasets (which the demo test and test_anemoi do): they use the numpy-made synth-small-numpy-10p0-2020-2020-6h-v1
 FAST_DATASET = "synth-small-numpy-10p0-2020-2020-6h-v1"
 PREBUILT = "training.tiny.datasets=[synth-small-numpy-10p0-2020-2020-6h-v1]"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test is a unit or an integration test: CI selects by these markers
+    (``-m "unit or integration"``), so a test with neither would silently never run there."""
+    unmarked = [item.nodeid for item in items
+                if not any(item.get_closest_marker(m) for m in ("unit", "integration"))]
+    if unmarked:
+        raise pytest.UsageError("tests without a unit or integration marker (CI would never run them): "
+                                + ", ".join(unmarked[:10]) + (" ..." if len(unmarked) > 10 else ""))

@@ -15,6 +15,8 @@ from maelflow.sites.connections import connect, connection_class
 from maelflow.sites.connections import ssh as ssh_mod
 from maelflow.sites.connections.local import LocalConnection
 from maelflow.sites.connections.shell import RemoteCommandError, shell_path
+
+pytestmark = pytest.mark.unit
 from maelflow.sites.connections.ssh import SshConnection
 
 
