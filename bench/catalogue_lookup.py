@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from maelflow.s3 import workspace_store  # noqa: E402
 from maelflow.services import stack  # noqa: E402
-from maelflow.services.catalogue import catalogue_paths, open_catalogue  # noqa: E402
+from maelflow.services.catalogue import open_catalogue  # noqa: E402
+from maelflow.workspace import catalogue_paths  # noqa: E402
 from maelflow.workspace import Workspace  # noqa: E402
 
 SMALL = os.environ.get("BENCH_SMALL") == "1"

@@ -7,7 +7,7 @@ the URL comes from the service stack, and the token is made once (write role, na
 
 from __future__ import annotations
 
-from maelflow.services.catalogue import catalogue_paths
+from maelflow.workspace import catalogue_paths
 from maelflow.services.stack import discover
 from maelflow.workspace import Workspace
 from maelflow_registry.auth import TokenStore

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from maelflow_registry.config import Paths
+
 ENV_VAR = "MAELFLOW_WORKSPACE"
 
 
@@ -130,3 +132,9 @@ def fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def catalogue_paths(ws: "Workspace") -> Paths:
+    """Where a workspace's catalogue keeps its index, settings and tokens (the catalogue service
+    and the S3 service, which makes the catalogue's buckets, both need it)."""
+    return Paths(ws.path("catalogue"))

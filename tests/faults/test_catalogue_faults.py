@@ -26,7 +26,8 @@ import pytest
 
 from maelflow.datasets import catalogue_hook as hook
 from maelflow.services import stack as stack_mod
-from maelflow.services.catalogue import catalogue_paths, open_store
+from maelflow.services.catalogue import open_store
+from maelflow.workspace import catalogue_paths
 from maelflow.workspace import Workspace
 from maelflow_registry.auth import TokenStore
 from maelflow_registry.client import CatalogueClientError

@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from maelflow.services import stack as stack_mod
-from maelflow.services.catalogue import catalogue_paths
+from maelflow.workspace import catalogue_paths
 from maelflow.workspace import Workspace
 from maelflow_registry.auth import TokenStore
 

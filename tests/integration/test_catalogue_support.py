@@ -19,7 +19,7 @@ import requests
 
 from maelflow.s3 import workspace_store
 from maelflow.services import stack as stack_mod
-from maelflow.services.catalogue import catalogue_paths
+from maelflow.workspace import catalogue_paths
 from maelflow.workspace import Workspace
 from maelflow_registry.auth import TokenStore
 from maelflow_registry.client import CatalogueClient

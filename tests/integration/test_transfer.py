@@ -51,7 +51,7 @@ def make_zarr(path: Path, chunks: int, size: int) -> Path:
 @pytest.fixture(scope="module")
 def tstack(tmp_path_factory):
     ws = Workspace(tmp_path_factory.mktemp("transfer") / "ws")
-    from maelflow.services.catalogue import catalogue_paths
+    from maelflow.workspace import catalogue_paths
     from maelflow_registry.config import load_settings, save_settings
 
     paths = catalogue_paths(ws)

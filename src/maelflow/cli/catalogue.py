@@ -55,7 +55,7 @@ def token() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def token_create(workspace: str | None, role: str, name: str | None, as_json: bool) -> None:
     """Make a token and print it once; only its SHA-256 is kept."""
-    from maelflow.services.catalogue import catalogue_paths
+    from maelflow.workspace import catalogue_paths
     from maelflow_registry.auth import TokenStore
 
     secret, info = TokenStore(catalogue_paths(resolve_workspace(workspace))).create(role, name)
@@ -71,7 +71,7 @@ def token_create(workspace: str | None, role: str, name: str | None, as_json: bo
 @click.argument("which")
 def token_revoke(workspace: str | None, which: str) -> None:
     """Revoke tokens by id, name, or the token itself."""
-    from maelflow.services.catalogue import catalogue_paths
+    from maelflow.workspace import catalogue_paths
     from maelflow_registry.auth import TokenStore
 
     gone = TokenStore(catalogue_paths(resolve_workspace(workspace))).revoke(which)
@@ -85,7 +85,7 @@ def token_revoke(workspace: str | None, which: str) -> None:
 @workspace_option
 def token_list(workspace: str | None) -> None:
     """The tokens (never their secrets)."""
-    from maelflow.services.catalogue import catalogue_paths
+    from maelflow.workspace import catalogue_paths
     from maelflow_registry.auth import TokenStore
 
     for info in TokenStore(catalogue_paths(resolve_workspace(workspace))).list():
@@ -100,7 +100,7 @@ def token_list(workspace: str | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def settings(workspace: str | None, anonymous_read: bool | None, dataset_naming: str | None, as_json: bool) -> None:
     """Show or change the catalogue's settings (a running server picks changes up at once)."""
-    from maelflow.services.catalogue import catalogue_paths
+    from maelflow.workspace import catalogue_paths
     from maelflow_registry.config import load_settings, save_settings
 
     paths = catalogue_paths(resolve_workspace(workspace))
@@ -143,7 +143,7 @@ def rebuild_index(workspace: str | None) -> None:
 @click.option("--allow-delete", is_flag=True, help="Let the client unregister entries and delete data.")
 def client_config(workspace: str | None, role: str, given: str | None, target: str | None, allow_delete: bool) -> None:
     """Point the anemoi-registry client at this workspace's catalogue and S3 (writes its settings files)."""
-    from maelflow.services.catalogue import catalogue_paths
+    from maelflow.workspace import catalogue_paths
     from maelflow.services.stack import discover
     from maelflow_registry.auth import TokenStore
 

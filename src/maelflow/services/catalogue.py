@@ -20,19 +20,14 @@ from typing import TYPE_CHECKING, Any, Sequence
 from maelflow.ewc import workspace_settings
 from maelflow.s3 import object_store
 from maelflow.services.base import LOOPBACK, ManagedService, ServiceError, http_healthy, wait_until
-from maelflow.workspace import Workspace
-from maelflow_registry.config import Paths, Settings, load_settings
+from maelflow.workspace import Workspace, catalogue_paths
+from maelflow_registry.config import Settings, load_settings
 from maelflow_registry.store import Store
 
 if TYPE_CHECKING:
     from maelflow_registry.catalogue import Catalogue
 
 LOG = logging.getLogger("maelflow_registry")
-
-
-def catalogue_paths(ws: Workspace) -> Paths:
-    """Where a workspace's catalogue keeps its index, settings and tokens."""
-    return Paths(ws.path("catalogue"))
 
 
 def open_store(ws: Workspace, settings: Settings) -> tuple[Store, str]:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from maelflow.services.base import LOOPBACK, ManagedService, ServiceError, venv_binary
+from maelflow.workspace import catalogue_paths
 
 DEFAULT_BUCKET = "ewc"
 REGION = "us-east-1"
@@ -78,7 +79,6 @@ class S3Service(ManagedService):
 
     def buckets(self) -> set[str]:
         """The buckets maelflow's parts use: the EWC bucket, the catalogue's (its settings)."""
-        from maelflow.services.catalogue import catalogue_paths
         from maelflow_registry.config import load_settings
 
         catalogue = load_settings(catalogue_paths(self.ws))
