@@ -15,16 +15,14 @@ import time
 class Reporter:
     def __init__(self, env: dict[str, str] | None = None):
         self.env = dict(os.environ if env is None else env)
-        # under the scheduler's launcher (SLURM: srun) every rank runs the step: only rank 0 speaks
-        self.active = bool(self.env.get("ECF_NAME") and self.env.get("ECF_PASS")) and self._rank() in (None, 0)
+        # under the scheduler's launcher (SLURM: srun) every rank runs the step: only rank 0 speaks;
+        # the job's header names the variable that holds the rank (MAELFLOW_RANK_VAR, from the scheduler)
+        rank_var = self.env.get("MAELFLOW_RANK_VAR", "")
+        self.active = bool(self.env.get("ECF_NAME") and self.env.get("ECF_PASS")) and \
+            (not rank_var or self.env.get(rank_var, "0") == "0")
         self.mode = self.env.get("MAELFLOW_REPORT", "direct")
         self._last: dict[tuple[str, str], float] = {}
         self._client = None
-
-    def _rank(self) -> int | None:
-        from maelflow.sites.schedulers import current
-
-        return current(self.env).rank_in(self.env)
 
     # -- child commands -------------------------------------------------------------------------
     def meter(self, name: str, value: int) -> None:

@@ -62,9 +62,11 @@ def test_a_plugin_scheduler_is_a_valid_site_scheduler(config_root):
 def test_job_variables_tell_the_header_what_to_read():
     assert job_variables(scheduler_named("slurm")) == {
         "MAELFLOW_SCHEDULER": "slurm", "MAELFLOW_JOB_ID": "${SLURM_JOB_ID:-$$}",
-        "MAELFLOW_WARNING_SIGNAL": "USR1", "MAELFLOW_LAUNCH": "srun --kill-on-bad-exit=1"}
+        "MAELFLOW_WARNING_SIGNAL": "USR1", "MAELFLOW_LAUNCH": "srun --kill-on-bad-exit=1",
+        "MAELFLOW_RANK_VAR": "SLURM_PROCID"}
     assert job_variables(scheduler_named("local")) == {
-        "MAELFLOW_SCHEDULER": "local", "MAELFLOW_JOB_ID": "$$", "MAELFLOW_WARNING_SIGNAL": "", "MAELFLOW_LAUNCH": ""}
+        "MAELFLOW_SCHEDULER": "local", "MAELFLOW_JOB_ID": "$$", "MAELFLOW_WARNING_SIGNAL": "", "MAELFLOW_LAUNCH": "",
+        "MAELFLOW_RANK_VAR": ""}
     assert job_variables(scheduler_named("testsched"))["MAELFLOW_JOB_ID"] == "${TESTSCHED_JOB_ID:-$$}"
 
 
@@ -280,7 +282,8 @@ def test_the_job_header_asks_the_sites_scheduler(config_root, tmp_path, monkeypa
         assert "ECF_RID=$$" in plain and "MAELFLOW_SCHEDULER=local" in plain
     code = [ln for text in jobs.values() for ln in text.splitlines() if not ln.lstrip().startswith("#")]
     assert [ln for ln in code if "SLURM" in ln or "srun" in ln] == [ln for ln in code if "${SLURM_JOB_ID:-$$}" in ln
-                                                                   or "srun --kill-on-bad-exit=1" in ln]
+                                                                   or "srun --kill-on-bad-exit=1" in ln
+                                                                   or "MAELFLOW_RANK_VAR=SLURM_PROCID" in ln]
 
 
 def test_tasks_outside_site_families_run_beside_the_server(config_root):

@@ -228,10 +228,12 @@ def current(environ: Mapping[str, str] | None = None) -> Scheduler:
 def job_variables(scheduler: Scheduler) -> dict[str, str]:
     """The ecFlow variables through which a job's header (suites/include/head.h) and templates
     ask their scheduler: its name, the job id (the shell's own pid where the scheduler gives none),
-    the warning signal to trap, and the launcher of a multi-task step."""
+    the warning signal to trap, the launcher of a multi-task step, and the name of the variable that
+    holds a task's rank under that launcher (only rank 0 reports to ecFlow)."""
     job_id = f"${{{scheduler.ENV.job_id}:-$$}}" if scheduler.ENV.job_id else "$$"
     return {"MAELFLOW_SCHEDULER": scheduler.name, "MAELFLOW_JOB_ID": job_id,
-            "MAELFLOW_WARNING_SIGNAL": scheduler.WARNING_SIGNAL or "", "MAELFLOW_LAUNCH": scheduler.LAUNCH or ""}
+            "MAELFLOW_WARNING_SIGNAL": scheduler.WARNING_SIGNAL or "", "MAELFLOW_LAUNCH": scheduler.LAUNCH or "",
+            "MAELFLOW_RANK_VAR": scheduler.ENV.procid or ""}
 
 
 __all__ = ["ALIVE", "CANCELLED", "COMPLETED", "CommandScheduler", "FAILED", "GROUP", "JobEnvironment", "PENDING",
