@@ -21,6 +21,7 @@ from typing import Callable
 from maelflow.config.loader import ResolvedExperiment
 from maelflow.relay import (LocalSpool, RelayState, Sender, ServerUnavailable, SpoolSource, SshSpool, replay,
                             state_path)
+from maelflow.sites.connections import connect, is_local
 from maelflow.workspace import Workspace, write_atomic
 
 log = logging.getLogger("maelflow.relay")
@@ -98,10 +99,8 @@ def _load(path: str) -> ResolvedExperiment | None:
 
 def source_for(rx: ResolvedExperiment, site: str) -> SpoolSource:
     s = rx.sites[site]
-    if s.connection.type == "local":
+    if is_local(s):
         return LocalSpool()
-    from maelflow.sites.connections import connect
-
     return SshSpool(connect(site, s))
 
 
@@ -133,7 +132,7 @@ def targets(ws: Workspace) -> list[Target]:
                 except Exception as exc:  # noqa: BLE001 - that site backs off, the others go on
                     source = _Unreachable(exc)
                 t = Target(suite.name(), site_name, spool_dir(rx, site_name), source, sender)
-                if site.connection.type == "ssh":
+                if not is_local(site):
                     t.after_replay = _mirror(suite, rx, site_name)
                 out.append(t)
     return out

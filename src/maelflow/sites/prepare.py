@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from maelflow.config.loader import ResolvedExperiment
+from maelflow.sites.connections import connect, is_local
 from maelflow.workspace import Workspace
 
 
@@ -21,12 +22,11 @@ def prepare_site(rx: ResolvedExperiment, site: str, config_file: Path, ws: Works
     s = rx.sites[site]
     root = s.paths.root.rstrip("/")
     folders = [f"{root}/jobs", spool_dir(rx, site), f"{root}/suites/{rx.name}", s.paths.datasets, s.paths.outputs]
-    if s.connection.type == "local":
+    if is_local(s):
         for f in folders:
             Path(f).mkdir(parents=True, exist_ok=True)
         return f"{site}: folders ready under {root}"
     from maelflow.services.base import ServiceError
-    from maelflow.sites.connections import connect
 
     conn = connect(site, s)
     for f in folders:

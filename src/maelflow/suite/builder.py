@@ -16,9 +16,10 @@ from pathlib import Path
 
 import ecflow
 
-from maelflow.errors import MaelflowError
 from maelflow.config.loader import ResolvedExperiment
+from maelflow.errors import MaelflowError
 from maelflow.installation import maelflow_command
+from maelflow.sites.connections import is_local
 from maelflow.sites.schedulers import job_variables, scheduler_for, scheduler_named
 from maelflow.suite.layout import FamilySpec, SuiteSpec, TaskSpec, suite_layout
 from maelflow.workspace import Workspace, write_atomic
@@ -48,7 +49,7 @@ def templates_dir() -> Path:
 
 def site_command(rx: ResolvedExperiment, site: str) -> str:
     s = rx.sites[site]
-    return maelflow_command() if s.connection.type == "local" else s.maelflow_command
+    return maelflow_command() if is_local(s) else s.maelflow_command
 
 
 def site_config_path(rx: ResolvedExperiment, site: str) -> str:
@@ -163,7 +164,7 @@ def build_suite(rx: ResolvedExperiment, out_dir: Path, ws: Workspace, ecf_host: 
         fam.variables["MAELFLOW_REPORT"] = rx.sites[site].reporting
         fam.variables["MAELFLOW_RUNNER"] = "site"
         fam.variables.update(job_variables(scheduler_for(site, rx.sites[site])))
-        if rx.sites[site].connection.type != "local":
+        if not is_local(rx.sites[site]):
             # the job reads the config where the runner copies it on the site
             fam.variables["MAELFLOW_CONFIG"] = site_config_path(rx, site)
         if rx.sites[site].reporting == "relay":

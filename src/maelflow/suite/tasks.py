@@ -107,16 +107,17 @@ def stage(ctx: TaskContext, dataset: str, site: str) -> None:
     Runs where the suite placed it (layout.py): on the site's login node when it reaches the
     internet (pull there), else beside the server (pull here, push by rsync over SSH).
     """
+    from maelflow.datasets.stage import stage_dataset
+    from maelflow.sites.connections import is_local
     from maelflow.training.runs import dataset_path
     from maelflow_transfer.errors import TransferError
     from maelflow_transfer.progress import reporter_sink
-    from maelflow.datasets.stage import stage_dataset
 
     ds = ctx.rx.datasets[dataset]
     s = ctx.rx.sites[site]
     dest = str(dataset_path(ctx.rx, site, dataset))
     # mirrors layout.py's placement: the login node when it reaches the internet, else the server
-    via = "here" if s.connection.type == "local" or s.internet.login else "push"
+    via = "here" if is_local(s) or s.internet.login else "push"
     ctx.reporter.label("info", f"staging {ds.key_prefix} to {dest} ({'pull on the login node' if via == 'here' else 'push by rsync over SSH'})")
     try:
         res, dest, via = stage_dataset(ctx.ws, dataset, site_name=site, site=s, dest=dest, prefix=ds.key_prefix,

@@ -76,3 +76,9 @@ def connect(site_name: str, site, *, dry_run: bool = False) -> Connection:
     process and login, so the commands of one process share one handshake.
     """
     return connection_class(site.connection.type).for_site(site_name, site, dry_run=dry_run)
+
+
+def is_local(site) -> bool:
+    """The site is this machine (its connection class says so: its files can be read in place, a job
+    of it writes where ecFlow reads); a question asked here once, not of ``connection.type``."""
+    return bool(getattr(connection_class(site.connection.type), "local", False))
