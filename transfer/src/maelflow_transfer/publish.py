@@ -1,16 +1,15 @@
 """Publish a dataset folder (an ML-ready zarr) to the EWC object store.
 
-The folder is scanned first: every file's size and SHA-256 make the manifest. Objects are then
-uploaded in parallel (large ones as multipart uploads, several parts at a time), each one's bytes
-hashed again as they are read for the upload: a file that changed since the scan is refused before
-its object is completed. Objects already in the store with the same checksum (an interrupted publish) are kept.
+The folder is scanned first: every file's size, SHA-256 and BLAKE3 (both from one read) make the
+manifest. Objects are then uploaded in parallel (large ones as multipart uploads, several parts at a
+time), each one's bytes hashed again as they are read for the upload (BLAKE3, the faster: it only
+has to match the scan): a file that changed since the scan is refused before its object is completed. Objects already in the store with the same checksum (an interrupted publish) are kept.
 The manifest is written last, so a dataset without a manifest is, by definition, not published:
 a failed publish publishes nothing.
 """
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -77,7 +76,9 @@ def publish(source: Path, dataset: str, store: Store, *, workers: int = 16, prog
         path = source / e.key
         if e.size <= MULTIPART_THRESHOLD:
             data = path.read_bytes()
-            if len(data) != e.size or hashlib.sha256(data).hexdigest() != e.sha256:
+            algo, h = e.hasher()
+            h.update(data)
+            if len(data) != e.size or not e.matches(algo, h.hexdigest()):
                 raise _changed(source, dataset, e.key)
             store.put(e.key, data, e.sha256, stop)
             progress.moved(e.size)
@@ -85,7 +86,7 @@ def publish(source: Path, dataset: str, store: Store, *, workers: int = 16, prog
             def parts():
                 """The file's parts, hashed as they are read; a file that no longer matches the
                 scan raises after its last part, before the upload is completed."""
-                h, seen = hashlib.sha256(), 0
+                (algo, h), seen = e.hasher(), 0
                 with open(path, "rb") as fh:
                     while chunk := fh.read(PART_SIZE):
                         if stop.is_set():
@@ -94,7 +95,7 @@ def publish(source: Path, dataset: str, store: Store, *, workers: int = 16, prog
                         seen += len(chunk)
                         progress.moved(len(chunk))
                         yield chunk
-                if seen != e.size or h.hexdigest() != e.sha256:
+                if seen != e.size or not e.matches(algo, h.hexdigest()):
                     raise _changed(source, dataset, e.key)
             store.put_multipart(e.key, parts, e.sha256)
         progress.object_done()
