@@ -27,7 +27,8 @@ from pathlib import Path, PurePosixPath
 from typing import Callable
 
 from maelflow_transfer.errors import DestinationConflict, DiskFull, TransferError, disk_error
-from maelflow_transfer.manifest import MANIFEST_NAME, Entry, Manifest, extra_files, sha256_file, verify_tree
+from maelflow_transfer.manifest import (MANIFEST_NAME, SHA256, Entry, Manifest, check_file, extra_files,
+                                      sha256_file, verify_tree)
 from maelflow_transfer.paths import UnsafePath, check_inside, check_key, inside
 
 JOURNAL_NAME = ".maelflow-journal"
@@ -252,17 +253,19 @@ class LocalTree:
                     path.unlink()            # leftovers of a killed run, or of another version
                     continue
                 rec = journal.get(rel)
-                if rec and rec.get("h") == e.sha256 and rec.get("s") == e.size and rec.get("m") == st.st_mtime_ns:
+                # a line says which digest was checked ("d"; lines without it: SHA-256)
+                if rec and e.matches(rec.get("d", SHA256), rec.get("h")) and rec.get("s") == e.size \
+                        and rec.get("m") == st.st_mtime_ns:
                     done.add(rel)
                 else:
                     to_hash.append(e)
         if to_hash:
             with ThreadPoolExecutor(max_workers=workers) as pool:
-                sums = list(pool.map(lambda e: sha256_file(inside(self.partial, e.key)), to_hash))
-            for e, s in zip(to_hash, sums):
-                if s == e.sha256:
+                checks = list(pool.map(lambda e: check_file(inside(self.partial, e.key), e), to_hash))
+            for e, (algo, ok) in zip(to_hash, checks):
+                if ok:
                     done.add(e.key)
-                    self.record(e, os.stat(inside(self.partial, e.key)).st_mtime_ns)
+                    self.record(e, os.stat(inside(self.partial, e.key)).st_mtime_ns, algo)
                 else:
                     inside(self.partial, e.key).unlink()
         return done
@@ -332,8 +335,11 @@ class LocalTree:
             self._dirs[folder] = fd
             return fd
 
-    def record(self, entry: Entry, stamp: int | None) -> None:
-        line = json.dumps({"k": entry.key, "s": entry.size, "h": entry.sha256, "m": stamp}) + "\n"
+    def record(self, entry: Entry, stamp: int | None, algo: str | None = None) -> None:
+        """Journal ``entry`` as checked with ``algo`` (default: the one a stage checks it with,
+        ``Entry.algo``): the line names the digest ("d") and its value ("h")."""
+        algo = algo or entry.algo
+        line = json.dumps({"k": entry.key, "s": entry.size, "d": algo, "h": entry.digest(algo), "m": stamp}) + "\n"
         with self._lock:
             if self._journal is None:
                 self._journal = open(self.journal_path, "a", buffering=1)
