@@ -22,7 +22,7 @@ def prepare_datasets(rx: ResolvedExperiment) -> list[Path]:
 
 # what each kind of suite task talks to, beyond ecFlow (tests check the demo starts all of them)
 TASK_SERVICES = {"publish": "s3", "stage": "s3", "train": "mlflow", "sync": "mlflow",
-                 "locate": "catalogue", "register": "catalogue"}
+                 "locate": "catalogue", "register": "catalogue", "report": "mlflow"}
 
 
 def services_needed(rx: ResolvedExperiment) -> list[str]:

@@ -10,6 +10,8 @@ export ECF_TRYNO=%ECF_TRYNO% ECF_RID=%MAELFLOW_JOB_ID:$$% ECF_TIMEOUT=%MAELFLOW_
 export MAELFLOW_REPORT=%MAELFLOW_REPORT% MAELFLOW_SPOOL=%MAELFLOW_SPOOL:%
 export MAELFLOW_CONFIG=%MAELFLOW_CONFIG% MAELFLOW_WORKSPACE=%MAELFLOW_WORKSPACE%
 export MAELFLOW_SITE=%SITE:% MAELFLOW_SUITE=%SUITE% MAELFLOW_DEPLOY_ID=%MAELFLOW_DEPLOY_ID:0%
+# benchmark mode (the suite's benchmark family): which benchmark, which repeat, which day's cycle
+export MAELFLOW_BENCHMARK=%MAELFLOW_BENCHMARK:% MAELFLOW_REPEAT=%MAELFLOW_REPEAT:% MAELFLOW_ROUND=%ECF_DATE%
 MAELFLOW="%MAELFLOW_SITE_CMD%"
 
 # Child commands go straight to the server (direct) or to the site's spool, replayed by maelflow (relay).

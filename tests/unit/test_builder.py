@@ -137,3 +137,53 @@ def test_the_demo_starts_every_service_its_suite_tasks_use(config_root, tmp_path
     started = set(demo.services_needed(rx))
     assert needed <= started
     assert ("relay" in started) == ("localhpc" in sites)
+
+
+def test_benchmark_mode_repeats_every_training_on_every_site_then_reports(config_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("MAELFLOW_KEEP_JOBCHECK", "1")
+    built = _build(config_root, tmp_path, overrides=[
+        "sites=[local,lumi]", "+benchmark.repeats=2", "+benchmark.trainings=[tiny]",
+        "+benchmark.baseline=quarterly", "+benchmark.cron='-m 1,4,7,10 -d 1 03:00'"])
+    defs = ecflow.Defs(str(built.def_file))
+    assert defs.check() == ""
+    node = defs.find_abs_node
+    # the benchmarked training runs in the benchmark family only; the other one as before
+    assert node("/demo/local/train/tiny") is None and node("/demo/local/train/tiny_anemoi") is not None
+    bench = node("/demo/benchmark")
+    assert bench.find_variable("MAELFLOW_BENCHMARK").value() == "demo"
+    assert [str(c) for c in bench.crons] == ["cron -d 1 -m 1,4,7,10 03:00"]
+    for site in ("local", "lumi"):
+        fam = node(f"/demo/benchmark/{site}")
+        # staging first: never inside what is timed
+        assert fam.get_trigger().get_expression() == f"/demo/{site}/data == complete"
+        assert [i.name() for i in fam.inlimits] == [f"{site}_jobs"]
+        assert fam.find_variable("SITE").value() == site
+        assert node(f"/demo/benchmark/{site}/tiny/r1").get_trigger() is None
+        r2 = node(f"/demo/benchmark/{site}/tiny/r2")
+        assert r2.get_trigger().get_expression() == "r1 == complete"   # repeats one after another
+        assert r2.find_variable("MAELFLOW_REPEAT").value() == "2"
+        assert node(f"/demo/benchmark/{site}/tiny/r3") is None
+        assert node(f"/demo/benchmark/{site}/tiny/r2/sync").get_trigger().get_expression() == "train == complete"
+    assert node("/demo/benchmark/lumi").find_variable("MAELFLOW_REPORT").value() == "relay"
+    report = node("/demo/benchmark/report")
+    assert report.get_trigger().get_expression() == "local == complete and lumi == complete"
+    assert {lab.name() for lab in report.labels} == {"info", "report", "headline"}
+    assert report.find_variable("MAELFLOW_RUNNER").value() == "local"   # beside the server
+    job = next((built.out_dir / ".jobcheck").rglob("report.job*")).read_text()
+    assert "task benchmark_report" in job and "MAELFLOW_BENCHMARK=demo" in job
+    # the job check keeps one task per site and script: with only the benchmarked training, its repeat's
+    built = _build(config_root, tmp_path, "only",
+                   overrides=["sites=[lumi]", "trainings=[tiny]", "+benchmark.repeats=2"])
+    train = next((built.out_dir / ".jobcheck").rglob("train.job*"))
+    assert "/benchmark/lumi/tiny/r1/" in str(train)
+    assert "MAELFLOW_REPEAT=1" in train.read_text() and "module load LUMI" in train.read_text()
+
+
+def test_benchmark_section_is_checked(config_root, tmp_path):
+    from maelflow.config.errors import ConfigError
+
+    for bad in ("+benchmark.trainings=[nosuch]", "+benchmark.repeats=0", "+benchmark.cron=whenever",
+                "+benchmark.repeat=2"):
+        with pytest.raises(ConfigError) as exc:
+            _build(config_root, tmp_path, overrides=[bad])
+        assert "benchmark" in str(exc.value), (bad, str(exc.value))

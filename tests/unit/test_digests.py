@@ -17,7 +17,7 @@ from maelflow_transfer.errors import ChecksumMismatch
 from maelflow_transfer.manifest import (BLAKE3, MANIFEST_NAME, SHA256, Entry, Manifest, check_file, scan,
                                         verify_tree)
 from maelflow_transfer.stage import stage
-from maelflow_transfer.trees import JOURNAL_NAME, LocalTree
+from maelflow_transfer.trees import LocalTree
 
 from tests.unit.test_transfer_engine import MemoryStore, _objects
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from maelflow.cli.common import console, fail
+from maelflow.cli.common import console
 from maelflow.cli.options import resolve_workspace, workspace_option
 
 
@@ -14,14 +14,10 @@ def _make(action: str, help_text: str) -> click.Command:
     @workspace_option
     def cmd(path: str, workspace: str | None) -> None:
         from maelflow.ecf import client_for
-        from maelflow.services.base import ServiceError
-        from maelflow.suite.server import SuiteError, control
+        from maelflow.suite.server import control
 
         node = path if path.startswith("/") else "/" + path
-        try:
-            control(client_for(resolve_workspace(workspace)), action, node)
-        except (ServiceError, SuiteError) as exc:
-            fail(str(exc))
+        control(client_for(resolve_workspace(workspace)), action, node)
         console.print(f"{action}: {node}")
 
     return cmd

@@ -18,16 +18,12 @@ def command(overrides: tuple[str, ...], workspace: str | None, experiment: str, 
     from maelflow import demo
     from maelflow.cli.status import follow
     from maelflow.ecf import client_for
-    from maelflow.services.base import ServiceError
     from maelflow.suite.server import deploy
 
     ws = resolve_workspace(workspace)
     rx = load_or_exit(experiment, overrides, ws)
     console.print(f"workspace {ws.root}")
-    try:
-        infos = demo.start(ws, rx, on_start=lambda n: console.print(f"  starting {n} ..."))
-    except ServiceError as exc:
-        fail(str(exc))
+    infos = demo.start(ws, rx, on_start=lambda n: console.print(f"  starting {n} ..."))
     for name, info in infos.items():
         console.print(f"  {name}: {info.url or ''} (pid {info.pid})")
     for path in demo.prepare_datasets(rx):

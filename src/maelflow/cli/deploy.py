@@ -18,18 +18,12 @@ def command(experiment: str, overrides: tuple[str, ...], workspace: str | None, 
     """Deploy EXPERIMENT to the workspace's ecFlow server and begin it."""
     from maelflow.cli.status import follow
     from maelflow.ecf import client_for
-    from maelflow.services.base import ServiceError
-    from maelflow.errors import SiteError
-    from maelflow.suite.builder import BuildError
     from maelflow.suite.server import deploy
 
     ws = resolve_workspace(workspace)
     rx = load_or_exit(experiment, overrides, ws)
-    try:
-        client = client_for(ws)
-        built = deploy(rx, ws, client)
-    except (ServiceError, BuildError, SiteError) as exc:
-        fail(str(exc))
+    client = client_for(ws)
+    built = deploy(rx, ws, client)         # a maelflow error: the CLI's one handler reports it
     console.print(f"deployed suite [bold]/{built.name}[/] from {built.def_file}")
     if wait:
         state = follow(client, built.name, timeout)

@@ -8,7 +8,7 @@ import time
 import click
 from rich.tree import Tree
 
-from maelflow.cli.common import console, fail
+from maelflow.cli.common import console
 from maelflow.cli.options import resolve_workspace, workspace_option
 
 # ecFlow UI's default state colours
@@ -77,13 +77,9 @@ def follow(client, suite: str, timeout: float, interval: float = 2.0) -> str:
 def command(suite: str | None, workspace: str | None, as_json: bool) -> None:
     """Show SUITE (or every suite) on the workspace's ecFlow server."""
     from maelflow.ecf import client_for
-    from maelflow.services.base import ServiceError
-    from maelflow.suite.server import SuiteError, tree
+    from maelflow.suite.server import tree
 
-    try:
-        data = tree(client_for(resolve_workspace(workspace)), suite)
-    except (ServiceError, SuiteError) as exc:
-        fail(str(exc))
+    data = tree(client_for(resolve_workspace(workspace)), suite)
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return

@@ -89,6 +89,7 @@ TASKS: dict[str, tuple[tuple[str, ...], str]] = {
     "train": (("training", "site"), "Run TRAINING on SITE."),
     "register": (("training", "site"), "Register what TRAINING produced on SITE in the catalogue."),
     "sync": (("training", "site"), "Sync the offline MLflow run of TRAINING on SITE to the tracking server."),
+    "benchmark_report": ((), "Compare the benchmark family's runs of every site in one report."),
 }
 
 

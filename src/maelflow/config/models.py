@@ -216,6 +216,42 @@ class Training(Strict):
 
 
 # ---------------------------------------------------------------------------------- experiments
+class Benchmark(Strict):
+    """Benchmark mode: the same trainings on every site of the experiment, repeated, then one report."""
+
+    name: str | None = Field(None, description="Benchmark name, tagged on its MLflow runs "
+                                               "(maelflow.benchmark); default: the experiment's name.")
+    repeats: int = Field(1, ge=1, le=100, description="Runs of each training on each site, one after another, "
+                                                      "each its own ecFlow task and MLflow run.")
+    trainings: list[str] | None = Field(None, description="Trainings of the experiment to benchmark (they run "
+                                        "in the benchmark family instead of the sites' train families); "
+                                        "default: all of them.")
+    baseline: str | None = Field(None, description="Baseline for the report's regression check: a run id, "
+                                 "KEY=VALUE or a name tagged maelflow.baseline=NAME; the report task aborts "
+                                 "on a regression.")
+    tolerance: float = Field(0.10, ge=0, le=1, description="Throughput may be this fraction below the baseline's.")
+    memory_tolerance: float = Field(0.01, ge=0, le=10,
+                                    description="Peak memory may be this fraction above the baseline's.")
+    cron: str | None = Field(None, description="ecFlow cron of the benchmark family for periodic runs, as in a "
+                             "suite definition, e.g. '-m 1,4,7,10 -d 1 03:00' (quarterly); each day's cycle "
+                             "starts new runs (their folders and tags carry the suite's date).")
+
+    _check_name = field_validator("name")(classmethod(lambda cls, v: v if v is None else check_name(v)))
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        from maelflow.suite.builder import parse_cron
+
+        try:
+            parse_cron(v)
+        except ValueError as exc:
+            raise ValueError(f"{exc}; e.g. '-m 1,4,7,10 -d 1 03:00' (quarterly)") from None
+        return v
+
+
 class Experiment(Strict):
     name: str = Field(description="Experiment name; the ecFlow suite is named after it.")
     description: str = Field("", description="What the experiment is for.")
@@ -223,8 +259,26 @@ class Experiment(Strict):
     sites: list[str] = Field(min_length=1, description="Names of the sites it runs on (configs/sites/).")
     datasets: list[str] = Field(default_factory=list, description="Names of its datasets (configs/datasets/).")
     trainings: list[str] = Field(default_factory=list, description="Names of its trainings (configs/trainings/).")
+    benchmark: Benchmark | None = Field(None, description="Benchmark mode: repeats of the trainings on every "
+                                                          "site and a report task (docs/training.md).")
 
     _check_name = field_validator("name")(classmethod(lambda cls, v: check_name(v)))
+
+    @model_validator(mode="after")
+    def _benchmark(self) -> "Experiment":
+        if self.benchmark is not None:
+            unknown = [t for t in self.benchmark.trainings or [] if t not in self.trainings]
+            if unknown:
+                raise ValueError(f"benchmark.trainings names trainings the experiment lacks: {', '.join(unknown)}")
+            if not self.benchmark_trainings:
+                raise ValueError("benchmark mode needs at least one training")
+        return self
+
+    @property
+    def benchmark_trainings(self) -> list[str]:
+        if self.benchmark is None:
+            return []
+        return list(self.benchmark.trainings) if self.benchmark.trainings is not None else list(self.trainings)
 
     @field_validator("sites", "datasets", "trainings")
     @classmethod

@@ -388,7 +388,7 @@ def render_findings(report: Report, console: Any) -> None:
 
 
 def markdown(report: Report, images: list[str]) -> str:
-    out = [f"# Training benchmark report", "",
+    out = ["# Training benchmark report", "",
            f"Tracking server: `{report.tracking_uri}`; {len(report.runs)} run(s); generated {report.generated}.", "",
            "Times per step and category, warm-up steps excluded (rows as in MAELSTROM D2.6). IO is the time "
            "waiting for the next batch (data loading); communication is the DDP all-reduce window.", ""]

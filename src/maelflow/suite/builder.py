@@ -99,6 +99,32 @@ def _add_attrs(node, spec) -> None:
         node.add_event(name)
     if spec.trigger:
         node.add_trigger(spec.trigger)
+    if getattr(spec, "cron", None):
+        node.add_cron(parse_cron(spec.cron))
+
+
+def parse_cron(text: str) -> ecflow.Cron:
+    """An ecFlow cron as written in a .def (``[-w 0,6] [-d 1,15] [-m 1,4,7,10] TIME_SERIES``)."""
+    words = text.split()
+    setters = {"-w": "set_week_days", "-d": "set_days_of_month", "-m": "set_months"}
+    lists: dict[str, list[int]] = {}
+    while words and words[0] in setters:
+        if len(words) < 2:
+            raise ValueError(f"cron {text!r}: {words[0]} needs a comma-separated list")
+        try:
+            lists[setters[words[0]]] = [int(x) for x in words[1].split(",")]
+        except ValueError:
+            raise ValueError(f"cron {text!r}: {words[0]} {words[1]} is not a list of numbers") from None
+        words = words[2:]
+    if not words:
+        raise ValueError(f"cron {text!r}: no time (e.g. 03:00)")
+    try:
+        cron = ecflow.Cron(" ".join(words))
+        for setter, values in lists.items():
+            getattr(cron, setter)(values)
+    except (RuntimeError, IndexError) as exc:
+        raise ValueError(f"cron {text!r}: {exc}") from None
+    return cron
 
 
 def server_task_variables(suite_vars: dict[str, str]) -> dict[str, str]:
@@ -157,8 +183,11 @@ def build_suite(rx: ResolvedExperiment, out_dir: Path, ws: Workspace, ecf_host: 
     """Write the suite to ``out_dir`` atomically: a failed build leaves the previous one intact."""
     out_dir = out_dir.resolve()
     spec = suite_layout(rx, suite_variables(rx, ws, out_dir, ecf_host))
-    for site in rx.experiment.sites:
-        fam = next(c for c in spec.children if isinstance(c, FamilySpec) and c.variables.get("SITE") == site)
+    site_families = [c for c in spec.children if isinstance(c, FamilySpec) and c.variables.get("SITE")]
+    for bench in (c for c in spec.children if isinstance(c, FamilySpec) and c.name == "benchmark"):
+        site_families += [c for c in bench.children if isinstance(c, FamilySpec) and c.variables.get("SITE")]
+    for fam in site_families:
+        site = fam.variables["SITE"]
         fam.variables["ECF_INCLUDE"] = f"{out_dir / 'include' / site}:{out_dir / 'include'}"
         fam.variables["MAELFLOW_SITE_CMD"] = site_command(rx, site)
         fam.variables["MAELFLOW_REPORT"] = rx.sites[site].reporting

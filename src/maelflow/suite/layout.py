@@ -36,6 +36,7 @@ class FamilySpec:
     trigger: str | None = None
     inlimits: list[str] = field(default_factory=list)
     labels: list[tuple[str, str]] = field(default_factory=list)
+    cron: str | None = None   # an ecFlow cron, as in a .def: [-w D,..] [-d D,..] [-m M,..] TIME_SERIES
 
 
 @dataclass
@@ -66,6 +67,63 @@ def expected_epochs(training) -> int:
         per_epoch = ((cfg.get("dataloader", {}) or {}).get("limit_batches", {}) or {}).get("training") or 10
         return max(1, -(-int(t.get("max_steps", 10)) // int(per_epoch)))
     return int(cfg.get("max_epochs", 1) or 1)
+
+
+def train_tasks(training) -> list[TaskSpec]:
+    """A training's job on the site, then the copy of its offline MLflow run beside the server."""
+    return [TaskSpec("train", "train",
+                     meters=[("epoch", 0, expected_epochs(training)),
+                             ("resubmits", 0, max(training.max_resubmissions, 1))],
+                     labels=[("info", ""), ("mlflow", ""), ("checkpoint", "")],
+                     events=["checkpoint", "timeout"],
+                     variables={"MAELFLOW_RESUBMIT_MAX": str(training.max_resubmissions),
+                                "NODES": str(training.nodes),
+                                "TASKS_PER_NODE": str(max(1, training.gpus_per_node)),
+                                "GPUS_PER_NODE": str(training.gpus_per_node),
+                                "TIME_LIMIT": training.time_limit}),
+            TaskSpec("sync", "sync", labels=[("info", ""), ("mlflow", "")], trigger="train == complete",
+                     runs_on="server")]
+
+
+def benchmark_name(rx: ResolvedExperiment) -> str:
+    bm = rx.experiment.benchmark
+    return (bm.name if bm and bm.name else None) or rx.name
+
+
+def benchmark_family(rx: ResolvedExperiment, suite: str) -> FamilySpec:
+    """``benchmark/<site>/<training>/r<N>/{train,sync}`` then ``benchmark/report``.
+
+    Every repeat is its own task and MLflow run (its own run folder: MAELFLOW_REPEAT), and a site's
+    runs go one after another, so that repeats do not compete with each other for the machine. A
+    site's runs wait for its data family: staging is never part of what is timed. The report runs
+    beside the server once every site is done.
+    """
+    bm = rx.experiment.benchmark
+    name = benchmark_name(rx)
+    fam = FamilySpec("benchmark", variables={"MAELFLOW_BENCHMARK": name}, cron=bm.cron,
+                     labels=[("info", f"benchmark {name}: {bm.repeats} repeat(s) of "
+                              f"{', '.join(rx.experiment.benchmark_trainings)} on {', '.join(rx.experiment.sites)}")])
+    for site_name in rx.experiment.sites:
+        sn = node_name(site_name)
+        site_fam = FamilySpec(sn, variables={"SITE": site_name}, inlimits=[jobs_limit(site_name)],
+                              trigger=f"/{suite}/{sn}/data == complete" if rx.experiment.datasets else None)
+        previous: str | None = None
+        for tname in rx.experiment.benchmark_trainings:
+            tfam = FamilySpec(node_name(tname), variables={"TRAINING": tname},
+                              trigger=f"{previous} == complete" if previous else None)
+            prev_repeat: str | None = None
+            for r in range(1, bm.repeats + 1):
+                tfam.children.append(FamilySpec(f"r{r}", variables={"MAELFLOW_REPEAT": str(r)},
+                                                trigger=f"{prev_repeat} == complete" if prev_repeat else None,
+                                                children=train_tasks(rx.trainings[tname])))
+                prev_repeat = f"r{r}"
+            site_fam.children.append(tfam)
+            previous = node_name(tname)
+        fam.children.append(site_fam)
+    sites = " and ".join(f"{node_name(s)} == complete" for s in rx.experiment.sites)
+    fam.children.append(TaskSpec("report", "report", labels=[("info", ""), ("report", ""), ("headline", "")],
+                                 trigger=sites, runs_on="server"))
+    return fam
 
 
 def suite_layout(rx: ResolvedExperiment, variables: dict[str, str]) -> SuiteSpec:
@@ -106,28 +164,20 @@ def suite_layout(rx: ResolvedExperiment, variables: dict[str, str]) -> SuiteSpec
         if stages:
             fam.children.append(FamilySpec("data", children=stages))
             previous = "data"
-        if rx.experiment.trainings:
+        benchmarked = set(rx.experiment.benchmark_trainings)
+        regular = [t for t in rx.experiment.trainings if t not in benchmarked]
+        if regular:
             train = FamilySpec("train", trigger=f"{previous} == complete" if previous else None)
             register = FamilySpec("register", trigger="train == complete")
-            for tname in rx.experiment.trainings:
-                training = rx.trainings[tname]
-                max_epochs = expected_epochs(training)
-                tasks = [TaskSpec("train", "train",
-                                  meters=[("epoch", 0, max_epochs), ("resubmits", 0, max(training.max_resubmissions, 1))],
-                                  labels=[("info", ""), ("mlflow", ""), ("checkpoint", "")],
-                                  events=["checkpoint", "timeout"],
-                                  variables={"MAELFLOW_RESUBMIT_MAX": str(training.max_resubmissions),
-                                             "NODES": str(training.nodes),
-                                             "TASKS_PER_NODE": str(max(1, training.gpus_per_node)),
-                                             "GPUS_PER_NODE": str(training.gpus_per_node),
-                                             "TIME_LIMIT": training.time_limit})]
-                tasks.append(TaskSpec("sync", "sync", labels=[("info", ""), ("mlflow", "")], trigger="train == complete",
-                                      runs_on="server"))
-                train.children.append(FamilySpec(node_name(tname), variables={"TRAINING": tname}, children=tasks))
+            for tname in regular:
+                train.children.append(FamilySpec(node_name(tname), variables={"TRAINING": tname},
+                                                 children=train_tasks(rx.trainings[tname])))
                 register.children.append(FamilySpec(node_name(tname), variables={"TRAINING": tname}, children=[
                     TaskSpec("register", "register", labels=[("info", "")], runs_on="server")]))
             fam.children.extend([train, register])
         children.append(fam)
 
+    if rx.experiment.benchmark is not None:
+        children.append(benchmark_family(rx, suite))
     return SuiteSpec(suite, variables, limits, children,
                      labels=[("info", rx.experiment.description or rx.name)])

@@ -292,3 +292,91 @@ def _experiment_id(tracking_uri: str, run_id: str) -> str:
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri).get_run(run_id).info.experiment_id
+
+
+def benchmark_report(ctx: TaskContext) -> Path:
+    """The benchmark family's last task: compare this cycle's runs of every site in one report.
+
+    Finds the runs by their tags (maelflow.benchmark, maelflow.deploy; the latest of each training,
+    site and repeat, so a rerun task replaces its earlier attempt), writes the report under the
+    workspace (``benchmarks/<experiment>/<deploy>-<round>``), and labels its path and the headline
+    (median samples/s per site). With a baseline configured, a regression aborts the task.
+    """
+    from mlflow import MlflowClient
+
+    from maelflow.reports import benchmark as bm
+    from maelflow.services.base import ServiceError
+    from maelflow.services.stack import discover
+    from maelflow.suite.layout import benchmark_name
+
+    rx = ctx.rx
+    bench = rx.experiment.benchmark
+    if bench is None:
+        raise TaskFailed(f"experiment {rx.name!r} has no benchmark section")
+    try:
+        uri = discover(ctx.ws, "mlflow").url
+    except (ServiceError, OSError) as exc:
+        raise TaskFailed(f"cannot read the benchmark runs: {exc}") from None
+    name = benchmark_name(rx)
+    deploy = os.environ.get("MAELFLOW_DEPLOY_ID") or "0"
+    trainings = rx.experiment.benchmark_trainings
+    client = MlflowClient(uri)
+    exp_ids = []
+    for exp_name in sorted({rx.trainings[t].mlflow.experiment or rx.name for t in trainings}):
+        exp = client.get_experiment_by_name(exp_name)
+        if exp is not None:
+            exp_ids.append(exp.experiment_id)
+    found = client.search_runs(exp_ids, filter_string=f"tags.`maelflow.benchmark` = '{name}' and "
+                               f"tags.`maelflow.deploy` = '{deploy}'", max_results=5000,
+                               order_by=["attributes.start_time ASC"]) if exp_ids else []
+    latest: dict[tuple[str, str, str], object] = {}
+    for run in found:
+        tags = run.data.tags
+        latest[(tags.get("maelflow.training", ""), tags.get("maelflow.site", ""),
+                tags.get("maelflow.benchmark.repeat", ""))] = run
+    wanted = [(t, s, str(r)) for t in trainings for s in rx.experiment.sites for r in range(1, bench.repeats + 1)]
+    missing = [f"{t}@{s}#{r}" for t, s, r in wanted if (t, s, r) not in latest]
+    untimed = [f"{t}@{s}#{r}" for t, s, r in wanted if (t, s, r) in latest
+               and bm.TIMING_KEY not in latest[(t, s, r)].data.metrics]
+    if missing or untimed:
+        raise TaskFailed(f"benchmark {name}: " + "; ".join(
+            p for p in (f"no MLflow run of {', '.join(missing)}" if missing else "",
+                        f"no timing metrics in {', '.join(untimed)}" if untimed else "") if p)
+            + f" at {uri} (deploy {deploy})")
+    runs = [latest[w] for w in wanted]
+    round_ = max(r.data.tags.get("maelflow.benchmark.round", "0") for r in runs)
+    try:
+        rep = bm.load_runs(client, [], [r.info.run_id for r in runs], uri)
+        if bench.baseline:
+            rep.baseline_spec = bench.baseline
+            bm.compare(rep, bm.resolve_baseline(client, bench.baseline, rep), bench.tolerance,
+                       bench.memory_tolerance)
+        out = ctx.ws.path("benchmarks", rx.name, f"{deploy}-{round_}")
+        bm.write_report(rep, out)
+    except bm.BenchmarkInputError as exc:
+        raise TaskFailed(f"benchmark {name}: {exc}") from None
+    ctx.reporter.label("report", str(out / "index.html"))
+    ctx.reporter.label("headline", benchmark_headline(rep, rx.experiment.sites))
+    if rep.regressions:
+        worst = "; ".join(bm.finding_text(f) for f in rep.regressions[:3])
+        ctx.reporter.label("info", f"REGRESSION against baseline {bench.baseline}: {worst}")
+        raise TaskFailed(f"benchmark {name}: {len(rep.regressions)} regression(s) against baseline "
+                         f"{bench.baseline}: {worst} (report {out})")
+    ctx.reporter.label("info", f"{len(rep.runs)} runs of {', '.join(trainings)} on {', '.join(rx.experiment.sites)} "
+                       f"compared" + (f", no regression against {bench.baseline}" if bench.baseline else ""))
+    return out
+
+
+def benchmark_headline(rep, sites: list[str]) -> str:
+    """Median samples/s per site (each training when there are several), e.g. 'local 812 samples/s'."""
+    import statistics
+
+    trainings = sorted({r.training for r in rep.runs})
+    parts = []
+    for site in sites:
+        for t in trainings:
+            values = [r.samples_per_s for r in rep.runs if r.site == site and r.training == t and r.samples_per_s]
+            if values:
+                who = site if len(trainings) == 1 else f"{t}@{site}"
+                parts.append(f"{who} {statistics.median(values):.4g} samples/s")
+    return ", ".join(parts) or "no throughput recorded"

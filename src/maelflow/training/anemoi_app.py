@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from maelflow.provenance import guard_anemoi
-from maelflow.training.runs import TrainingError, TrainingResult, dataset_path, run_dir
+from maelflow.training.runs import TrainingError, TrainingResult, benchmark_tags, dataset_path, run_dir
 from maelflow.training.progress import EcflowProgress
 from maelflow.training.timing import timing_callbacks
 from maelflow.workspace import write_atomic
@@ -422,7 +422,7 @@ def _tag_run(logger, rx, training_name: str, site_name: str, mode: str, ds_path:
     try:
         client, run_id = logger.experiment, logger.run_id
         tags = {"maelflow.experiment": rx.name, "maelflow.site": site_name, "maelflow.training": training_name,
-                "maelflow.mode": mode, "maelflow.application": "anemoi"}
+                "maelflow.mode": mode, "maelflow.application": "anemoi", **benchmark_tags()}
         if resumed:
             tags["maelflow.resumed_from"] = resumed
         if forked:

@@ -13,8 +13,8 @@ from pathlib import Path
 from maelflow.config.loader import ResolvedExperiment
 from maelflow.reporting import Reporter
 from maelflow.sites.schedulers import scheduler_for
-from maelflow.training.runs import (TrainingError, TrainingResult, dataset_path, dataset_uuid, import_object,
-                                    run_dir)
+from maelflow.training.runs import (TrainingError, TrainingResult, benchmark_tags, dataset_path, dataset_uuid,
+                                    import_object, run_dir)
 from maelflow.workspace import write_atomic
 
 
@@ -93,6 +93,7 @@ def train(rx: ResolvedExperiment, training_name: str, site_name: str, reporter: 
                               tracking_uri=uri, run_id=state.get("run_id"),
                               tags={"maelflow.experiment": rx.name, "maelflow.site": site_name,
                                     "maelflow.training": training_name, "maelflow.mode": mode,
+                                    **benchmark_tags(),
                                     **({"forkedRun": "True", "forkedRunId": forked} if forked else {})})
         run_id = logger.run_id
         state.update(run_id=run_id, tracking_uri=uri, experiment_id=logger.experiment_id, mode=mode)

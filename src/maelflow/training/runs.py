@@ -50,7 +50,22 @@ def run_dir(rx: ResolvedExperiment, site: str, training: str, deploy_id: str | N
     """``<outputs>/<experiment>/<training>/<deploy id>``: one folder per deploy of the suite, so a
     redeploy starts a new run and a resubmitted job of the same deploy resumes its own."""
     deploy_id = deploy_id or os.environ.get("MAELFLOW_DEPLOY_ID") or "0"
-    return Path(rx.sites[site].paths.outputs) / rx.name / training / deploy_id
+    path = Path(rx.sites[site].paths.outputs) / rx.name / training / deploy_id
+    repeat = os.environ.get("MAELFLOW_REPEAT")
+    if repeat:  # a benchmark repeat is a run of its own, and so is each day's cycle of the benchmark
+        path = path / f"bench-{os.environ.get('MAELFLOW_ROUND') or '0'}-r{repeat}"
+    return path
+
+
+def benchmark_tags() -> dict[str, str]:
+    """The MLflow tags of a benchmark-mode run (the suite's benchmark family sets the variables),
+    by which the suite's report task finds its runs; none outside benchmark mode."""
+    if not os.environ.get("MAELFLOW_REPEAT"):
+        return {}
+    return {"maelflow.benchmark": os.environ.get("MAELFLOW_BENCHMARK", ""),
+            "maelflow.benchmark.repeat": os.environ["MAELFLOW_REPEAT"],
+            "maelflow.benchmark.round": os.environ.get("MAELFLOW_ROUND") or "0",
+            "maelflow.deploy": os.environ.get("MAELFLOW_DEPLOY_ID") or "0"}
 
 
 def dataset_uuid(path: Path) -> str | None:
