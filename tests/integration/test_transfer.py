@@ -356,3 +356,28 @@ def test_push_with_a_refused_or_missing_key_says_how_to_renew(tstack, tmp_path):
         assert res.exit_code == 1 and says in res.output and "services up --with-hpc" in res.output, res.output
     site = load_site("localhpc", ws)
     assert not Path(f"{site.paths.datasets}/tr-badkey.zarr").exists()
+
+
+def test_truncated_object_in_the_store_is_never_staged(tstack, tmp_path):
+    """An object cut short in the store (an interrupted upload by another tool): refused after the
+    same re-reads as a corrupt one, never placed, the destination never visible; once the store is
+    mended a re-run completes."""
+    import obstore
+
+    ws = tstack
+    _published(ws, tmp_path, "tr-truncated", chunks=10)
+    store = open_store(ewc_settings(ws), "datasets/tr-truncated.zarr")
+    whole = bytes(obstore.get(store.objects, "data/6.0").bytes())
+    obstore.put(store.objects, "data/6.0", whole[: len(whole) // 3])
+    store.backoff = Backoff(attempts=3, base=0.01, cap=0.05)
+    dest = tmp_path / "site" / "tr-truncated.zarr"
+    with pytest.raises(ChecksumMismatch) as err:
+        stage(store, LocalTree(dest), "tr-truncated", workers=4, retries=2)
+    assert "data/6.0" in str(err.value)
+    assert not dest.exists()
+    partial = dest.with_name(".tr-truncated.zarr.partial")
+    assert not (partial / "data" / "6.0").exists()
+    obstore.put(store.objects, "data/6.0", whole)         # the store mended: the re-run completes
+    res = stage(store, LocalTree(dest), "tr-truncated", workers=4)
+    assert res.copied >= 1 and res.copied + res.already == res.objects
+    assert (dest / "data" / "6.0").read_bytes() == whole
