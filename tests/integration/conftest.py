@@ -42,3 +42,18 @@ def services() -> Iterator[Callable[..., dict[str, ServiceInfo]]]:
     yield start
     for ws in started:
         stack_mod.down(ws)
+
+
+@pytest.fixture(scope="module")
+def hpc_stack(tmp_path_factory) -> Iterator[Workspace]:
+    """The default stack plus the loopback HPC site (sshd + SLURM as the site user), for one test
+    module; the site's folders go with it."""
+    from maelflow_sandbox import hpc
+
+    ws = Workspace(tmp_path_factory.mktemp("hpcstack") / "ws")
+    try:
+        stack_mod.up(ws, extra=["hpc"])
+        yield ws
+    finally:
+        stack_mod.down(ws)
+        hpc.forget(ws)

@@ -15,25 +15,10 @@ from maelflow.ecf import client_for
 from maelflow.placeholders import placeholders_for
 from maelflow.services.stack import discover
 from maelflow.suite.server import deploy, find, tree
-from maelflow.workspace import Workspace
-from maelflow_sandbox import hpc
 from tests.conftest import FAST_DATASET, PREBUILT, write_yaml
 from tests.integration.suite_helpers import wait_for
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def hpc_stack(tmp_path_factory):
-    from maelflow.services import stack as stack_mod
-
-    ws = Workspace(tmp_path_factory.mktemp("benchmode") / "ws")
-    try:
-        stack_mod.up(ws, extra=["hpc"])
-        yield ws
-    finally:
-        stack_mod.down(ws)
-        hpc.forget(ws)
 
 
 def test_two_repeats_on_two_sites_give_one_report(hpc_stack, config_root):

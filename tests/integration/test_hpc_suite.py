@@ -17,25 +17,11 @@ from maelflow.demo import prepare_datasets
 from maelflow.ecf import client_for
 from maelflow.placeholders import placeholders_for
 from maelflow.suite.server import control, deploy, find, tree
-from maelflow.workspace import Workspace
 from maelflow_sandbox import hpc
 from tests.conftest import PREBUILT, write_yaml
 from tests.integration.suite_helpers import wait_for
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def hpc_stack(tmp_path_factory):
-    from maelflow.services import stack as stack_mod
-
-    ws = Workspace(tmp_path_factory.mktemp("hpcsuite") / "ws")
-    try:
-        stack_mod.up(ws, extra=["hpc"])
-        yield ws
-    finally:
-        stack_mod.down(ws)
-        hpc.forget(ws)
 
 
 def _deploy(ws, config_root, name, *overrides):

@@ -40,10 +40,13 @@ def test_unknown_scheduler_names_the_site_and_the_known_ones():
     assert err.value.hint and "install" in err.value.hint
 
 
-def test_site_config_with_an_unknown_scheduler_is_a_config_error(config_root):
+def _paths(root) -> dict[str, str]:
+    return {"root": str(root), "datasets": str(root / "d"), "outputs": str(root / "o")}
+
+
+def test_site_config_with_an_unknown_scheduler_is_a_config_error(config_root, tmp_path):
     write_yaml(config_root / "sites" / "odd.yaml", {
-        "name": "odd", "scheduler": "pbs", "connection": {"type": "local"},
-        "paths": {"root": "/tmp/x", "datasets": "/tmp/x/d", "outputs": "/tmp/x/o"}})
+        "name": "odd", "scheduler": "pbs", "connection": {"type": "local"}, "paths": _paths(tmp_path)})
     with pytest.raises(ConfigError) as err:
         load_experiment("demo", ["sites=[odd]", "datasets=[]", "trainings=[]"], config_root=config_root)
     (problem,) = [p for p in err.value.problems if p.field.endswith("scheduler")]
@@ -51,10 +54,9 @@ def test_site_config_with_an_unknown_scheduler_is_a_config_error(config_root):
     assert "no scheduler 'pbs'" in problem.reason and "slurm" in problem.reason
 
 
-def test_a_plugin_scheduler_is_a_valid_site_scheduler(config_root):
+def test_a_plugin_scheduler_is_a_valid_site_scheduler(config_root, tmp_path):
     write_yaml(config_root / "sites" / "atsite.yaml", {
-        "name": "atsite", "scheduler": "testsched", "connection": {"type": "local"},
-        "paths": {"root": "/tmp/x", "datasets": "/tmp/x/d", "outputs": "/tmp/x/o"}})
+        "name": "atsite", "scheduler": "testsched", "connection": {"type": "local"}, "paths": _paths(tmp_path)})
     rx = load_experiment("demo", ["sites=[atsite]", "datasets=[]", "trainings=[]"], config_root=config_root)
     assert scheduler_for("atsite", rx.sites["atsite"]).name == "testsched"
 
