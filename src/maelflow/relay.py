@@ -183,15 +183,6 @@ class Sender:
         else:
             raise ValueError(f"unknown child command {c.cmd!r}")
 
-    def already_applied(self, c: ChildCommand, defs: Any = None) -> bool:
-        if defs is None:
-            self.client.sync_local()
-            defs = self.client.get_defs()
-        node = defs.find_abs_node(c.task) if defs else None
-        if node is None:
-            return False  # refusal() tells that case apart
-        return applied(node, c)
-
 
 def applied(node: Any, c: ChildCommand) -> bool:
     """Whether ``c`` already took effect on ``node`` (a task from the server's definitions)."""

@@ -306,13 +306,6 @@ def fmt_bytes(value: float | None) -> str:
     return f"{value:.0f} B"
 
 
-def fmt_energy(rt: RunTiming) -> str:
-    quality, joules, method, _ = rt.energy
-    if joules is None:
-        return quality
-    return f"{joules:.0f} J ({joules / 3600:.3g} Wh), {quality}, {method}"
-
-
 def summary_rows(report: Report) -> list[dict[str, str]]:
     rows = []
     for rt in report.runs:

@@ -25,11 +25,6 @@ def offline_uri(run_dir: Path) -> str:
     return (run_dir / "mlruns").resolve().as_uri()
 
 
-def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
-    """Browser link of a run in the MLflow UI (a hash route)."""
-    return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
-
-
 def run_label(tracking_uri: str, experiment_id: str, run_id: str) -> str:
     """The ecFlow label: no '#', which ecFlow's definition format reads as a comment and drops."""
     return f"run {run_id} experiment {experiment_id} at {tracking_uri}"

@@ -208,9 +208,6 @@ class EventTimer:
             self._pool.append(old)
         self._cur[slot] = ev
 
-    def has(self, slot: int) -> bool:
-        return self._cur[slot] is not None
-
     def end_step(self, warm: bool) -> None:
         self._pending.append((warm, self._cur))
         self._cur = [None] * self.SLOTS

@@ -13,7 +13,7 @@ Part of the transfer library: it does not import maelflow.
 from __future__ import annotations
 
 import os
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Iterable
 
 from maelflow_transfer.errors import TransferError
@@ -121,13 +121,6 @@ def check_inside(root: Path | str, path: Path | str) -> Path:
         raise UnsafePath(f"{path} resolves to {target}, outside {root}; refused (a symlink on the way?)",
                          str(path))
     return Path(path)
-
-
-def remote_inside(root: str, key: str) -> str:
-    """``root/key`` on a site (a POSIX path handed to rsync or a shell) once ``key`` is a safe key:
-    the lexical check; the site's own folders are not followed from here."""
-    check_key(key)
-    return str(PurePosixPath(root) / key)
 
 
 def listing_entry(rel: object, where: str) -> str:
