@@ -18,6 +18,8 @@ The embedded store (``rclone serve s3``) and the EWC endpoints are not AWS, and 
   the server cannot answer ranges (``maelflow_transfer.store.Store`` finds out once per store);
 - conditional requests are ignored and ``x-amz-meta-*`` metadata is lost on a restart: checksums
   live in manifests and document bodies, never in ETags or conditional writes;
+- concurrent PUTs into one folder raced in rclone 1.75.1 and 1.75.2 and could leave an object
+  unreadable until a restart: constraints.txt pins the version (see the note there);
 - a bucket is a top-level folder of rclone's data folder, and rclone keeps its listing of that
   folder for the life of the process (``--dir-cache-time``): buckets are made as folders before the
   service starts (``maelflow.services.s3``); obstore has no CreateBucket, which a real EWC bucket
