@@ -21,7 +21,7 @@ import annotated_types
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from maelflow.config import models
+from maelflow.config import models, profile
 
 OUT = Path(__file__).resolve().parent / "configuration.md"
 
@@ -31,6 +31,7 @@ TOP_LEVEL: list[tuple[type[BaseModel], str]] = [
     (models.Site, "configs/sites/NAME.yaml"),
     (models.Dataset, "configs/datasets/NAME.yaml"),
     (models.Training, "configs/trainings/NAME.yaml"),
+    (profile.ServicesProfile, "configs/services/NAME.yaml"),  # the services profile (docs/deployment.md)
 ]
 
 INTRO = """\

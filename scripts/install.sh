@@ -8,9 +8,19 @@
 # on loopback, in a workspace.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# --anemoi-current: also the second environment .venv-anemoi17, with the current anemoi line (0.17)
+# for its tests (scripts/install-anemoi-current.sh); .venv keeps anemoi 0.10
+ANEMOI_CURRENT=0
+for arg in "$@"; do
+  case "$arg" in
+    --anemoi-current) ANEMOI_CURRENT=1 ;;
+    *) echo "install: unknown option $arg (known: --anemoi-current)" >&2; exit 2 ;;
+  esac
+done
 
 DEBS=(ecflow-server ecflow-client python3-ecflow python3-venv openssh-server slurm-wlm munge gcc libc6-dev
-      xvfb xdotool imagemagick chromium chromium-driver rsync)
+      xvfb xdotool imagemagick chromium chromium-driver rsync postgresql
+      bubblewrap)  # bubblewrap: the container prefix of a site (docs/sites.md) tried without Apptainer
 missing=()
 for p in "${DEBS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -42,3 +52,6 @@ fi
 site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 echo "import maelflow_sandbox.tvshim" > "$site/zz_maelflow_tvshim.pth"
 .venv/bin/python -c 'import ecflow, maelflow; print("install: ecflow", ecflow.__version__, "maelflow", maelflow.__version__)'
+if [ "$ANEMOI_CURRENT" = 1 ]; then
+  bash scripts/install-anemoi-current.sh
+fi

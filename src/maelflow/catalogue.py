@@ -24,4 +24,9 @@ def service_token(ws: Workspace) -> str:
 def client(ws: Workspace, token: str | None = None) -> CatalogueClient:
     """A client of the workspace's running catalogue; raises ServiceError when it is not up."""
     info = discover(ws, "catalogue")
+    if info.extra.get("mode") == "external":  # the services profile's catalogue: its token, its CA
+        client = CatalogueClient(info.url, token or info.extra.get("token"))
+        if info.extra.get("ca_bundle"):
+            client.session.verify = info.extra["ca_bundle"]
+        return client
     return CatalogueClient(info.url, token or service_token(ws))

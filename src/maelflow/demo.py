@@ -15,7 +15,7 @@ def prepare_datasets(rx: ResolvedExperiment) -> list[Path]:
 
     made = []
     for ds in rx.datasets.values():
-        if ds.source and not ds.recipe and "synth" in ds.name and not Path(ds.source).exists():
+        if ds.source and not ds.recipe and not ds.generator and "synth" in ds.name and not Path(ds.source).exists():
             made.append(make_synthetic(Path(ds.source)))
     return made
 

@@ -34,6 +34,7 @@ sent with ``UNSIGNED-PAYLOAD``: the signature then does not hash every byte uplo
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -62,15 +63,23 @@ def object_store(settings: dict[str, Any], bucket: str | None = None, prefix: st
         return {"access_key_id": access, "secret_access_key": secret, "token": None, "expires_at": None}
 
     endpoint = settings["endpoint_url"].rstrip("/")
+    name = bucket or settings.get("bucket") or DEFAULT_BUCKET
+    # an external endpoint (the services profile) may need virtual-hosted addressing, for which
+    # object_store takes the bucket's own host as the endpoint, and may present a certificate of a
+    # private CA, trusted beside the system's
+    virtual = settings.get("addressing") == "virtual"
+    extra_options: dict[str, Any] = {}
+    if settings.get("ca_bundle"):
+        extra_options["root_certificate"] = Path(settings["ca_bundle"]).expanduser().read_bytes()
     return S3Store(
-        bucket or settings.get("bucket") or DEFAULT_BUCKET,
+        name,
         prefix=prefix.strip("/") or None,
-        endpoint=endpoint,
+        endpoint=_virtual_host(endpoint, name) if virtual else endpoint,
         region=settings.get("region") or DEFAULT_REGION,
-        virtual_hosted_style_request=False,
+        virtual_hosted_style_request=virtual,
         unsigned_payload=True,
         credential_provider=credentials,
-        client_options={"allow_http": endpoint.startswith("http://"),
+        client_options={**extra_options, "allow_http": endpoint.startswith("http://"),
                         "connect_timeout": timedelta(seconds=connect_timeout),
                         "read_timeout": timedelta(seconds=read_timeout),
                         # no limit on a whole request: a large object at a slow site's pace is fine
@@ -82,9 +91,22 @@ def object_store(settings: dict[str, Any], bucket: str | None = None, prefix: st
     )
 
 
-def workspace_store(ws: "Workspace", bucket: str | None = None, prefix: str = "", **options: Any) -> Any:
-    """A store of the workspace's embedded S3 service (options as :func:`object_store`); raises
-    ServiceError when the service is not up."""
-    from maelflow.ewc import workspace_settings
+def _virtual_host(endpoint: str, bucket: str) -> str:
+    """``https://host`` -> ``https://bucket.host`` (virtual-hosted style)."""
+    scheme, _, rest = endpoint.partition("://")
+    return f"{scheme}://{bucket}.{rest}"
 
-    return object_store(workspace_settings(ws), bucket, prefix, **options)
+
+def workspace_store(ws: "Workspace", bucket: str | None = None, prefix: str = "", *, role: str | None = None,
+                    **options: Any) -> Any:
+    """A store of the workspace's embedded S3 service (options as :func:`object_store`); raises
+    ServiceError when the service is not up.
+
+    ``role``: whose keys and server (``maelflow.ewc``: read, write, catalogue); by default the one
+    that serves ``bucket``: the catalogue's server for its bucket, the datasets writer otherwise."""
+    from maelflow.ewc import role_for_bucket, settings_from_service
+    from maelflow.services.stack import discover
+
+    extra = discover(ws, "s3").extra
+    return object_store(settings_from_service(extra, role or role_for_bucket(extra, bucket)), bucket, prefix,
+                        **options)

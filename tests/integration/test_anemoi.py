@@ -151,11 +151,20 @@ def test_anemoi_training_online(env, online_run):
     assert meta["run_id"] == res.run_id and meta["training"]["global_step"] == 10
     assert str(dataset_path(rx, "local", DATASET)) in json.dumps(meta["dataset"], default=str)
     assert (out / "config" / "anemoi.yaml").exists()
+    # the anemoi release is recorded with the run, and read back from its checkpoint without anemoi
+    from maelflow.training.anemoi_versions import checkpoint_summary
+
+    assert state["anemoi_version"] == "0.10.0" and state["anemoi_line"] == "0.10"
+    summary = checkpoint_summary(ckpt_dir / "inference-last.ckpt")
+    assert summary["anemoi_version"] == "0.10.0" and summary["anemoi_line"] == "0.10"
+    assert summary["uuid"] == meta["uuid"] and summary["run_id"] == res.run_id and summary["global_step"] == 10
+    assert summary["datasets"] == [str(dataset_path(rx, "local", DATASET))]
 
     client = MlflowClient(url)
     run = client.get_run(res.run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == ONLINE
     assert run.data.tags["maelflow.training"] == ONLINE and run.data.tags["maelflow.site"] == "local"
+    assert run.data.tags["maelflow.anemoi_version"] == "0.10.0"
     assert client.get_experiment(run.info.experiment_id).name == EXPERIMENT
     steps = [m.step for m in client.get_metric_history(res.run_id, "train_multi_dataset_loss_step")]
     assert len(steps) >= 9 and max(steps) >= 9

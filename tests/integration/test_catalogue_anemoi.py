@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from maelflow.cli.main import cli
-from tests.integration.test_catalogue_support import shared_env
+from tests.integration.test_catalogue_support import BACKENDS, shared_env
 
 pytestmark = pytest.mark.integration  # the real anemoi-registry client comes with the [anemoi] extra
 
@@ -26,9 +26,9 @@ NAME = "aifs-ea-an-oper-0001-mars-10p0-2020-2020-6h-v1-maelflow"
 CKPT_UUID = "a5275e04-0000-0000-a0f6-be19591b09fe"
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory, pytestconfig):
-    return shared_env(tmp_path_factory, pytestconfig)
+@pytest.fixture(scope="module", params=BACKENDS)
+def env(tmp_path_factory, pytestconfig, request):
+    return shared_env(tmp_path_factory, pytestconfig, request.param)
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +97,10 @@ def test_register_weights_with_upload_to_our_s3(env, home, checkpoint):
     record = env.client("read").get("weights", CKPT_UUID)
     assert record["metadata"]["run_id"] == "run-anemoi-test" and record["metadata"]["size"] == checkpoint.stat().st_size
     path = record["locations"]["ewc"]["path"]
-    assert path == f"s3://catalogue/artefacts/weights/{CKPT_UUID}.ckpt"
-    body = env.s3_bytes("catalogue", f"artefacts/weights/{CKPT_UUID}.ckpt")
+    # uploaded by the client with its write keys: to the datasets bucket (the catalogue's own bucket is
+    # written by the catalogue service only)
+    assert path == f"s3://ewc/artefacts/weights/{CKPT_UUID}.ckpt"
+    body = env.s3_bytes("ewc", f"artefacts/weights/{CKPT_UUID}.ckpt")
     assert body == checkpoint.read_bytes()
     found = anemoi(home, "weights", CKPT_UUID)  # lookup: ?name=&type= (must be []), ?uuid=, then GET x2
     assert "Found 2" not in found.stderr

@@ -21,14 +21,14 @@ from click.testing import CliRunner
 from maelflow.cli.main import cli
 from maelflow_registry.client import CatalogueClientError
 from maelflow_registry.store import entry_object
-from tests.integration.test_catalogue_support import dataset_name, dataset_record, shared_env
+from tests.integration.test_catalogue_support import BACKENDS, dataset_name, dataset_record, shared_env
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory, pytestconfig):
-    return shared_env(tmp_path_factory, pytestconfig)
+@pytest.fixture(scope="module", params=BACKENDS)
+def env(tmp_path_factory, pytestconfig, request):
+    return shared_env(tmp_path_factory, pytestconfig, request.param)
 
 
 def test_settings_are_anonymous_and_point_at_this_server(env):
@@ -36,7 +36,7 @@ def test_settings_are_anonymous_and_point_at_this_server(env):
     assert resp.status_code == 200
     reg = resp.json()["registry"]
     assert reg["api_url"] == env.api and reg["web_url"] == env.url
-    assert reg["weights_uri_pattern"].format(uuid="U") == "s3://catalogue/artefacts/weights/U.ckpt"
+    assert reg["weights_uri_pattern"].format(uuid="U") == "s3://ewc/artefacts/weights/U.ckpt"  # client-writable
     assert "{name}" in reg["datasets_uri_pattern"]
 
 
@@ -328,9 +328,7 @@ def test_index_deleted_and_rebuilt_from_s3_gives_the_same_answers(env):
 
     # 1. the service stopped, its index deleted, started again: it rebuilds from S3 alone
     stack_mod.down(env.ws, names=["catalogue"])
-    index = env.ws.path("catalogue", "index.sqlite")
-    for suffix in ("", "-wal", "-shm"):
-        index.with_name(index.name + suffix).unlink(missing_ok=True)
+    env.drop_index()
     info = stack_mod.up(env.ws, names=["catalogue"])["catalogue"]
     assert info.url == env.url  # same port: clients' settings stay valid
     assert _answers(env) == before

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from maelflow.services import stack as stack_mod
 from maelflow.workspace import catalogue_paths
 from maelflow.workspace import Workspace
 from maelflow_registry.auth import TokenStore
+from tests.integration.test_catalogue_support import BACKENDS, start_catalogue
 
 SCHEMATHESIS = Path(sys.executable).parent / "schemathesis"
 
@@ -28,14 +28,12 @@ pytestmark = pytest.mark.integration  # schemathesis comes with the [test] extra
 MAX_EXAMPLES = int(os.environ.get("CATALOGUE_FUZZ_EXAMPLES", "25"))
 
 
-@pytest.fixture(scope="module")
-def fuzz_env(tmp_path_factory):
-    ws = Workspace(tmp_path_factory.mktemp("catalogue-fuzz"))
-    try:
-        url = stack_mod.up(ws, names=["s3", "catalogue"])["catalogue"].url
-        yield ws, url, TokenStore(catalogue_paths(ws)).create("admin", name="fuzz")[0]
-    finally:
-        stack_mod.down(ws)
+@pytest.fixture(scope="module", params=BACKENDS)
+def fuzz_env(tmp_path_factory, pytestconfig, request):
+    """Its own workspace per index backend (SQLite, PostgreSQL: see test_catalogue_support)."""
+    ws = Workspace(tmp_path_factory.mktemp(f"catalogue-fuzz-{request.param}"))
+    url = start_catalogue(ws, request.param, pytestconfig)["catalogue"].url
+    return ws, url, TokenStore(catalogue_paths(ws)).create("admin", name="fuzz")[0]
 
 
 def test_openapi_document_is_served(fuzz_env):

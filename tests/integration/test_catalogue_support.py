@@ -1,8 +1,11 @@
 """Shared set-up of the catalogue integration tests (no tests here).
 
 One workspace with the real rclone S3 server and the catalogue service is started once per test
-session, whichever catalogue module asks first, and stopped (by PID, through the stack) at the end.
-Starting only S3 and the catalogue (not ecFlow or MLflow) keeps the set-up at a few seconds.
+session and index backend, whichever catalogue module asks first, and stopped (by PID, through the
+stack) at the end. Starting only S3 and the catalogue (not ecFlow or MLflow) keeps the set-up at a
+few seconds. The same tests run against both index backends (``BACKENDS``): SQLite, the embedded
+default, and PostgreSQL, a real server of the workspace (``services up --with postgres``) behind a
+catalogue of two worker processes, as in production.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from maelflow_registry.client import CatalogueClient
 from maelflow_registry.store import entry_object
 
 _ENV: dict[str, "CatalogueEnv"] = {}
+BACKENDS = ("sqlite", "postgres")
 
 
 @dataclass
@@ -33,6 +37,14 @@ class CatalogueEnv:
     ws: Workspace
     url: str
     tokens: dict[str, str] = field(default_factory=dict)
+    backend: str = "sqlite"
+
+    def drop_index(self) -> None:
+        """Delete the index of the stopped catalogue (its SQLite file, or its PostgreSQL tables)."""
+        from maelflow.services.catalogue import index_location
+        from maelflow_registry.server import open_index
+
+        open_index(catalogue_paths(self.ws), index_location(self.ws)).drop()
 
     @property
     def api(self) -> str:
@@ -78,17 +90,33 @@ class CatalogueEnv:
         return requests.get(self.url + path, headers=self.headers(role), timeout=30, **kw)
 
 
-def shared_env(tmp_path_factory: pytest.TempPathFactory, config: pytest.Config) -> CatalogueEnv:
-    if "env" not in _ENV:
-        ws = Workspace(tmp_path_factory.mktemp("catalogue-ws"))
-        config.add_cleanup(lambda: stack_mod.down(ws))
-        infos = stack_mod.up(ws, names=["s3", "catalogue"])
-        env = CatalogueEnv(ws, infos["catalogue"].url)
+def start_catalogue(ws: Workspace, backend: str, config: pytest.Config) -> dict:
+    """S3 and the catalogue in ``ws`` (with PostgreSQL first for that backend), stopped at the end."""
+    names = ["s3", "postgres", "catalogue"] if backend == "postgres" else ["s3", "catalogue"]
+
+    def stop() -> None:
+        stack_mod.down(ws)
+        if backend == "postgres":
+            from maelflow.services.postgres import PostgresService
+
+            PostgresService(ws).forget()
+
+    config.add_cleanup(stop)
+    infos = stack_mod.up(ws, names=names)
+    assert infos["catalogue"].extra["index"].startswith("postgresql://" if backend == "postgres" else "/")
+    return infos
+
+
+def shared_env(tmp_path_factory: pytest.TempPathFactory, config: pytest.Config, backend: str = "sqlite") -> CatalogueEnv:
+    if backend not in _ENV:
+        ws = Workspace(tmp_path_factory.mktemp(f"catalogue-ws-{backend}"))
+        infos = start_catalogue(ws, backend, config)
+        env = CatalogueEnv(ws, infos["catalogue"].url, backend=backend)
         store = TokenStore(catalogue_paths(ws))
         for role in ("read", "write", "admin"):
             env.tokens[role] = store.create(role, name=f"test-{role}")[0]
-        _ENV["env"] = env
-    return _ENV["env"]
+        _ENV[backend] = env
+    return _ENV[backend]
 
 
 def dataset_record(name: str, **metadata: Any) -> dict:

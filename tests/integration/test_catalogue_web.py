@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 
-from tests.integration.test_catalogue_support import dataset_name, dataset_record, shared_env
+from tests.integration.test_catalogue_support import BACKENDS, dataset_name, dataset_record, shared_env
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -21,9 +21,9 @@ CHROMEDRIVER = shutil.which("chromedriver")
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory, pytestconfig):
-    env = shared_env(tmp_path_factory, pytestconfig)
+@pytest.fixture(scope="module", params=BACKENDS)
+def env(tmp_path_factory, pytestconfig, request):
+    env = shared_env(tmp_path_factory, pytestconfig, request.param)
     c = env.client("admin")
     if not c.exists("datasets", dataset_name("webalpha")):
         records = [dataset_record(dataset_name(f"webfill{i:03d}"), total_size=1000 * i) for i in range(70)]

@@ -20,7 +20,7 @@ from maelflow_sandbox import hpc
 
 pytestmark = pytest.mark.integration
 
-DAEMONS = ("hpc-munge", "hpc-slurmctld", "hpc-slurmd", "hpc-sshd")
+DAEMONS = ("hpc-munge", "hpc-slurmctld", "hpc-slurmd", "hpc-slurmd-2", "hpc-sshd")   # two nodes by default
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +106,10 @@ def test_up_gives_healthy_daemons_on_loopback_only(hpc_site):
     assert list(infos) == list(DAEMONS)
     for name, svc in infos.items():
         assert svc.running and svc.healthy, (name, svc.detail, svc.log)
-    assert infos["hpc-slurmd"].extra["node_state"] in {"idle", "mixed"}
-    for name in ("hpc-slurmctld", "hpc-slurmd", "hpc-sshd"):
+    for name in ("hpc-slurmd", "hpc-slurmd-2"):
+        assert infos[name].extra["node_state"] in {"idle", "mixed"}
+    assert [infos[n].extra["node"] for n in ("hpc-slurmd", "hpc-slurmd-2")] == hpc_site["info"]["nodes"]
+    for name in ("hpc-slurmctld", "hpc-slurmd", "hpc-slurmd-2", "hpc-sshd"):
         socks = listening_sockets(infos[name].pid)
         assert socks, f"{name} listens on nothing"
         assert all(addr in {"127.0.0.1", "::1"} for addr, _ in socks), (name, socks)
@@ -185,7 +187,7 @@ def test_down_stops_every_pid(hpc_site):
     remote(info, f"rm -rf {hpc_site['jobdir']}")
     # a job still running at `down` is cancelled, so no slurmstepd outlives slurmd
     remote(info, "sbatch --parsable -o /dev/null --wrap 'sleep 300'")
-    ports = [infos[n].extra["port"] for n in ("hpc-slurmctld", "hpc-slurmd", "hpc-sshd")]
+    ports = [infos[n].extra["port"] for n in ("hpc-slurmctld", "hpc-slurmd", "hpc-slurmd-2", "hpc-sshd")]
     stopped = hpc.down(ws)
     assert all(not s.running for s in stopped.values())
     for svc in infos.values():

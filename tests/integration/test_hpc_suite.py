@@ -90,6 +90,11 @@ def test_unusable_credential_aborts_fast_with_renew_hint(hpc_stack, config_root)
     key = Path(hpc.connection_info(ws)["identity_file"])
     hidden = key.with_name(key.name + ".away")
     key.rename(hidden)
+    # the master that key opened is shared by every maelflow process and would outlive the key (as
+    # OpenSSH's does an expired certificate): stop it, as ControlPersist would after 120 s idle
+    from maelflow.sites.connections import connect
+
+    connect("localhpc", rx.sites["localhpc"]).close(stop=True)
     try:
         wait_for(client, "/h_cred/publish/synth_small_numpy_10p0_2020_2020_6h_v1/publish", {"complete"}, timeout=120)
         t0 = time.monotonic()

@@ -400,8 +400,13 @@ class DropAfterSbatch(SshConnection):
     def run(self, command, **kwargs):
         if "sbatch" in command and ".submit" in command and not self.dropped:
             self.dropped.append(command)
-            # the command reaches the site (detached, so our side can lose it) and we never hear back
-            super().run(f"nohup bash -c {shlex.quote(command)} >/dev/null 2>&1 </dev/null &", check=False)
+            # the command reaches the site (detached, so our side can lose it) and we never hear back;
+            # its stdin (the job file, sent with the submission) is kept for it first
+            data = kwargs.get("input")
+            keep = "f=$(mktemp); cat >$f; " if data is not None else "f=/dev/null; "
+            super().run(f"{keep}(nohup bash -c {shlex.quote(command)} <$f; [ $f = /dev/null ] || rm -f $f) "
+                        ">/dev/null 2>&1 &", input=data,
+                        check=False)
             time.sleep(self.delay)
             raise ConnectionLost("connection dropped after sending sbatch", sent=True)
         return super().run(command, **kwargs)

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from maelflow.config.loader import load_experiment
+from maelflow.services.base import ServiceError
 from maelflow.suite import tasks
 from maelflow.training.runs import benchmark_tags, run_dir
 from maelflow.workspace import Workspace
@@ -30,7 +31,12 @@ def _ctx(config_root, tmp_path, uri, monkeypatch, *overrides):
     rx = load_experiment("demo", ["sites=[local,lumi]", "trainings=[tiny]", "+benchmark.repeats=2",
                                   "+benchmark.name=q4", *overrides],
                          config_root=config_root, placeholders={"workspace": str(ws.root)})
-    monkeypatch.setattr("maelflow.services.stack.discover", lambda ws, name: SimpleNamespace(url=uri))
+    def discover(ws, name):
+        if name == "mlflow":
+            return SimpleNamespace(url=uri)
+        raise ServiceError(f"{name} is not running in {ws.root}")        # no catalogue here
+
+    monkeypatch.setattr("maelflow.services.stack.discover", discover)
     monkeypatch.setenv("MAELFLOW_DEPLOY_ID", "7")
     return tasks.TaskContext(rx, ws, Labels(), tmp_path / "experiment.json")
 
@@ -56,6 +62,7 @@ def test_report_compares_the_sites_and_labels_path_and_headline(config_root, tmp
     ctx = _ctx(config_root, tmp_path, uri, monkeypatch)
     out = tasks.benchmark_report(ctx)
     assert out == ctx.ws.path("benchmarks", "demo", "7-20261203")
+    assert ctx.reporter.labels["catalogue"] == "not registered (see the job output)"   # the report stands
     rows = (out / "runs.csv").read_text()
     assert sorted(r for r in ids.values() if r in rows) == sorted(ids.values()) and rows.count("\n") == 5
     assert ctx.reporter.labels["report"] == str(out / "index.html")

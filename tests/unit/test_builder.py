@@ -167,7 +167,7 @@ def test_benchmark_mode_repeats_every_training_on_every_site_then_reports(config
     assert node("/demo/benchmark/lumi").find_variable("MAELFLOW_REPORT").value() == "relay"
     report = node("/demo/benchmark/report")
     assert report.get_trigger().get_expression() == "local == complete and lumi == complete"
-    assert {lab.name() for lab in report.labels} == {"info", "report", "headline"}
+    assert {lab.name() for lab in report.labels} == {"info", "report", "headline", "catalogue"}
     assert report.find_variable("MAELFLOW_RUNNER").value() == "local"   # beside the server
     job = next((built.out_dir / ".jobcheck").rglob("report.job*")).read_text()
     assert "task benchmark_report" in job and "MAELFLOW_BENCHMARK=demo" in job

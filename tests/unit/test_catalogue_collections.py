@@ -205,3 +205,22 @@ def test_a_collection_registered_through_the_entry_point_group_gets_the_whole_se
     assert out["lineage"] == [{"source": "datasets:ds-a", "target": "notes:n1", "relation": "noted-in"}]
     assert out["page"] == 200 and out["table"] == 200 and out["nav"]
     assert "notes" in out["settings"]
+
+
+def test_a_benchmark_names_its_runs_and_trainings_and_refuses_bad_paths():
+    from maelflow_registry.collections.benchmarks import collection as benchmarks, report_link
+    from maelflow_registry.config import Settings
+    from maelflow_registry.errors import BadRequest, Unprocessable
+
+    record = {"name": "demo-q4-7-1", "trainings": ["demo-tiny-7"], "report": "benchmarks/demo-q4-7-1/index.html",
+              "runs": [{"run_id": "abc", "site": "local"}, {"run_id": "def", "site": "lumi"}]}
+    benchmarks.check("demo-q4-7-1", record, None, settings=Settings(), creating=True)
+    assert sorted(benchmarks.edges("demo-q4-7-1", record)) == sorted([
+        ("trainings:demo-tiny-7", "benchmarked-in", "benchmarks:demo-q4-7-1"),
+        ("trainings@run_id:abc", "benchmarked-in", "benchmarks:demo-q4-7-1"),
+        ("trainings@run_id:def", "benchmarked-in", "benchmarks:demo-q4-7-1")])
+    assert report_link(record) == "/artefacts/benchmarks/demo-q4-7-1/index.html"
+    with pytest.raises(BadRequest):
+        benchmarks.check("x", {**record, "report": "../../etc/passwd"}, None, settings=Settings(), creating=True)
+    with pytest.raises(Unprocessable, match="run_id"):
+        benchmarks.check("x", {**record, "runs": [{"site": "local"}]}, None, settings=Settings(), creating=True)

@@ -80,8 +80,10 @@ def test_key_argv_never_prompts_and_rides_a_private_master(key, tmp_path, monkey
     assert argv[argv.index("-i") + 1] == str(key[0]) and argv[argv.index("-l") + 1] == "alice"
     assert argv[argv.index("-p") + 1] == "2222" and argv[argv.index("-c") + 1].startswith("aes128-gcm@openssh.com")
     folder = tmp_path / "maelflow-ssh"
-    assert opt(argv, "ControlPath").startswith(f"{folder}/{os.getpid()}-")
+    assert opt(argv, "ControlPath").startswith(f"{folder}/m-") and str(os.getpid()) not in opt(argv, "ControlPath")
     assert folder.stat().st_mode & 0o777 == 0o700
+    # the same login and key share it, across connections and processes (one handshake for a suite)
+    assert opt(SshConnection("hpc", settings(key)).ssh_command(), "ControlPath") == opt(argv, "ControlPath")
     # another key never shares the master
     other = SshConnection("hpc", settings(key, identity_file=str(tmp_path / "other")))
     assert opt(other.ssh_command(), "ControlPath") != opt(argv, "ControlPath")
@@ -180,7 +182,8 @@ def test_a_drop_during_a_command_is_retried_unless_told_not_to(key, tmp_path, mo
                    (lambda a: a[-1] == "sbatch x", (255, b"", b"client_loop: send disconnect: Broken pipe\r\n")),
                    (lambda a: a[-1] == "exit 255", (255, b"", b"the command's own complaint\n")))
     c = SshConnection("hpc", settings(key))
-    monkeypatch.setattr(ssh_mod.os.path, "exists", lambda p: True)      # the master's socket
+    # the master's socket is there once the master was opened
+    monkeypatch.setattr(ssh_mod.os.path, "exists", lambda p: any(is_master(a) for a in fake.calls))
     assert c.run("echo hi").ok and drops                             # retried after the drop
     with pytest.raises(ConnectionLost) as info:
         c.run("sbatch x", retry=False)

@@ -62,6 +62,26 @@ def test_settings_from_the_environment():
     assert isinstance(cb, TimingCallback) and cb.warmup_steps == 2 and cb.energy is False
 
 
+def test_a_trainings_timing_block_reaches_the_callbacks_unless_the_job_says_otherwise():
+    from pydantic import ValidationError
+
+    from maelflow.config.models import Training
+    from maelflow.training.timing import apply_timing_config
+
+    t = Training(name="t", application="anemoi", timing={"warmup_steps": 7, "sample_every": 0, "energy": False})
+    env: dict[str, str] = {}
+    apply_timing_config(t.timing, env)
+    assert TimingSettings.from_env(env) == TimingSettings(True, 7, 0, False)
+    env = {"MAELFLOW_TIMING": "0"}                  # the operator's switch for one job wins
+    apply_timing_config(t.timing, env)
+    assert timing_callbacks(TimingSettings.from_env(env)) == [] and env["MAELFLOW_TIMING_WARMUP"] == "7"
+    assert Training(name="t", application="anemoi").timing.enabled is True
+    with pytest.raises(ValidationError, match="sample_every"):
+        Training(name="t", application="anemoi", timing={"sample_every": -1})
+    with pytest.raises(ValidationError, match="warmup"):
+        Training(name="t", application="anemoi", timing={"warmup": 2})
+
+
 # --------------------------------------------------------------------------- a fake clock
 class Clock:
     def __init__(self):

@@ -227,12 +227,13 @@ class Catalogue:
         check_key(ident, "ID")
         return self.index.find_any(ident)
 
-    def rebuild(self) -> int:
+    def rebuild(self, if_incomplete: bool = False) -> int:
         """Drop the index's content and read it back from every valid S3 document.
 
         An invalid document (not JSON, wrong shape, stored under another key's name, or refused by
         its collection's validation) is skipped with a warning naming its object and why: it is
-        never indexed, and it never stops the rebuild.
+        never indexed, and it never stops the rebuild. ``if_incomplete``: leave an index that another
+        process has finished building meanwhile (see :meth:`Index.rebuild`).
         """
         settings = self.settings
         skipped = 0
@@ -248,7 +249,10 @@ class Catalogue:
                     continue
                 yield doc
 
-        count = self.index.rebuild(valid())
+        count = self.index.rebuild(valid(), if_incomplete=if_incomplete)
+        if count is None:
+            LOG.warning("index already rebuilt from S3 by another process")
+            return len(self.index.keys())
         LOG.warning("index rebuilt from S3: %d entries%s", count,
                     f", {skipped} invalid documents skipped" if skipped else "")
         return count

@@ -111,16 +111,30 @@ class CatalogueClient:
             record["locations"] = {location[0]: {"path": location[1]}}
         return self.create("weights", record)
 
-    def promote(self, model: str, weights: str, alias: str | None = None, description: str | None = None) -> dict:
+    def promote(self, model: str, weights: str, alias: str | None = None, description: str | None = None,
+                why: str | None = None, **fields: Any) -> dict:
+        """A new version of ``model`` from checkpoint ``weights`` (``_promoted`` in the answer: its number);
+        ``fields``: what the version records (sha256, evaluation, gate, training, run_id, datasets,
+        checkpoint, reason, mlflow)."""
         body = {"weights": weights, **({"alias": alias} if alias else {}),
-                **({"description": description} if description else {})}
+                **({"description": description} if description else {}), **({"why": why} if why else {}),
+                **{k: v for k, v in fields.items() if v is not None}}
         return self._request("POST", f"/models/{model}/versions", json_body=body).json()
 
-    def set_alias(self, model: str, alias: str, version: int) -> dict:
-        return self._request("PUT", f"/models/{model}/aliases/{alias}", json_body={"version": version}).json()
+    def set_alias(self, model: str, alias: str, version: int, reason: str | None = None) -> dict:
+        body = {"version": version, **({"reason": reason} if reason else {})}
+        return self._request("PUT", f"/models/{model}/aliases/{alias}", json_body=body).json()
 
-    def resolve_alias(self, model: str, alias: str) -> dict:
-        return self._request("GET", f"/models/{model}/aliases/{alias}").json()
+    def rollback(self, model: str, alias: str, version: int | None = None, reason: str | None = None) -> dict:
+        """Move ``alias`` back one step, or to ``version``; recorded in the model's history."""
+        body = {**({"version": version} if version is not None else {}), **({"reason": reason} if reason else {})}
+        return self._request("POST", f"/models/{model}/aliases/{alias}/rollback", json_body=body).json()
+
+    def resolve_alias(self, model: str, alias: str, at: str | None = None) -> dict:
+        return self._request("GET", f"/models/{model}/aliases/{alias}", params={"at": at} if at else None).json()
+
+    def model_history(self, model: str, alias: str | None = None) -> dict:
+        return self._request("GET", f"/models/{model}/history", params={"alias": alias} if alias else None).json()
 
     def lineage(self, ident: str, collection: str | None = None, depth: int = 4) -> dict:
         path = f"/lineage/{collection}/{ident}" if collection else f"/lineage/{ident}"

@@ -34,6 +34,8 @@ class Settings:
     weights_platform: str = "ewc"
     list_limit: int = 10000              # default and maximum page of a list request
     reconcile_seconds: int = 300         # how often the server compares the index with S3's listing (0: never)
+    max_connections: int = 256           # connections + requests in flight per server process; more get 503
+    keep_alive_seconds: int = 5          # an idle keep-alive connection is closed after this long
 
     @classmethod
     def from_json(cls, data: dict | None) -> "Settings":
@@ -42,6 +44,17 @@ class Settings:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+def server_limits(settings: Settings) -> dict[str, Any]:
+    """uvicorn's options that keep a flood of connections from exhausting a server process.
+
+    ``limit_concurrency``: past ``max_connections`` connections or requests in flight, uvicorn
+    answers 503 at once instead of taking more work (each request may buffer a body of up to
+    ``max_body_bytes``); ``timeout_keep_alive``: idle keep-alive connections do not pile up. Read
+    when the server starts (a change takes a restart)."""
+    return {"limit_concurrency": max(1, int(settings.max_connections)),
+            "timeout_keep_alive": max(1, int(settings.keep_alive_seconds))}
 
 
 @dataclass(frozen=True)

@@ -84,7 +84,12 @@ class Index:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as conn:
             conn.executescript(SCHEMA + "\n".join(table_schema(c) for c in _tables()))
-            conn.execute("INSERT OR IGNORE INTO meta (k, v) VALUES ('schema', ?)", (SCHEMA_VERSION,))
+            conn.execute("INSERT INTO meta (k, v) VALUES ('schema', ?) ON CONFLICT DO NOTHING", (SCHEMA_VERSION,))
+
+    @property
+    def location(self) -> str:
+        """Where the index lives, for messages."""
+        return str(self.path)
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
@@ -216,18 +221,28 @@ class Index:
             raise
         conn.execute("COMMIT")
 
+    def drop(self) -> None:
+        """Forget everything (the next open finds no completed build and rebuilds from S3)."""
+        for suffix in ("", "-wal", "-shm"):
+            self.path.with_name(self.path.name + suffix).unlink(missing_ok=True)
+
     def is_complete(self) -> bool:
         """Whether a rebuild from S3 ever finished here (a crash mid-rebuild leaves no mark)."""
         return self.get_meta("built") is not None
 
-    def rebuild(self, documents: Iterable[dict]) -> int:
+    def rebuild(self, documents: Iterable[dict], if_incomplete: bool = False) -> int | None:
         """Replace the whole index by the given documents, in one transaction (readers see old or new).
 
         Documents of a collection that is not registered here (any more) are left in S3 and skipped.
+        With ``if_incomplete``, nothing is done (and None returned, ``documents`` never read) when a
+        build has completed by the time the write lock is held: several server processes sharing one
+        index (PostgreSQL) each find it new at their start, and only the first needs to read S3.
         """
         count = 0
         known = set(collections.names())
         with self.write() as tx:
+            if if_incomplete and tx.conn.execute("SELECT v FROM meta WHERE k = 'built'").fetchone():
+                return None
             for table in ("entries", "fields", "edges", "identities", *(c.name for c in _tables())):
                 tx.conn.execute(f"DELETE FROM {table}")
             skipped: dict[str, int] = {}
@@ -249,7 +264,7 @@ class Index:
             for name, n in skipped.items():
                 LOG.warning("rebuild: %d documents of collection '%s', which is not registered, were skipped",
                             n, name[:60])
-            tx.conn.execute("INSERT OR REPLACE INTO meta (k, v) VALUES ('built', ?)",
+            tx.conn.execute("INSERT INTO meta (k, v) VALUES ('built', ?) ON CONFLICT (k) DO UPDATE SET v = excluded.v",
                             (datetime.datetime.now(datetime.timezone.utc).isoformat(),))
         return count
 
@@ -294,18 +309,24 @@ class Transaction:
             (collection, key, doc["version"], doc["created"], doc["updated"], doc.get("created_by"),
              doc.get("updated_by"), dumps(record), dumps(doc["original"]) if doc.get("original") else None,
              search))
-        self.conn.executemany("INSERT OR IGNORE INTO fields (collection, field, value, key) VALUES (?, ?, ?, ?)",
-                              [(collection, f, v, key) for f, v in records.filter_fields(record)])
+        self.conn.executemany("INSERT INTO fields (collection, field, value, key) VALUES (?, ?, ?, ?) "
+                              "ON CONFLICT DO NOTHING", [(collection, f, v, key) for f, v in records.filter_fields(record)])
         owner = ref(collection, key)
         self.conn.executemany("INSERT INTO edges (owner, src, rel, dst) VALUES (?, ?, ?, ?)",
                               [(owner, s, r, d) for s, r, d in coll.edges(key, record)])
-        self.conn.executemany("INSERT OR IGNORE INTO identities (ref, collection, key) VALUES (?, ?, ?)",
+        self.conn.executemany("INSERT INTO identities (ref, collection, key) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
                               [(r, collection, key) for r in coll.refs(key, record)])
         if coll.table:
             summary = coll.table_row(record, doc["created"])
-            row = {coll.main_key: key, **{c: summary.get(c) for c in coll.table}, "search": search}
+            row = {coll.main_key: key, **{c: self.column_value(kind, summary.get(c)) for c, kind in coll.table.items()},
+                   "search": search}
             self.conn.execute(f"INSERT INTO {collection} ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
                               list(row.values()))
+
+    @staticmethod
+    def column_value(kind: str, value: Any) -> Any:
+        """A summary cell as its column takes it (SQLite takes any value; PostgreSQL overrides this)."""
+        return value
 
     def remove(self, collection: str, key: str) -> None:
         self.conn.execute("DELETE FROM entries WHERE collection = ? AND key = ?", (collection, key))

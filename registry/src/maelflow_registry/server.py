@@ -26,26 +26,42 @@ from maelflow_registry.store import Store
 LOG = logging.getLogger("maelflow_registry")
 
 
-def open_catalogue(paths: Paths, store: Store, *, rebuild: bool = True) -> Catalogue:
+def open_index(paths: Paths, index: str | None = None) -> Index:
+    """The index: SQLite in ``paths`` (the default), or PostgreSQL when ``index`` is a
+    ``postgresql://`` connection string (several processes share it; :mod:`maelflow_registry.pg_index`)."""
+    from maelflow_registry import pg_index
+
+    if index and pg_index.is_url(index):
+        return pg_index.PgIndex(index)
+    if index:
+        raise ValueError(f"the catalogue index must be a postgresql:// connection string, not {index[:60]!r}")
+    return Index(paths.index)
+
+
+def open_catalogue(paths: Paths, store: Store, *, rebuild: bool = True, index: str | None = None) -> Catalogue:
     """The catalogue kept in ``paths`` over ``store`` (whose bucket is made if missing).
 
     An index that never finished a rebuild (new, deleted, or cut short) is rebuilt from S3 here,
     unless ``rebuild`` is false (the server does it in the background, see :func:`build`).
+    ``index``: see :func:`open_index`.
     """
     paths.dir.mkdir(parents=True, exist_ok=True)
     settings = Watched(paths.settings, lambda: load_settings(paths))
     store.ensure_bucket()
-    index = Index(paths.index)
-    catalogue = Catalogue(store, index, settings.get)
-    if rebuild and not index.is_complete():
-        count = catalogue.rebuild()
-        LOG.warning("new index at %s: %d entries read from s3://%s", paths.index, count, store.bucket)
+    idx = open_index(paths, index)
+    catalogue = Catalogue(store, idx, settings.get)
+    if rebuild and not idx.is_complete():
+        count = catalogue.rebuild(if_incomplete=True)
+        LOG.warning("new index at %s: %d entries read from s3://%s", idx.location, count, store.bucket)
     return catalogue
 
 
-def build(paths: Paths, store: Store, *, s3_endpoint: str | None = None) -> Any:
-    """The ASGI application; ``s3_endpoint`` is what ``/settings`` tells clients to upload to."""
-    catalogue = open_catalogue(paths, store, rebuild=False)
+def build(paths: Paths, store: Store, *, s3_endpoint: str | None = None, index: str | None = None) -> Any:
+    """The ASGI application; ``s3_endpoint`` is what ``/settings`` tells clients to upload to.
+
+    Several processes may each build one over the same PostgreSQL ``index``: the first to start
+    rebuilds a new index from S3, the others find it built (:meth:`Catalogue.rebuild`)."""
+    catalogue = open_catalogue(paths, store, rebuild=False, index=index)
     if not catalogue.index.is_complete():
         # rebuild while already answering: /health says so (a start is not held up by 100 000 S3
         # reads) and everything else gets 503 + Retry-After, which the anemoi client retries
@@ -53,8 +69,9 @@ def build(paths: Paths, store: Store, *, s3_endpoint: str | None = None) -> Any:
 
         def rebuild() -> None:
             try:
-                count = catalogue.rebuild()
-                LOG.warning("index at %s rebuilt from s3://%s: %d entries", paths.index, store.bucket, count)
+                count = catalogue.rebuild(if_incomplete=True)
+                LOG.warning("index at %s rebuilt from s3://%s: %d entries", catalogue.index.location,
+                            store.bucket, count)
             except Exception:
                 LOG.exception("rebuilding the index from S3 failed; restart the catalogue to try again")
                 return

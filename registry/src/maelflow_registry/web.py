@@ -20,15 +20,16 @@ from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from starlette.concurrency import run_in_threadpool
 
 from maelflow_registry import __version__, collections, svg
 from maelflow_registry.api.deps import COOKIE, CatalogueDep, ContextDep, PageReader, identify
 from maelflow_registry.catalogue import Catalogue
 from maelflow_registry.collections import Collection
 from maelflow_registry.collections.base import human_size
-from maelflow_registry.errors import CatalogueError
+from maelflow_registry.errors import CatalogueError, NotFound
 from maelflow_registry.index import ENTRY_SORTS, table_sorts
-from maelflow_registry.keys import check_key
+from maelflow_registry.keys import check_artefact_path, check_key
 
 HERE = FsPath(__file__).parent
 templates = Jinja2Templates(directory=str(HERE / "templates"))
@@ -94,6 +95,26 @@ async def lineage_picture(caller: PageReader, cat: CatalogueDep, collection: str
     collections.get(collection)
     check_key(key)
     return Response(lineage_svg(cat, collection, key)[0], media_type="image/svg+xml")
+
+
+# An artefact is a writer's file shown to every reader: in the browser it gets its own opaque origin
+# (CSP sandbox: no script, no cookie, no form), and it may use only its own inline styles and
+# data: images, so a report page (self-contained, see maelflow's benchmark report) renders whole
+# while an uploaded page can neither run script as the catalogue nor reach anything else.
+ARTEFACT_HEADERS = {
+    "Content-Security-Policy": "sandbox; default-src 'none'; img-src data:; style-src 'unsafe-inline'",
+    "X-Content-Type-Options": "nosniff",
+}
+
+
+@router.get("/artefacts/{path:path}", responses={200: {"content": {"text/html": {"schema": {"type": "string"}}}}})
+async def artefact_page(caller: PageReader, cat: CatalogueDep, path: str) -> Response:
+    """A stored artefact for the browser (a benchmark report page, a plot), sandboxed."""
+    check_artefact_path(path)
+    found = await run_in_threadpool(cat.store.get_artefact, path)
+    if found is None:
+        raise NotFound(f"no artefact '{path}'")
+    return Response(content=found[0], media_type=found[1], headers=ARTEFACT_HEADERS)
 
 
 @router.get("/login", response_class=HTMLResponse, include_in_schema=False)

@@ -1,4 +1,4 @@
-"""The loopback HPC site: sshd + single-node SLURM (munged, slurmctld, slurmd) on 127.0.0.1.
+"""The loopback HPC site: sshd + a small SLURM cluster (munged, slurmctld, one slurmd per node) on 127.0.0.1.
 
 It stands in for a EuroHPC login node and its batch system. The rest of maelflow must not know it
 is local: it reaches the site the way it reaches LUMI or Leonardo, through SSH (host 127.0.0.1, a
@@ -8,25 +8,34 @@ shared filesystem.
 
 Layout, for a workspace ``ws``::
 
-    <ws>/hpc/site.json                  user, site id, node name, runtime dir (fixed at first ``up``)
+    <ws>/hpc/site.json                  user, site id, node names, runtime dir (fixed at first ``up``)
     <ws>/hpc/id_ed25519{,.pub}          the client key (mode 600), installed in ~user/.ssh/authorized_keys
     <ws>/hpc/known_hosts                pins the host key for [127.0.0.1]:PORT
     <ws>/hpc/ssh_config                 ``ssh -F <ws>/hpc/ssh_config maelflow-hpc`` reaches the site
-    <ws>/hpc/<daemon>/                  pid, log and state.json of munge, slurmctld, slurmd, sshd
+    <ws>/hpc/<daemon>/                  pid, log and state.json of munge, slurmctld, slurmd (the
+                                        first node; slurmd-2, ... the others), sshd
     <ws>/hpc/sshd/sshd_config           and the host key
     <ws>/hpc/slurmctld/state/           StateSaveLocation
     /run/maelflow/hpc-<id>/             what the site's user must read: slurm.conf, the munge socket,
-                                        the slurmd spool (batch scripts run from there) and the
-                                        job-completion log. The workspace usually sits under a 0700
+                                        the slurmd spools (``slurmd/<node>``: batch scripts run
+                                        from there) and the job-completion log. The workspace usually sits under a 0700
                                         directory (/root, pytest's tmp), which the user cannot traverse.
 
 The key line in authorized_keys carries ``environment="SLURM_CONF=..."`` (sshd_config has
 ``PermitUserEnvironment SLURM_CONF``), so every SSH session opened with this workspace's key talks to
 this workspace's cluster, and two workspaces sharing the user never mix up their clusters.
 
-Everything listens on 127.0.0.1 only: sshd by ``ListenAddress``, slurmctld and slurmd (which have no
-bind option) through the LD_PRELOAD helper of :mod:`maelflow.services.loopback`, munged on a unix
-socket. We stop only processes we started, by PID.
+The cluster has ``MAELFLOW_HPC_NODES`` nodes (2 by default, fixed at the first ``up``), so that a job
+of several nodes (``srun`` across them, DDP) runs here as on a EuroHPC machine: each node is a
+slurmd of its own on this machine (``slurmd -N <node>``), with its own port (``Port=`` on its
+``NodeName`` line), spool and pid file (``%n`` in slurm.conf), all nodes declaring this machine's
+CPUs. The first node is named after the host, the others ``<host>-2``, ``<host>-3``...
+
+Everything listens on 127.0.0.1 only: sshd by ``ListenAddress``, slurmctld and the slurmds (which
+have no bind option) through the LD_PRELOAD helper of :mod:`maelflow.services.loopback`, munged on
+a unix socket. ``srun`` inside a job listens too (for its tasks' I/O and messages): the site's
+``srun`` runs under the same helper, see :func:`LoopbackHpc.launch_environment`. We stop only
+processes we started, by PID.
 
 The site user controls its home: ``up`` runs as root, so what it does there (``~/.ssh``, its lock
 and ``authorized_keys``) goes through directory file descriptors opened without following
@@ -61,6 +70,8 @@ from maelflow.services.loopback import preload_env
 
 DEFAULT_USER = "maelhpc"
 USER_ENV = "MAELFLOW_HPC_USER"
+NODES_ENV = "MAELFLOW_HPC_NODES"
+DEFAULT_NODES = 2
 RUNTIME_ENV = "MAELFLOW_HPC_RUNTIME"
 DEFAULT_RUNTIME_ROOT = "/run/maelflow"
 CLUSTER = "maelflow"
@@ -271,10 +282,19 @@ class SlurmctldService(_HpcDaemon):
 
 
 class SlurmdService(_HpcDaemon):
+    """The slurmd of one node (``index`` 0 is the first: ``hpc-slurmd`` in ``<ws>/hpc/slurmd/``; the
+    others ``hpc-slurmd-2`` ... in ``<ws>/hpc/slurmd-2/`` ...)."""
+
     name = "hpc-slurmd"
     daemon = "slurmd"
     start_timeout = 30.0
     READY = {"idle", "mixed", "allocated", "completing", "mix", "alloc", "comp"}
+
+    def __init__(self, site: "LoopbackHpc", node: str | None = None, index: int = 0):
+        if index:
+            self.name, self.daemon = f"hpc-slurmd-{index + 1}", f"slurmd-{index + 1}"
+        super().__init__(site)
+        self.node = node or site.node
 
     def url(self) -> str | None:
         port = self.current_port()
@@ -284,16 +304,16 @@ class SlurmdService(_HpcDaemon):
         _require("/usr/sbin/slurmd", "sinfo")
 
     def command(self, port: int) -> tuple[Sequence[str], dict[str, str]]:
-        spool = self.site.spool_dir
-        spool.mkdir(parents=True, exist_ok=True)
-        os.chmod(spool, 0o755)
+        for spool in (self.site.spool_dir, self.site.spool_dir / self.node):
+            spool.mkdir(parents=True, exist_ok=True)
+            os.chmod(spool, 0o755)
         self.resume_if_down()
         env = self.daemon_env()
         env.update(preload_env())
-        return ["/usr/sbin/slurmd", "-D", "-f", str(self.site.slurm_conf), "-N", self.site.node], env
+        return ["/usr/sbin/slurmd", "-D", "-f", str(self.site.slurm_conf), "-N", self.node], env
 
     def node_state(self) -> str:
-        proc = _run(["sinfo", "-h", "-N", "-n", self.site.node, "-o", "%T"],
+        proc = _run(["sinfo", "-h", "-N", "-n", self.node, "-o", "%T"],
                     env=self.slurm_env(), timeout=10)
         lines = proc.stdout.decode().split()
         return lines[0] if proc.returncode == 0 and lines else "unknown"
@@ -305,7 +325,7 @@ class SlurmdService(_HpcDaemon):
         except Exception:
             return
         if state.startswith(("down", "drain", "fail")):
-            _run(["scontrol", "update", f"nodename={self.site.node}", "state=resume"],
+            _run(["scontrol", "update", f"nodename={self.node}", "state=resume"],
                  env=self.slurm_env(), timeout=10)
 
     def healthy(self) -> bool:
@@ -317,7 +337,7 @@ class SlurmdService(_HpcDaemon):
             state = self.node_state()
         except Exception:
             state = "unknown"
-        return {"port": self.current_port(), "node": self.site.node, "node_state": state}
+        return {"port": self.current_port(), "node": self.node, "node_state": state}
 
 
 class SshdService(_HpcDaemon):
@@ -380,18 +400,20 @@ class LoopbackHpc:
             str(ws.root).encode()).hexdigest()[:12]
         self.user = user or recorded.get("user") or os.environ.get(USER_ENV) or DEFAULT_USER
         self.node = recorded.get("node") or socket.gethostname().split(".")[0]
+        self.nodes: list[str] = list(recorded.get("nodes") or node_names(self.node, _node_count()))
         runtime_root = os.environ.get(RUNTIME_ENV) or DEFAULT_RUNTIME_ROOT
         self.runtime = Path(recorded.get("runtime") or Path(runtime_root) / f"hpc-{self.site_id}")
         self.munge = MungeService(self)
         self.slurmctld = SlurmctldService(self)
-        self.slurmd = SlurmdService(self)
+        self.slurmds = [SlurmdService(self, node, i) for i, node in enumerate(self.nodes)]
+        self.slurmd = self.slurmds[0]
         self.sshd = SshdService(self)
 
     # -- paths ------------------------------------------------------------------------------------
     @property
     def services(self) -> list[_HpcDaemon]:
         """In start order; stopped in reverse."""
-        return [self.munge, self.slurmctld, self.slurmd, self.sshd]
+        return [self.munge, self.slurmctld, *self.slurmds, self.sshd]
 
     @property
     def identity_file(self) -> Path:
@@ -420,6 +442,10 @@ class LoopbackHpc:
     @property
     def jobcomp_file(self) -> Path:
         return self.runtime / "jobcomp.txt"
+
+    @property
+    def task_prolog(self) -> Path:
+        return self.runtime / "task_prolog.sh"
 
     @property
     def state_dir(self) -> Path:
@@ -498,26 +524,51 @@ class LoopbackHpc:
         self.jobcomp_file.touch(exist_ok=True)
         os.chown(self.jobcomp_file, 0, pw.pw_gid)
         os.chmod(self.jobcomp_file, 0o664)
+        _write_if_changed(self.task_prolog, self.task_prolog_text(), 0o755)
 
-    def slurm_conf_text(self, ctld_port: int, slurmd_port: int) -> str:
+    def launch_environment(self) -> dict[str, str]:
+        """What every task of a job gets on this site (slurm.conf's ``TaskProlog`` exports it): the
+        bind helper, so ``srun`` and a training's rendezvous (torch's TCPStore) listen on 127.0.0.1
+        like the daemons; the main address of a multi-node training (Lightning reads MASTER_ADDR,
+        else it resolves the first node's name, this machine's address on its network); gloo's
+        interface (it listens on the address of the interface it picks, by default the host
+        name's). A EuroHPC site sets the like for its fabric (docs/training.md, GPU sites).
+
+        MASTER_ADDR is ::1 where this machine has IPv6: torch's TCPStore listens on the IPv6
+        wildcard there, which the helper turns into ::1 (not 127.0.0.1)."""
+        return {**preload_env(), "MASTER_ADDR": "::1" if _ipv6_loopback() else LOOPBACK,
+                "GLOO_SOCKET_IFNAME": "lo"}
+
+    def task_prolog_text(self) -> str:
+        lines = ["#!/bin/sh", f"# Generated by maelflow for workspace {self.ws.root}: SLURM's TaskProlog. Each",
+                 "# 'export NAME=value' line it prints is set in the environment of every task of a job."]
+        lines += [f"echo 'export {k}={v}'" for k, v in self.launch_environment().items()]
+        return "\n".join(lines) + "\n"
+
+    def slurm_conf_text(self, ctld_port: int, slurmd_ports: int | Sequence[int]) -> str:
+        """slurm.conf for the cluster; ``slurmd_ports``: one per node (an int: the first node's)."""
+        ports = [slurmd_ports] if isinstance(slurmd_ports, int) else list(slurmd_ports)
+        if len(ports) != len(self.nodes):
+            raise ValueError(f"{len(self.nodes)} nodes need as many slurmd ports, got {ports}")
         cpus = os.cpu_count() or 1
         mem = max(256, int(_memory_mb() * 0.9))
-        nodes = self.node
+        nodes = ",".join(self.nodes)
         lines = [
             f"# Generated by maelflow for workspace {self.ws.root} -- rewritten at every 'up'.",
             f"ClusterName={CLUSTER}",
             f"SlurmctldHost={self.node}({LOOPBACK})",
             f"SlurmctldPort={ctld_port}",
-            f"SlurmdPort={slurmd_port}",
+            f"SlurmdPort={ports[0]}",
             "SlurmUser=root",
             "SlurmdUser=root",
             "AuthType=auth/munge",
             "CredType=cred/munge",
             f"AuthInfo=socket={self.munge_socket}",
             f"StateSaveLocation={self.state_dir}",
-            f"SlurmdSpoolDir={self.spool_dir}",
+            # one slurmd per node on this machine: %n (the node name) keeps their files apart
+            f"SlurmdSpoolDir={self.spool_dir}/%n",
             f"SlurmctldPidFile={self.slurmctld.dir / 'slurmctld.pid'}",
-            f"SlurmdPidFile={self.slurmd.dir / 'slurmd.pid'}",
+            f"SlurmdPidFile={self.spool_dir}/%n.pid",
             "ProctrackType=proctrack/linuxproc",
             "TaskPlugin=task/none",
             "MpiDefault=none",
@@ -531,6 +582,8 @@ class LoopbackHpc:
             "AccountingStorageType=accounting_storage/none",
             "JobAcctGatherType=jobacct_gather/none",
             "JobCompType=jobcomp/filetxt",
+            # every task (a batch script, each srun task) gets the loopback environment
+            f"TaskProlog={self.task_prolog}",
             f"JobCompLoc={self.jobcomp_file}",
             f"MinJobAge={MIN_JOB_AGE}",
             f"KillWait={KILL_WAIT}",
@@ -542,9 +595,11 @@ class LoopbackHpc:
             "SlurmdTimeout=300",
             "SlurmctldDebug=info",
             "SlurmdDebug=info",
-            f"NodeName={self.node} NodeAddr={LOOPBACK} NodeHostname={self.node} CPUs={cpus} "
-            f"RealMemory={mem} State=UNKNOWN",
         ]
+        host = socket.gethostname().split(".")[0]
+        for node, port in zip(self.nodes, ports):
+            lines.append(f"NodeName={node} NodeAddr={LOOPBACK} NodeHostname={host} Port={port} CPUs={cpus} "
+                         f"RealMemory={mem} State=UNKNOWN")
         for part in PARTITIONS:
             default = "YES" if part == DEFAULT_PARTITION else "NO"
             lines.append(f"PartitionName={part} Nodes={nodes} Default={default} "
@@ -598,7 +653,7 @@ class LoopbackHpc:
         ]), 0o644)
 
     def _record(self) -> None:
-        data = {"site_id": self.site_id, "user": self.user, "node": self.node,
+        data = {"site_id": self.site_id, "user": self.user, "node": self.node, "nodes": self.nodes,
                 "runtime": str(self.runtime), "cluster": CLUSTER}
         if (self.ws.read_json("hpc", "site.json", default={}) or {}) != data:
             self.ws.write_json(data, "hpc", "site.json")
@@ -614,15 +669,16 @@ class LoopbackHpc:
         self.ensure_runtime(pw)
 
         ctld_port = self.slurmctld.planned_port()
-        slurmd_port = self.slurmd.planned_port()
-        conf = self.slurm_conf_text(ctld_port, slurmd_port)
+        slurmd_ports = [svc.planned_port() for svc in self.slurmds]
+        conf = self.slurm_conf_text(ctld_port, slurmd_ports)
         try:
             conf_changed = self.slurm_conf.read_text() != conf
         except FileNotFoundError:
             conf_changed = True
         if conf_changed:
             # a running daemon would keep the old ports/paths: restart the SLURM side with the new file
-            self.slurmd.down()
+            for svc in self.slurmds:
+                svc.down()
             self.slurmctld.down()
             _write_if_changed(self.slurm_conf, conf, 0o644)
         ssh_port = self.sshd.planned_port()
@@ -748,6 +804,7 @@ class LoopbackHpc:
             "partition": DEFAULT_PARTITION,
             "partitions": list(PARTITIONS),
             "node": self.node,
+            "nodes": list(self.nodes),
             "jobcomp_file": str(self.jobcomp_file),
             "ssh_options": self.ssh_options(),
         }
@@ -860,6 +917,30 @@ def _open_plain(name: str, flags: int, dir_fd: int, path: Path, is_kind) -> int:
     raise ServiceError(f"{path} is a symlink, a hard link or not a plain {kind}: "
                        "refusing to touch it as root",
                        hint="find out who planted it, remove it, and run 'maelflow services up --with-hpc'")
+
+
+def _ipv6_loopback() -> bool:
+    """Whether a socket can listen on ::1 here (IPv6 may be off in a container)."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def _node_count() -> int:
+    value = os.environ.get(NODES_ENV, "")
+    if not value:
+        return DEFAULT_NODES
+    if not value.isdigit() or not 1 <= int(value) <= 16:
+        raise ServiceError(f"{NODES_ENV}={value!r}: the loopback site's node count must be 1 to 16")
+    return int(value)
+
+
+def node_names(first: str, count: int) -> list[str]:
+    """``first`` (the host's name), then ``first-2``, ``first-3``..."""
+    return [first] + [f"{first}-{i}" for i in range(2, count + 1)]
 
 
 def _shadow_password(user: str) -> str:

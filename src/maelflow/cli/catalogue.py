@@ -1,4 +1,4 @@
-"""``maelflow catalogue serve|token|settings|rebuild-index|client-config``: run and administer the catalogue.
+"""``maelflow catalogue serve|token|settings|rebuild-index|reconcile|client-config``: run and administer the catalogue.
 
 The service itself is the ``maelflow_registry`` library (``registry/``), given its files and S3 store
 by ``maelflow.services.catalogue``; these commands are thin.
@@ -32,13 +32,18 @@ def command() -> None:
 @command.command()
 @workspace_option
 @click.option("--port", type=int, default=None, help="Port on 127.0.0.1 (default: the workspace's, or a free one).")
-def serve(workspace: str | None, port: int | None) -> None:
+@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Server processes behind the one port (share a PostgreSQL index: --index).")
+@click.option("--index", default=None, envvar="MAELFLOW_CATALOGUE_INDEX", metavar="URL",
+              help="postgresql:// connection string of the index (password in a passfile: "
+                   "...?passfile=FILE); default SQLite in the workspace [env MAELFLOW_CATALOGUE_INDEX].")
+def serve(workspace: str | None, port: int | None, workers: int, index: str | None) -> None:
     """Run the catalogue in the foreground on 127.0.0.1 (S3 must be up: maelflow services up)."""
     from maelflow.services.catalogue import CatalogueService, serve as run
 
     ws = resolve_workspace(workspace)
     try:
-        run(ws, port or CatalogueService(ws).port())
+        run(ws, port or CatalogueService(ws).port(), workers=workers, index=index or None)
     except ServiceError as exc:
         _fail(exc)
 
@@ -130,7 +135,27 @@ def rebuild_index(workspace: str | None) -> None:
         count = catalogue.rebuild()
     except ServiceError as exc:
         _fail(exc)
-    click.echo(f"{catalogue.index.path}: {count} entries from s3://{catalogue.store.bucket}")
+    click.echo(f"{catalogue.index.location}: {count} entries from s3://{catalogue.store.bucket}")
+
+
+@command.command("reconcile")
+@workspace_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def reconcile(workspace: str | None, as_json: bool) -> None:
+    """Compare the index with S3's listing now, as the server does every reconcile_seconds: drop
+    entries whose document is gone from S3, index documents it lacks (safe while the server runs)."""
+    from maelflow.services.catalogue import open_catalogue
+
+    try:
+        catalogue = open_catalogue(resolve_workspace(workspace), rebuild=False)
+        found = catalogue.reconcile()
+    except ServiceError as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps({"index": catalogue.index.location, "bucket": catalogue.store.bucket, **found}))
+        return
+    click.echo(f"{catalogue.index.location}: {found['lost']} entries dropped (gone from S3), "
+               f"{found['added']} added (found in S3) against s3://{catalogue.store.bucket}")
 
 
 @command.command("client-config")
@@ -152,11 +177,22 @@ def client_config(workspace: str | None, role: str, given: str | None, target: s
         catalogue, s3 = discover(ws, "catalogue"), discover(ws, "s3")
     except ServiceError as exc:
         _fail(exc)
+    if not given and catalogue.extra.get("mode") == "external":  # its tokens live on its own host
+        _fail(ServiceError(f"the catalogue is external ({catalogue.url}): make a {role} token on its host "
+                           f"(maelflow catalogue token create --role {role}) and pass it with --token"))
     secret = given or TokenStore(catalogue_paths(ws)).create(role, name=f"anemoi-client-{role}")[0]
     folder = Path(target or os.path.join(os.path.expanduser("~"), ".config", "anemoi"))
-    write_client_config(folder, catalogue.url, secret, s3.extra, allow_delete)
+    write_client_config(folder, catalogue.url, secret, client_s3(s3.extra, role), allow_delete)
     click.echo(f"wrote {folder / 'settings.toml'} and {folder / 'settings.secrets.toml'} (mode 0600)")
     click.echo("the client's S3 library refuses plain-http endpoints unless you also: export AWS_ALLOW_HTTP=true")
+
+
+def client_s3(extra: dict, role: str) -> dict:
+    """The S3 keys a client of ``role`` gets: a reader the read-only keys to the datasets, a writer
+    (and admin: ``anemoi-registry datasets --upload``) the datasets writer's; never the catalogue's."""
+    from maelflow.ewc import settings_from_service
+
+    return settings_from_service(extra, "read" if role == "read" else "write")
 
 
 def write_client_config(folder: Path, url: str, token: str, s3: dict, allow_delete: bool = False) -> None:

@@ -6,7 +6,6 @@ in the task's log) and exit non-zero with a reason when they fail, which ecFlow 
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -22,10 +21,12 @@ def fail(message: str, code: int = 1) -> None:
 
 
 def _rx(config: str):
-    from maelflow.config.loader import ResolvedExperiment
+    # the file maelflow build wrote, read without the config models where it is complete: these
+    # commands run once per job (sites/suiteconfig.py)
+    from maelflow.sites.suiteconfig import load
 
     try:
-        return ResolvedExperiment.from_json(json.loads(Path(config).read_text()))
+        return load(config)
     except (OSError, ValueError) as exc:
         fail(f"cannot read the suite's resolved config {config}: {exc}")
 

@@ -33,6 +33,8 @@ COMMANDS: dict[str, str] = {
     "catalogue": "catalogue",
     "lineage": "lineage",
     "benchmark": "benchmark",
+    "model": "model",
+    "site": "site",
 }
 
 

@@ -19,9 +19,10 @@ SECRET_KEYS = ("secret_key",)
 def _public(info: ServiceInfo, show_secrets: bool) -> dict:
     data = info.to_json()
     if not show_secrets:
-        for key in SECRET_KEYS:
-            if key in data:
-                data[key] = "*** (--show-secrets, or read the workspace's s3/credentials.json)"
+        for part in (data, *(data.get("roles") or {}).values()):   # the S3 service's keys per role too
+            for key in SECRET_KEYS:
+                if key in part:
+                    part[key] = "*** (--show-secrets, or read the workspace's s3/credentials.json)"
     return data
 
 
@@ -38,6 +39,10 @@ def _print(infos: dict[str, ServiceInfo], as_json: bool, title: str, show_secret
     table.add_column("log", overflow="fold")
     for name, info in infos.items():
         healthy = "[green]yes[/]" if info.healthy else ("[yellow]no[/]" if info.running else "[red]stopped[/]")
+        if info.extra.get("mode") == "external":  # the log column says what the check found
+            healthy = "[green]external[/]" if info.healthy else "[red]external: failing[/]"
+            table.add_row(name, healthy, info.url or "-", "-", info.detail)
+            continue
         table.add_row(name, healthy, info.url or "-", str(info.pid or "-"), info.log or "-")
     Console().print(table)
 
@@ -78,7 +83,34 @@ def up(workspace: str | None, as_json: bool, extra: tuple[str, ...], with_hpc: b
 def status(workspace: str | None, as_json: bool, show_secrets: bool) -> None:
     """Show each service's health, URL, PID and log file."""
     ws = resolve_workspace(workspace)
-    _print(_run(lambda: stack.status(ws)), as_json, f"services in {ws.root}", show_secrets)
+    infos = _run(lambda: stack.status(ws))
+    _print(infos, as_json, f"services in {ws.root}", show_secrets)
+    # an external service (the services profile) is never merely "stopped": it must answer
+    broken = {n: i for n, i in infos.items() if i.extra.get("mode") == "external" and not i.healthy}
+    for name, info in broken.items():
+        click.echo(f"{name}: {info.detail}", err=True)
+    if broken:
+        raise SystemExit(1)
+
+
+@command.command()
+@workspace_option
+@click.argument("profile")
+def use(workspace: str | None, profile: str) -> None:
+    """Use the services profile PROFILE (configs/services/PROFILE.yaml or a path; 'embedded': the
+    workspace's own services) for every command and suite task of this workspace."""
+    from maelflow.cli.common import exit_with
+    from maelflow.config.errors import ConfigError
+    from maelflow.services import profile as profiles
+
+    ws = resolve_workspace(workspace)
+    try:
+        chosen = profiles.use(ws, profile)
+    except ConfigError as exc:
+        exit_with(exc)
+    external = chosen.external()
+    click.echo(f"{ws.root}: services profile '{chosen.name}'; external: {', '.join(external) or 'none'}; "
+               "check them with 'maelflow services status'")
 
 
 @command.command()

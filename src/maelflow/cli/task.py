@@ -47,14 +47,15 @@ def _run(name: str, *args: str) -> None:
     ctx = None
     task_failed: type[BaseException] = ()  # type: ignore[assignment]
     try:
+        import importlib
+
         from maelflow.provenance import trust_installation
-        from maelflow.suite import tasks
         from maelflow.suite.tasks import TaskContext, TaskFailed
 
         task_failed = TaskFailed
         trust_installation()      # git (ours, GitPython, a subprocess's) may read a shared installation
         ctx = TaskContext.from_env()
-        getattr(tasks, name)(ctx, *args)
+        getattr(importlib.import_module(MODULES.get(name, "maelflow.suite.tasks")), name)(ctx, *args)
     except Exception as exc:  # noqa: BLE001 - every failure gets a readable reason, and exits here
         if isinstance(exc, task_failed):
             _abort_reason(ctx, str(exc))
@@ -79,10 +80,13 @@ def command() -> None:
     """Task bodies called from the suite's job scripts (not for interactive use)."""
 
 
-# task name -> (options it takes, help); each calls maelflow.suite.tasks.<name>(ctx, *options)
+# task name -> (options it takes, help); each calls maelflow.suite.tasks.<name>(ctx, *options), or
+# <module>.<name> for the tasks of a feature that keeps its own (MODULES)
+OPERATIONS = ("champion", "evaluate", "gate", "resolve", "forecast", "deliver")
+MODULES = {name: "maelflow.operations.tasks" for name in OPERATIONS}
 TASKS: dict[str, tuple[tuple[str, ...], str]] = {
     "provenance": ((), "Record config, code version and packages of the suite."),
-    "build": (("dataset",), "Build DATASET from its anemoi-datasets recipe."),
+    "build": (("dataset",), "Build DATASET from its anemoi-datasets recipe or its generator."),
     "publish": (("dataset",), "Publish DATASET to the European Weather Cloud."),
     "stage": (("dataset", "site"), "Stage DATASET onto SITE."),
     "locate": (("dataset", "site"), "Register DATASET's location on SITE in the catalogue."),
@@ -90,6 +94,12 @@ TASKS: dict[str, tuple[tuple[str, ...], str]] = {
     "register": (("training", "site"), "Register what TRAINING produced on SITE in the catalogue."),
     "sync": (("training", "site"), "Sync the offline MLflow run of TRAINING on SITE to the tracking server."),
     "benchmark_report": ((), "Compare the benchmark family's runs of every site in one report."),
+    "champion": (("training", "site"), "Find the champion TRAINING's candidate is compared with on SITE."),
+    "evaluate": (("training", "site"), "Score TRAINING's checkpoint on held-out data on SITE."),
+    "gate": (("training", "site"), "Record TRAINING's scores and promote it if it passes its model's gate."),
+    "resolve": (("site", "cycle"), "Resolve the forecast cycle's model@alias and check its checkpoint on SITE."),
+    "forecast": (("site", "cycle"), "Run the forecast cycle with anemoi-inference on SITE."),
+    "deliver": (("site", "cycle"), "Publish the cycle's forecast to the EWC and register it in the catalogue."),
 }
 
 

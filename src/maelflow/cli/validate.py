@@ -23,11 +23,25 @@ def command(experiment: str, overrides: tuple[str, ...], workspace: str | None, 
     """
     ws = resolve_workspace(workspace)
     rx = load_or_exit(experiment, overrides, ws, as_json)
+    anemoi = _anemoi_versions(rx)
     if as_json:
-        click.echo(json.dumps({"valid": True, "experiment": rx.name, **({"resolved": rx.to_json()} if show else {})},
-                              indent=2))
+        click.echo(json.dumps({"valid": True, "experiment": rx.name, **({"anemoi": anemoi} if anemoi else {}),
+                               **({"resolved": rx.to_json()} if show else {})}, indent=2))
         return
     console.print(f"[green]valid[/]: experiment [bold]{rx.name}[/] - sites {', '.join(rx.sites)}; "
                   f"datasets {', '.join(rx.datasets) or 'none'}; trainings {', '.join(rx.trainings) or 'none'}")
+    if anemoi:
+        console.print("anemoi-training: " + "; ".join(
+            f"{site} {v['version'] or 'unknown'} ({v['source']})" for site, v in anemoi.items()), highlight=False)
     if show:
         console.print_json(json.dumps(rx.to_json()))
+
+
+def _anemoi_versions(rx) -> dict:
+    """The anemoi-training release of each site, when the experiment has an anemoi training (its keys
+    were checked against that release's; a site whose release is unknown had no such check)."""
+    if not any(t.application == "anemoi" for t in rx.trainings.values()):
+        return {}
+    from maelflow.training.anemoi_versions import versions_report
+
+    return versions_report(rx.sites)

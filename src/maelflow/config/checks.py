@@ -45,6 +45,7 @@ def cross_check(rx) -> list[ConfigProblem]:
     problems: list[ConfigProblem] = []
     root = Path(rx.config_root)
     exp_file = rx.source_file
+    problems += services_profile_problems(rx)
     # names become ecFlow node names: two that differ only in '-' vs '_' would collide
     for folder in ("sites", "datasets", "trainings"):
         seen: dict[str, str] = {}
@@ -54,6 +55,11 @@ def cross_check(rx) -> list[ConfigProblem]:
                 problems.append(ConfigProblem(exp_file, f"{folder}[{i}]", name,
                                               f"becomes the same ecFlow node name {nn!r} as {seen[nn]!r}"))
             seen[nn] = name
+    for dname, dataset in rx.datasets.items():   # a dataset built by a generator given by import path
+        why = import_path_problem(dataset.generator) if dataset.generator else None
+        if why:
+            problems.append(ConfigProblem(str(root / "datasets" / f"{dname}.yaml"), "generator", dataset.generator,
+                                          why))
     for tname, training in rx.trainings.items():
         tfile = str(root / "trainings" / f"{tname}.yaml")
         for field in ("application", "datamodule"):
@@ -65,6 +71,10 @@ def cross_check(rx) -> list[ConfigProblem]:
         if training.application != "anemoi" and not training.datamodule:
             problems.append(ConfigProblem(tfile, "datamodule", None,
                                           "an application given by import path needs its LightningDataModule"))
+        if training.application == "anemoi":  # its keys against each site's anemoi-training release
+            from maelflow.training.anemoi_versions import check_training
+
+            problems.extend(check_training(tfile, tname, training, rx.sites))
         for j, ds in enumerate(training.datasets):
             if ds not in rx.experiment.datasets:
                 problems.append(ConfigProblem(tfile, f"datasets[{j}]", ds,
@@ -82,3 +92,18 @@ def cross_check(rx) -> list[ConfigProblem]:
                         tfile, "time_limit", training.time_limit,
                         f"longer than site {sname!r} allows ({site.slurm.max_time})"))
     return problems
+
+
+def services_profile_problems(rx) -> list[ConfigProblem]:
+    """The experiment's services profile (``services: NAME``), validated: a secret written inline,
+    an external service without its address, an unknown key (maelflow.config.profile)."""
+    if not rx.experiment.services:
+        return []
+    from maelflow.config.errors import ConfigError
+    from maelflow.services.profile import load_file, locate
+
+    try:
+        load_file(locate(rx.experiment.services, Path(rx.config_root)))
+    except ConfigError as exc:
+        return list(exc.problems)
+    return []

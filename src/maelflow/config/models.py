@@ -11,23 +11,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from maelflow.config.slurmtime import parse_slurm_time  # also read as models.parse_slurm_time
+
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-TIME_RE = re.compile(r"^(?:(\d+)-)?(\d{1,3}):([0-5]\d)(?::([0-5]\d))?$")
 
 
 def check_name(value: str) -> str:
     if not NAME_RE.match(value):
         raise ValueError("must start with a letter or digit and contain only letters, digits, '-', '_' and '.'")
     return value
-
-
-def parse_slurm_time(value: str) -> int:
-    """Seconds in a SLURM time limit written [D-]HH:MM[:SS]."""
-    m = TIME_RE.match(value.strip())
-    if not m:
-        raise ValueError("must be a SLURM time limit such as 01:30:00 or 2-00:00:00")
-    days, hours, minutes, seconds = (int(g) if g else 0 for g in m.groups())
-    return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
 
 
 class Strict(BaseModel):
@@ -109,6 +101,48 @@ class SiteLimits(Strict):
     transfers: int = Field(2, ge=1, le=1000, description="Dataset transfers running at once to this site.")
 
 
+class Container(Strict):
+    """A container the site's task and training commands run in: the centre's PyTorch image, with the
+    site part's virtual environment on the shared filesystem (docs/sites.md)."""
+
+    image: str = Field(description="The image: a .sif file for apptainer/singularity; for bwrap the folder "
+                       "mounted read-only as the container's root ('/' shares the node's own).")
+    runtime: Literal["apptainer", "singularity", "bwrap"] = Field(
+        "apptainer", description="What runs it: apptainer or singularity (`exec`, --nv/--rocm from gpus.vendor), "
+        "or bwrap (bubblewrap: a sandbox without images, for trying a container prefix where there is none).")
+    binds: list[str] = Field(default_factory=list, description="More folders visible read-write inside, 'SRC' or "
+                             "'SRC:DST'; the site's paths (root, datasets, outputs) are always bound.")
+    options: list[str] = Field(default_factory=list, description="More options of the runtime, e.g. --cleanenv.")
+
+
+class Accelerator(Strict):
+    """What the site part is built for, and the environment every job of the site gets."""
+
+    arch: Literal["x86_64", "aarch64"] = Field("x86_64", description="CPU architecture of the login and compute "
+                                               "nodes: `site setup` gathers wheels for it.")
+    torch_variant: str = Field("cpu", pattern=r"^(cpu|cu\d+|rocm\d+(\.\d+)*|xpu)$",
+                               description="The torch build `site setup` installs: cpu, cuNNN (CUDA) or rocmX.Y "
+                               "(ROCm), the local version tag of its wheels (torch 2.13.0+rocm6.4).")
+    torch_index: str | None = Field(None, description="Package index holding that build, e.g. "
+                                    "https://download.pytorch.org/whl/rocm6.4; default: pip's own configuration.")
+    environment: dict[str, str] = Field(default_factory=dict, description="Variables exported at the start of "
+                                        "every job of the site (NCCL/RCCL, MIOpen cache ...); the job's shell "
+                                        "expands $VARIABLES in them.")
+
+
+class SiteInstall(Strict):
+    """Where and what `maelflow site setup` installs on the site (no root needed)."""
+
+    venv: str | None = Field(None, description="The site part's virtual environment; default <paths.root>/venv "
+                             "(maelflow_command is then <venv>/bin/maelflow).")
+    python: str = Field("python3", description="The interpreter the environment is made with, after the "
+                        "environment lines (a module's python, or the container's).")
+    parts: list[Literal["core", "train", "anemoi"]] = Field(
+        default_factory=lambda: ["core", "train", "anemoi"],
+        description="What the site part holds: core (job entry points, reporting, stage), train (torch, "
+        "Lightning, MLflow's client), anemoi (anemoi-training and its models, graphs, datasets).")
+
+
 class Site(Strict):
     name: str = Field(description="Site name, used for its ecFlow family.")
     description: str = Field("", description="What and where the machine is.")
@@ -128,16 +162,27 @@ class Site(Strict):
     environment: list[str] = Field(default_factory=list,
                                    description="Shell lines run at the start of every job (module load ...).")
     maelflow_command: str = Field("maelflow", description="How jobs call maelflow on the site.")
+    anemoi_version: str | None = Field(
+        None, pattern=r"^\d+\.\d+(\.\d+)?$",
+        description="The anemoi-training release installed on the site (e.g. 0.17.1): anemoi trainings are "
+        "validated against that release's configuration keys. Unset: the installed package for a local "
+        "site, no key check for a remote one (docs/training.md, anemoi versions).")
+    container: Container | None = Field(None, description="A container the site's task and training commands "
+                                        "run in (apptainer/singularity image); none: the login shell's environment.")
+    accelerator: Accelerator = Field(default_factory=Accelerator,
+                                     description="CPU architecture, torch build and job environment of the nodes.")
+    install: SiteInstall = Field(default_factory=SiteInstall,
+                                 description="The site part `maelflow site setup` installs (docs/sites.md).")
 
     _check_name = field_validator("name")(classmethod(lambda cls, v: check_name(v)))
 
     @field_validator("scheduler")
     @classmethod
     def _scheduler(cls, v: str) -> str:
-        from maelflow.sites.schedulers import known
+        from maelflow.sites.schedulers import is_known, known
 
-        names = known()
-        if v not in names:
+        if not is_known(v):     # cheap for maelflow's own schedulers: every job submission validates this
+            names = known()
             raise ValueError(f"no scheduler {v!r} is installed (known: {', '.join(names) or 'none'}); a package "
                              "adds one through the 'maelflow.schedulers' entry points")
         return v
@@ -159,14 +204,30 @@ class Dataset(Strict):
     recipe: str | None = Field(None, description="anemoi-datasets recipe that creates the zarr at 'source' (a path, "
                                                  "relative to the config root), if the suite builds it.")
     s3_prefix: str | None = Field(None, description="Key prefix in the EWC bucket; default datasets/<name>.zarr.")
+    generator: str | None = Field(None, description="'package.module:function' that writes the zarr at 'source' "
+                                  "(a seeded synthetic dataset, e.g. maelflow.apps.ap1_data:generate), if the "
+                                  "suite builds it that way instead of from a 'recipe'.")
+    generator_options: dict[str, Any] = Field(default_factory=dict,
+                                              description="Keyword arguments of the 'generator' (seed, sizes).")
 
     _check_name = field_validator("name")(classmethod(lambda cls, v: check_name(v)))
+
+    @field_validator("generator")
+    @classmethod
+    def _generator(cls, v: str | None) -> str | None:
+        if v is None or re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$", v):
+            return v
+        raise ValueError("must be an import path 'package.module:function'")
 
     @model_validator(mode="after")
     def _origin(self) -> "Dataset":
         if not self.source:
             raise ValueError("a dataset needs a 'source': the zarr it is published from (built there by "
                              "its 'recipe', if it has one)")
+        if self.recipe and self.generator:
+            raise ValueError("a dataset is built from a 'recipe' or by a 'generator', not both")
+        if self.generator_options and not self.generator:
+            raise ValueError("'generator_options' are given but there is no 'generator'")
         return self
 
     @property
@@ -180,6 +241,18 @@ class MlflowSettings(Strict):
         "auto", description="online: log to the server; offline: log to files, synced after the job; "
         "auto: online where compute nodes reach the internet, offline elsewhere.")
     experiment: str | None = Field(None, description="MLflow experiment name; default: the experiment's name.")
+
+
+class TimingConfig(Strict):
+    """The timing callback of every training (maelflow.training.timing); the job's environment
+    (MAELFLOW_TIMING, MAELFLOW_TIMING_WARMUP, MAELFLOW_TIMING_EVERY, MAELFLOW_ENERGY) wins over it."""
+
+    enabled: bool = Field(True, description="Time epochs, batches, forward/backward, IO, validation, "
+                                            "checkpoints and communication, and log them to MLflow.")
+    warmup_steps: int = Field(3, ge=0, le=100_000, description="First steps kept apart from the statistics.")
+    sample_every: int = Field(10, ge=0, le=1_000_000, description="Log every Nth step's times as MLflow "
+                                                                  "samples; 0 logs none (statistics only).")
+    energy: bool = Field(True, description="Read the node's energy sources (GPUs, Cray, RAPL, sacct).")
 
 
 class Training(Strict):
@@ -199,6 +272,7 @@ class Training(Strict):
     config: dict[str, Any] = Field(default_factory=dict, description="Application configuration.")
     overrides: list[str] = Field(default_factory=list, description="Hydra overrides for anemoi-training.")
     mlflow: MlflowSettings = Field(default_factory=MlflowSettings, description="Experiment tracking.")
+    timing: TimingConfig = Field(default_factory=TimingConfig, description="Step timing and energy.")
 
     _check_name = field_validator("name")(classmethod(lambda cls, v: check_name(v)))
 
@@ -252,6 +326,129 @@ class Benchmark(Strict):
         return v
 
 
+# ----------------------------------------------------------------------------- model production
+ALIAS_RE = re.compile(r"^[A-Za-z0-9_-]{1,255}$")
+DAY_RE = re.compile(r"^\d{4}-?\d{2}-?\d{2}$")
+
+
+def check_alias(value: str) -> str:
+    """A model alias: MLflow's rules, so it mirrors there (letters, digits, '-', '_'; not latest/vN)."""
+    if not ALIAS_RE.match(value):
+        raise ValueError("must use letters, digits, '-' and '_' (an MLflow alias)")
+    if value == "latest" or re.match(r"^[vV]\d+$", value):
+        raise ValueError("'latest' and 'v<number>' are reserved by MLflow's model registry")
+    return value
+
+
+class GateRule(Strict):
+    """One condition a candidate's evaluation must meet."""
+
+    metric: str = Field(description="A score of the evaluation: nrmse (RMSE over the dataset's standard "
+                        "deviation, mean over variables), skill_persistence, skill_climatology (1 - nrmse / "
+                        "the reference's), rmse.<variable>, mae.<variable>.")
+    min: float | None = Field(None, description="The score must be at least this.")
+    max: float | None = Field(None, description="The score must be at most this.")
+
+    @model_validator(mode="after")
+    def _bound(self) -> "GateRule":
+        if self.min is None and self.max is None:
+            raise ValueError(f"gate rule on {self.metric!r} needs 'min' or 'max'")
+        return self
+
+
+class Gate(Strict):
+    """What lets a checkpoint become a model version: thresholds, and a margin over the champion."""
+
+    rules: list[GateRule] = Field(default_factory=lambda: [GateRule(metric="skill_persistence", min=0.0)],
+                                  description="Conditions on the candidate's scores, all of which must hold.")
+    champion_margin: float | None = Field(
+        0.0, ge=-1, le=1, description="The candidate's nrmse must be lower than the champion's (the version the "
+        "operations alias names) by this fraction (0.01: 1% lower); null: no comparison with the champion.")
+    champion_alias: str = Field("production", description="The alias whose version is the champion.")
+    alias: str = Field("candidate", description="The alias a passing candidate's new version gets "
+                                                "(e.g. candidate, or production directly).")
+
+    _check_alias = field_validator("alias", "champion_alias")(classmethod(lambda cls, v: check_alias(v)))
+
+
+class ModelEvaluation(Strict):
+    samples: int = Field(8, ge=1, le=10000, description="Held-out initial dates scored (spread evenly over the "
+                                                        "dataset's test period: the dates after training's).")
+    checkpoint: str = Field("inference-last.ckpt", description="The checkpoint file of a training that is "
+                                                               "evaluated and promoted.")
+
+
+class ModelSpec(Strict):
+    """A model of the experiment: the trainings whose checkpoints are evaluated and gated into it."""
+
+    name: str = Field(description="Model name in the catalogue and in MLflow's model registry.")
+    description: str = Field("", description="What the model is for.")
+    trainings: list[str] = Field(min_length=1, description="Trainings of the experiment whose checkpoint is "
+                                 "evaluated and gated into this model, in this order.")
+    evaluation: ModelEvaluation = Field(default_factory=ModelEvaluation, description="How candidates are scored.")
+    gate: Gate = Field(default_factory=Gate, description="What a candidate must score to become a version.")
+
+    _check_name = field_validator("name")(classmethod(lambda cls, v: check_name(v)))
+
+
+class Operations(Strict):
+    """Forecast production: one cycle per date (an ecFlow repeat date), with the version an alias names."""
+
+    model: str = Field(description="The model whose alias makes the forecasts (a name in the catalogue).")
+    alias: str = Field("production", description="The alias resolved at the start of each cycle.")
+    dataset: str = Field(description="The staged dataset the initial conditions come from.")
+    site: str | None = Field(None, description="The site the forecasts run on; default: the experiment's first.")
+    start: str = Field(description="First cycle date, YYYY-MM-DD (or YYYYMMDD).")
+    end: str = Field(description="Last cycle date, YYYY-MM-DD (or YYYYMMDD).")
+    time: int = Field(0, ge=0, le=23, description="Hour (UTC) of each cycle's initial time.")
+    lead_time: int = Field(12, ge=1, le=24 * 366, description="Forecast length in hours.")
+    output: Literal["netcdf", "zarr"] = Field("netcdf", description="Output format of anemoi-inference.")
+    late: str | None = Field(None, description="ecFlow late flag of each cycle's forecast task, as in a .def "
+                             "(e.g. '-s +00:15 -c +02:00'): only sets a flag operators see.")
+    prefix: str = Field("forecasts", description="Key prefix of published forecasts in the EWC bucket.")
+
+    _check_alias = field_validator("alias")(classmethod(lambda cls, v: check_alias(v)))
+
+    @field_validator("start", "end", mode="before")
+    @classmethod
+    def _day(cls, v: object) -> str:
+        import datetime as _dt
+
+        if isinstance(v, (_dt.date, int)):
+            v = str(v) if isinstance(v, int) else v.isoformat()
+        if not isinstance(v, str) or not DAY_RE.match(v):
+            raise ValueError("must be a date YYYY-MM-DD or YYYYMMDD")
+        digits = v.replace("-", "")
+        try:
+            _dt.date(int(digits[:4]), int(digits[4:6]), int(digits[6:]))
+        except ValueError as exc:
+            raise ValueError(str(exc)) from None
+        return f"{digits[:4]}-{digits[4:6]}-{digits[6:]}"
+
+    @field_validator("late")
+    @classmethod
+    def _late(cls, v: str | None) -> str | None:
+        if v is not None:
+            from maelflow.suite.builder import parse_late
+
+            parse_late(v)  # a ValueError saying what is wrong
+        return v
+
+    @model_validator(mode="after")
+    def _order(self) -> "Operations":
+        if self.end < self.start:
+            raise ValueError(f"end {self.end} is before start {self.start}")
+        return self
+
+    @property
+    def ymd_start(self) -> int:
+        return int(self.start.replace("-", ""))
+
+    @property
+    def ymd_end(self) -> int:
+        return int(self.end.replace("-", ""))
+
+
 class Experiment(Strict):
     name: str = Field(description="Experiment name; the ecFlow suite is named after it.")
     description: str = Field("", description="What the experiment is for.")
@@ -259,8 +456,16 @@ class Experiment(Strict):
     sites: list[str] = Field(min_length=1, description="Names of the sites it runs on (configs/sites/).")
     datasets: list[str] = Field(default_factory=list, description="Names of its datasets (configs/datasets/).")
     trainings: list[str] = Field(default_factory=list, description="Names of its trainings (configs/trainings/).")
+    services: str | None = Field(None, description="Services profile it runs against (configs/services/NAME.yaml "
+                                 "or a path): ecFlow, S3, MLflow and the catalogue embedded or external; "
+                                 "checked by validate; deploy needs it in force in the workspace "
+                                 "('maelflow services use NAME').")
     benchmark: Benchmark | None = Field(None, description="Benchmark mode: repeats of the trainings on every "
                                                           "site and a report task (docs/training.md).")
+    models: list[ModelSpec] = Field(default_factory=list, description="Models its trainings are evaluated and "
+                                    "gated into (docs/operations.md).")
+    operations: Operations | None = Field(None, description="Forecast production with a model's alias, one cycle "
+                                          "per date (docs/operations.md).")
 
     _check_name = field_validator("name")(classmethod(lambda cls, v: check_name(v)))
 
@@ -273,6 +478,36 @@ class Experiment(Strict):
             if not self.benchmark_trainings:
                 raise ValueError("benchmark mode needs at least one training")
         return self
+
+    @model_validator(mode="after")
+    def _models(self) -> "Experiment":
+        names = [m.name for m in self.models]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"models listed more than once: {', '.join(dup)}")
+        gated: dict[str, str] = {}
+        for m in self.models:
+            for t in m.trainings:
+                if t not in self.trainings:
+                    raise ValueError(f"model {m.name!r} names training {t!r}, which the experiment lacks")
+                if t in self.benchmark_trainings:
+                    raise ValueError(f"model {m.name!r}: training {t!r} is benchmarked, not trained to be gated")
+                if t in gated:
+                    raise ValueError(f"training {t!r} is gated into two models ({gated[t]!r} and {m.name!r})")
+                gated[t] = m.name
+        ops = self.operations
+        if ops is not None:
+            if ops.dataset not in self.datasets:
+                raise ValueError(f"operations.dataset {ops.dataset!r} is not among the experiment's datasets")
+            if ops.site is not None and ops.site not in self.sites:
+                raise ValueError(f"operations.site {ops.site!r} is not among the experiment's sites")
+        return self
+
+    @property
+    def operations_site(self) -> str | None:
+        if self.operations is None:
+            return None
+        return self.operations.site or self.sites[0]
 
     @property
     def benchmark_trainings(self) -> list[str]:

@@ -17,6 +17,10 @@ with the filled-in recipe and its generated inputs) and renamed into place only 
 finished it and its statistics are present: a reader either sees no dataset or a complete one.
 The zarr is built there under the recipe's ``name:`` so anemoi checks that name against its
 naming convention (a name that does not follow it is only a warning).
+
+A dataset may name a ``generator`` (``package.module:function``) instead of a recipe: a function
+that writes the zarr itself, such as the seeded synthetic datasets of the MAELSTROM applications
+(:func:`generate_dataset`, same hidden-folder-then-rename guarantee).
 """
 
 from __future__ import annotations
@@ -184,6 +188,8 @@ def build_dataset(dataset: "Dataset", dest: Path | str, reporter: "Reporter | No
 
     reporter = reporter or Reporter({})
     dest = Path(dest).expanduser().absolute()
+    if getattr(dataset, "generator", None):
+        return generate_dataset(dataset, dest, reporter, overwrite=overwrite)
     if not dataset.recipe:
         raise DatasetBuildError(f"dataset {dataset.name!r} has no recipe to build it from")
     recipe = resolve_recipe(dataset.recipe, base_dir)
@@ -229,4 +235,103 @@ def build_dataset(dataset: "Dataset", dest: Path | str, reporter: "Reporter | No
     reporter.label("info", f"built {dataset.name}: {len(attrs.get('variables', []))} variables, "
                    f"{attrs.get('start_date')} to {attrs.get('end_date')} every {attrs.get('frequency')}, "
                    f"shape {tuple(shape)} in {seconds:.1f}s")
+    return dest
+
+
+# ----------------------------------------------------------------------------------- generators
+GENERATED_BY = "maelflow_generator"   # the zarr attribute that records which generator call made it
+
+
+def _generated_by(dataset: "Dataset") -> dict:
+    import json
+
+    # through JSON, as the zarr attributes keep it (tuples become lists)
+    return json.loads(json.dumps({"generator": dataset.generator, "options": dataset.generator_options}))
+
+
+def _check_generated(path: Path, what: str) -> dict:
+    """Raise unless ``path`` is a readable zarr group with arrays (and, in the anemoi layout, finite
+    statistics); return its attributes."""
+    import numpy as np
+    import zarr
+
+    try:
+        root = zarr.open_group(str(path), mode="r")
+        names = list(root.array_keys())
+    except Exception as exc:  # noqa: BLE001 - zarr raises several kinds
+        raise DatasetBuildError(f"{what} left no readable zarr at {path}: {_error_line(str(exc))}") from None
+    if not names:
+        raise DatasetBuildError(f"{what} wrote a zarr without arrays at {path}")
+    if "data" in names:
+        missing = [name for name in STATISTICS_ARRAYS if name not in names]
+        if missing:
+            raise DatasetBuildError(f"{what}: the anemoi dataset has no statistics ({', '.join(missing)} missing)")
+        for name in STATISTICS_ARRAYS:
+            if not np.all(np.isfinite(root[name][:])):
+                raise DatasetBuildError(f"{what}: statistics {name!r} hold non-finite values")
+    return dict(root.attrs)
+
+
+def generate_dataset(dataset: "Dataset", dest: Path | str, reporter: "Reporter | None" = None, *,
+                     overwrite: bool = False) -> Path:
+    """Create ``dest`` by calling ``dataset.generator`` (``package.module:function``) as
+    ``function(path, **dataset.generator_options)``: a seeded synthetic dataset, for example one of
+    the MAELSTROM applications' (``maelflow.apps``).
+
+    Like a recipe build, the zarr is written in a hidden sibling folder and renamed into place once
+    complete. The call is recorded in the zarr's attributes (``maelflow_generator``): an existing
+    ``dest`` made by the same call is kept (unless ``overwrite``), one made otherwise is replaced.
+    """
+    import importlib
+
+    import zarr
+
+    from maelflow.reporting import Reporter
+
+    reporter = reporter or Reporter({})
+    dest = Path(dest).expanduser().absolute()
+    what = f"dataset {dataset.name}: generator {dataset.generator}"
+    call = _generated_by(dataset)
+    if dest.exists() and not overwrite:
+        try:
+            attrs = _check_generated(dest, what)
+        except DatasetBuildError:
+            attrs = {}
+        if attrs.get(GENERATED_BY) == call:
+            reporter.label("info", f"dataset {dataset.name} already generated at {dest}")
+            return dest
+        reporter.label("info", f"dataset {dataset.name} at {dest} was not made by this generator call: "
+                       "generating it again")
+    module, _, name = dataset.generator.partition(":")
+    try:
+        func = importlib.import_module(module)
+        for part in name.split("."):
+            func = getattr(func, part)
+    except (ImportError, AttributeError) as exc:
+        raise DatasetBuildError(f"{what}: cannot import it: {exc}") from None
+    scratch = dest.with_name(f".{dest.name}.building")
+    shutil.rmtree(scratch, ignore_errors=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    try:
+        reporter.label("info", f"generating {dataset.name} with {dataset.generator}")
+        building = scratch / dest.name
+        func(building, **dataset.generator_options)
+        _check_generated(building, what)
+        root = zarr.open_group(str(building), mode="r+")
+        root.attrs[GENERATED_BY] = call
+        zarr.consolidate_metadata(str(building))
+        attrs = dict(root.attrs)
+        if dest.exists():
+            shutil.rmtree(dest)
+        building.rename(dest)
+    except TypeError as exc:   # options the generator does not take
+        raise DatasetBuildError(f"{what}: {exc} (generator_options: {dataset.generator_options})") from None
+    except (OSError, ValueError) as exc:
+        raise DatasetBuildError(f"{what}: {_error_line(str(exc))}") from None
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
+    reporter.label("info", f"generated {dataset.name}: {len(attrs.get('variables', [])) or 'no'} variables, "
+                   f"{size / 2**20:.1f} MiB in {time.monotonic() - t0:.1f}s")
     return dest

@@ -68,9 +68,16 @@ def default_dest(site, dataset: str) -> str:
     return f"{site.paths.datasets.rstrip('/')}/{dataset}.zarr"
 
 
-def ewc_settings(ws, *, site=None, credentials: str | None = None) -> dict[str, Any]:
-    """EWC endpoint, keys, bucket: a credentials file if given, the site's file when readable here,
-    else the workspace's S3 service."""
+def ewc_settings(ws, *, site=None, credentials: str | None = None, role: str = "write") -> dict[str, Any]:
+    """EWC endpoint, keys, bucket: a credentials file if given, else the workspace's S3 service with
+    the keys of ``role`` (``maelflow.ewc``: ``read`` for what is handed to a site or a reader,
+    ``write`` for the workspace's own transfers) when it runs here, else the site's file (its
+    read-only keys, for a job on the site).
+
+    The workspace comes before the site's file: beside the server (where a loopback site's file may
+    be readable too) the objects just published are read through the server that wrote them,
+    which sees them at once; the read-only server sees them within ``READ_DIR_CACHE``
+    (``maelflow.services.s3``)."""
     from maelflow import ewc
     from maelflow.services.base import ServiceError
 
@@ -82,17 +89,18 @@ def ewc_settings(ws, *, site=None, credentials: str | None = None) -> dict[str, 
                                    "site, or write endpoint_url, access_key, secret_key and bucket there") from None
         except (OSError, ValueError) as exc:
             raise CredentialsError(f"cannot read the EWC credentials at {credentials}: {exc}") from None
+    try:
+        return workspace_s3(ws, role)
+    except (ServiceError, OSError) as exc:   # OSError: another user's workspace (a job on a site)
+        problem = exc
     if site is not None:
         found = ewc.site_settings(site.paths.root)
         if found:
             return found
-    try:
-        return workspace_s3(ws)
-    except ServiceError as exc:
-        raise TransferError(f"the EWC object store is not configured here: {exc}") from None
+    raise TransferError(f"the EWC object store is not configured here: {problem}") from None
 
 
-def workspace_s3(ws) -> dict[str, Any]:
+def workspace_s3(ws, role: str = "write") -> dict[str, Any]:
     """The workspace's S3 service, as ``ewc.workspace_settings`` gives it, without its health check
     (a request through an S3 client); a TCP connect says it is up."""
     import socket
@@ -102,17 +110,21 @@ def workspace_s3(ws) -> dict[str, Any]:
     from maelflow.services.base import ServiceError
     from maelflow.services.stack import service
 
+    from maelflow.services import profile
+
+    if profile.is_external(ws, "s3"):  # the services profile's endpoint (the EWC): its keys, no check here
+        return settings_from_service(profile.info(ws, "s3").extra, role)
     svc = service(ws, "s3")
     if not svc.running():
         raise ServiceError(f"the S3 service is not running in workspace {ws.root}: run 'maelflow services up'")
-    extra = svc.extra()
-    u = urlsplit(extra["endpoint_url"])
+    settings = settings_from_service(svc.extra(), role)
+    u = urlsplit(settings["endpoint_url"])
     try:
         socket.create_connection((u.hostname, u.port), timeout=2).close()
     except OSError as exc:
-        raise ServiceError(f"the S3 service of workspace {ws.root} does not answer at {extra['endpoint_url']} "
-                           f"({exc}): run 'maelflow services up'") from None
-    return settings_from_service(extra)
+        raise ServiceError(f"the S3 service of workspace {ws.root} ({role} role) does not answer at "
+                           f"{settings['endpoint_url']} ({exc}): run 'maelflow services up'") from None
+    return settings
 
 
 def open_store(settings: dict[str, Any], prefix: str):

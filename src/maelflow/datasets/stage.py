@@ -116,12 +116,12 @@ def _source(store, folder: str | None):
 
 def ensure_site_credentials(ws, conn, site) -> str:
     """The site's EWC credentials file; placed from the workspace's settings when missing (as
-    ``maelflow deploy`` does), mode 0600."""
+    ``maelflow deploy`` does), mode 0600, with the read-only keys: a site only reads the store."""
     from maelflow import ewc
 
     path = ewc.site_credentials_path(site.paths.root)
     if not conn.exists(path):
-        settings = ewc_settings(ws)
+        settings = ewc_settings(ws, role=ewc.SITE_ROLE)
         conn.makedirs(str(PurePosixPath(path).parent))
         conn.put_text(path, json.dumps(settings), mode=0o600)
     return path
@@ -129,7 +129,9 @@ def ensure_site_credentials(ws, conn, site) -> str:
 
 def remote_command(site, args: list[str]) -> str:
     lines = list(site.environment or [])
-    lines.append(f"{site.maelflow_command} " + " ".join(shlex.quote(a) for a in args))
+    from maelflow.sites.container import site_command
+
+    lines.append(f"{site_command(site)} " + " ".join(shlex.quote(a) for a in args))
     return "\n".join(lines)
 
 

@@ -23,6 +23,7 @@ finding, and the command exits non-zero.
 
 from __future__ import annotations
 
+import base64
 import csv
 import html
 import io
@@ -329,6 +330,116 @@ def category_rows(rt: RunTiming) -> list[tuple[str, dict[str, float]]]:
     return [(label, rt.stats[key]) for label, key in ROWS if key in rt.stats and rt.stats[key].get("count")]
 
 
+# ------------------------------------------------------------------ per application, sites as columns
+SKILL_KEY = "skill_vs_baseline"   # logged by the MAELSTROM applications (maelflow.apps)
+
+
+@dataclass
+class ApplicationTable:
+    """One application (training) across sites, as MAELSTROM's deliverable tables lay it out: a row
+    per timing category (the mean per step; per epoch for epoch), then throughput, time-to-train,
+    IO share, peak memory, energy and skill; a column per site. A site with several runs shows the
+    median over them."""
+
+    training: str
+    sites: list[str]
+    rows: list[tuple[str, list[str]]]
+    runs: dict[str, list[RunTiming]]
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def application_tables(report: Report) -> list[ApplicationTable]:
+    by_training: dict[str, dict[str, list[RunTiming]]] = {}
+    for rt in report.runs:
+        by_training.setdefault(rt.training, {}).setdefault(rt.site, []).append(rt)
+    tables = []
+    for training in sorted(by_training):
+        runs = by_training[training]
+        sites = sorted(runs)
+        rows: list[tuple[str, list[str]]] = [("runs", [str(len(runs[s])) for s in sites])]
+        for label, key in ROWS:
+            means = [_median([r.stats[key]["mean"] for r in runs[s] if r.stats.get(key, {}).get("count")
+                              and r.stats[key].get("mean") is not None]) for s in sites]
+            if any(v is not None for v in means):
+                rows.append((label, [fmt_s(v) for v in means]))
+
+        def per_site(value) -> list[float | None]:
+            return [_median([v for v in (value(r) for r in runs[s]) if v is not None]) for s in sites]
+
+        tput = per_site(lambda r: r.samples_per_s)
+        rows.append(("samples/s", [f"{v:.1f}" if v is not None else "-" for v in tput]))
+        rows.append(("time-to-train", [fmt_s(v) for v in per_site(lambda r: r.metric("timing/time_to_train_s"))]))
+        share = per_site(lambda r: r.metric("timing/data_loading_share"))
+        rows.append(("IO share", [f"{v:.1%}" if v is not None else "-" for v in share]))
+        mem = []
+        for s in sites:
+            kinds = {r.peak_memory[0] for r in runs[s] if r.peak_memory}
+            value = _median([r.peak_memory[1] for r in runs[s] if r.peak_memory])
+            mem.append(f"{fmt_bytes(value)} {'/'.join(sorted(kinds))}" if value is not None else "-")
+        rows.append(("peak memory", mem))
+        energy = per_site(lambda r: r.energy[1])
+        rows.append(("energy", [f"{v:.0f} J" if v is not None else "/".join(sorted({r.energy[0] for r in runs[s]}))
+                                for v, s in zip(energy, sites)]))
+        skill = per_site(lambda r: r.metric(SKILL_KEY))
+        if any(v is not None for v in skill):
+            rows.append(("skill vs baseline", [f"{v:.3f}" if v is not None else "-" for v in skill]))
+        tables.append(ApplicationTable(training, sites, rows, runs))
+    return tables
+
+
+APPLICATIONS_NOTE = ("One table per application (training), one column per site: the mean time per step of each "
+                     "category (per epoch for epoch), warm-up excluded; a site with several runs shows the median "
+                     "over them.")
+
+
+def applications_markdown(report: Report) -> list[str]:
+    out = ["", "## Applications", "", APPLICATIONS_NOTE]
+    for table in application_tables(report):
+        out += ["", f"### {table.training}", "", "| | " + " | ".join(table.sites) + " |",
+                "| --- |" + " ---: |" * len(table.sites)]
+        out += [f"| {label} | " + " | ".join(cells) + " |" for label, cells in table.rows]
+    return out
+
+
+def applications_html(report: Report) -> list[str]:
+    e = html.escape
+    parts = [f"<h2>Applications</h2><p>{e(APPLICATIONS_NOTE)}</p>"]
+    for table in application_tables(report):
+        parts.append(f"<h3>{e(table.training)}</h3><table><tr><th></th>"
+                     + "".join(f"<th>{e(s)}</th>" for s in table.sites) + "</tr>")
+        for label, cells in table.rows:
+            parts.append(f"<tr><td>{e(label)}</td>" + "".join(f"<td class='n'>{e(c)}</td>" for c in cells) + "</tr>")
+        parts.append("</table>")
+    return parts
+
+
+def applications_csv(report: Report) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["training", "row", "site", "value"])
+    for table in application_tables(report):
+        for label, cells in table.rows:
+            for site, cell in zip(table.sites, cells):
+                w.writerow([table.training, label, site, cell])
+    return buf.getvalue()
+
+
+def render_applications(report: Report, console: Any) -> None:
+    from rich.table import Table
+
+    for t in application_tables(report):
+        table = Table(title=f"application {t.training}", title_justify="left")
+        table.add_column("")
+        for site in t.sites:
+            table.add_column(site, justify="right")
+        for label, cells in t.rows:
+            table.add_row(label, *cells)
+        console.print(table)
+
+
 def render_terminal(report: Report, console: Any) -> None:
     from rich.table import Table
 
@@ -349,6 +460,7 @@ def render_terminal(report: Report, console: Any) -> None:
     for row in summary_rows(report):
         summary.add_row(*[row[k][:8] if k == "run" else row[k] for k in keys])
     console.print(summary)
+    render_applications(report, console)
     by_reason: dict[str, list[str]] = {}
     for r in summary_rows(report):
         if r["energy reason"]:
@@ -394,6 +506,7 @@ def markdown(report: Report, images: list[str]) -> str:
     if reasons:
         out += ["", "Energy not measured (or measured in part), by source:", ""]
         out += [f"- {r['training']} @ {r['site']} ({r['run'][:8]}): {r['energy reason']}" for r in reasons]
+    out += applications_markdown(report)
     for rt in report.runs:
         out += ["", f"## {rt.experiment}: {rt.label}", "", "| | " + " | ".join(COLUMNS) + " | n |",
                 "| --- |" + " ---: |" * (len(COLUMNS) + 1)]
@@ -443,7 +556,9 @@ def runs_csv(report: Report) -> str:
     return buf.getvalue()
 
 
-def html_page(report: Report, images: list[str]) -> str:
+def html_page(report: Report, images: list[str], inline_from: Path | None = None) -> str:
+    """The report page; with ``inline_from`` (the folder holding the plots) every plot is embedded as
+    a data: URI, so the page is one self-contained file (the copy kept in the catalogue)."""
     e = html.escape
     rows = summary_rows(report)
     keys = ["experiment", "training", "site", "run", "steps", "samples/s", "time-to-train", "IO share", "peak memory",
@@ -459,6 +574,7 @@ def html_page(report: Report, images: list[str]) -> str:
     for r in rows:
         parts.append("<tr>" + "".join(f"<td>{e(r[k])}</td>" for k in keys) + "</tr>")
     parts.append("</table>")
+    parts += applications_html(report)
     if report.baseline_spec:
         parts.append(f"<h2>Baseline check</h2><p>Baseline <code>{e(report.baseline_spec)}</code></p><ul>")
         for f in report.findings:
@@ -467,7 +583,9 @@ def html_page(report: Report, images: list[str]) -> str:
         parts += [f"<li>not compared: {e(line)}</li>" for line in report.unmatched]
         parts.append("</ul>")
     for name in images:
-        parts.append(f"<p><img src='{e(name)}' alt='{e(name)}'></p>")
+        src = name if inline_from is None else \
+            "data:image/png;base64," + base64.b64encode((inline_from / name).read_bytes()).decode()
+        parts.append(f"<p><img src='{e(src)}' alt='{e(name)}'></p>")
     for rt in report.runs:
         parts.append(f"<h3>{e(rt.experiment)}: {e(rt.label)}</h3><table><tr><th></th>"
                      + "".join(f"<th>{c}</th>" for c in COLUMNS) + "<th>n</th></tr>")
@@ -571,6 +689,7 @@ def write_report(report: Report, output: Path) -> list[Path]:
         (tmp / "report.md").write_text(markdown(report, images))
         (tmp / "timing.csv").write_text(timing_csv(report))
         (tmp / "runs.csv").write_text(runs_csv(report))
+        (tmp / "applications.csv").write_text(applications_csv(report))
         (tmp / "index.html").write_text(html_page(report, images))
         (tmp / MARKER).write_text(json.dumps({"tracking_uri": report.tracking_uri, "generated": report.generated,
                                               "runs": [r.run_id for r in report.runs]}) + "\n")

@@ -31,6 +31,7 @@ SERVICES: dict[str, str] = {
     "ecflow": "maelflow.services.ecflow:EcflowService",
     "s3": "maelflow.services.s3:S3Service",
     "mlflow": "maelflow.services.mlflow:MlflowService",
+    "postgres": "maelflow.services.postgres:PostgresService",  # optional: the catalogue's index with --with postgres
     "catalogue": "maelflow.services.catalogue:CatalogueService",
     "relay": "maelflow.services.relay:RelayService",
 }
@@ -120,16 +121,41 @@ def up(ws: Workspace, names: Iterable[str] | None = None, extra: Iterable[str] =
     chosen = selected(names, extra)
     with _locked(ws):
         for name in chosen:
+            if _external(ws, name):  # the services profile's: checked, never started here
+                infos[name] = _checked_external(ws, name)
+                continue
             if on_start:
                 on_start(name)
             infos.update(_flat(name, service(ws, name).up()))
     return infos
 
 
+def _external(ws: Workspace, name: str) -> bool:
+    from maelflow.services import profile
+
+    return profile.is_external(ws, name)
+
+
+def _checked_external(ws: Workspace, name: str) -> ServiceInfo:
+    from maelflow.services import profile
+
+    info = profile.check(ws, name)
+    if not info.healthy:
+        raise ServiceError(f"{name} (external, from the services profile) is not usable: {info.detail}",
+                           hint="check the profile (maelflow services use) and the service itself; "
+                                "maelflow services status lists every problem")
+    return info
+
+
 def status(ws: Workspace, names: Iterable[str] | None = None) -> Infos:
     """Every default service, plus optional ones that run in this workspace."""
     infos: Infos = {}
     for name in selected(names if names is not None else list(table())):
+        if _external(ws, name):
+            from maelflow.services import profile
+
+            infos[name] = profile.check(ws, name)
+            continue
         current = _flat(name, service(ws, name).status())
         if names is None and _optional(name) and not any(i.running for i in current.values()):
             continue
@@ -148,6 +174,9 @@ def down(ws: Workspace, names: Iterable[str] | None = None) -> Infos:
         return dict(reversed(infos.items()))
     with _locked(ws):
         for name in reversed(chosen):
+            if _external(ws, name):
+                infos[name] = ServiceInfo(name=name, detail="external (services profile): left alone")
+                continue
             svc = service(ws, name)
             before = _flat(name, svc.status())
             for member, info in _flat(name, svc.down()).items():
@@ -165,8 +194,14 @@ def down(ws: Workspace, names: Iterable[str] | None = None) -> Infos:
 def discover(ws: Workspace, name: str) -> ServiceInfo:
     """A healthy service's connection details, or a ServiceError saying how to start it.
 
-    For a group, every member must be healthy; the group's info lists them under ``extra``.
+    For a group, every member must be healthy; the group's info lists them under ``extra``. A service
+    that the workspace's services profile makes external is described from the profile (with its
+    credentials), not started and not checked here (``maelflow services status`` checks it).
     """
+    if _external(ws, name):
+        from maelflow.services import profile
+
+        return profile.info(ws, name)
     result = service(ws, name).status()
     if isinstance(result, dict):
         members = result

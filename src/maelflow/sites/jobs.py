@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from maelflow.config.loader import ResolvedExperiment
 from maelflow.sites.runner import JobHandle, runner_for
 from maelflow.workspace import write_atomic
+
+if TYPE_CHECKING:     # the job entry points run without the config models (sites/suiteconfig.py)
+    from maelflow.config.loader import ResolvedExperiment
 
 
 def record_path(job: Path) -> Path:

@@ -26,16 +26,21 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
-from maelflow.config.loader import ResolvedExperiment
 from maelflow.errors import ConnectionLost, SubmitError
 from maelflow.sites.connections import Connection, connect, connection_class
 from maelflow.sites.connections.shell import shell_path
 from maelflow.sites.schedulers import ALIVE, COMPLETED, PENDING, Scheduler, TaskResources, scheduler_for, \
     scheduler_named
 
+if TYPE_CHECKING:     # the job entry points run without the config models (sites/suiteconfig.py)
+    from maelflow.config.loader import ResolvedExperiment
+
 SUBMIT_WAIT_S = 60          # how long a retried submission waits for the first submit to answer
 UNANSWERED = 75             # exit code of the guarded submit when that wait ran out
+SITE_WAIT_S = 600           # how long a submission waits for a site that cannot be reached at all
+SITE_RETRY_S = (5.0, 60.0)  # first and longest pause between those tries (login nodes lock accounts out)
 _TRY_SUFFIX_RE = re.compile(r"\.job\d+$")
 
 
@@ -131,8 +136,11 @@ class BatchRunner:
             remote_job = f"{job}.{self.scheduler.name}"   # ecFlow's own file stays as it wrote it
         if self.dry_run and lines:
             print("\n".join(lines), flush=True)
-        if remote_job != str(job):
-            self.connection.put_text(remote_job, with_directives(text, lines), mode=0o755)
+        job_text = with_directives(text, lines)
+        # a remote site gets the job file on the stdin of the submitting command: one round trip
+        copy_inline = remote_job != str(job) and not self.shares_files and not self.dry_run
+        if remote_job != str(job) and not copy_inline:
+            self.connection.put_text(remote_job, job_text, mode=0o755)
         remote_dir, name = str(PurePosixPath(remote_job).parent), PurePosixPath(remote_job).name
         if self.shares_files:
             self.connection.makedirs(str(jobout.parent))
@@ -141,9 +149,11 @@ class BatchRunner:
         if self.dry_run:
             self.connection.run(f"cd {shell_path(remote_dir)} && {submit}", retry=False)
             return handle
-        cmd = self.guarded_submit(remote_dir, name, token, submit)
+        cmd = self.guarded_submit(remote_dir, name, token, submit, copy_job=copy_inline)
+        stdin = job_text.encode() if copy_inline else None
         try:
-            result = self.connection.run(cmd, retry=False, check=False, timeout=SUBMIT_WAIT_S + 60)
+            result = self._when_reachable(lambda: self.connection.run(cmd, input=stdin, retry=False, check=False,
+                                                                      timeout=SUBMIT_WAIT_S + 60))
         except ConnectionLost as exc:
             if not exc.sent:
                 raise
@@ -153,7 +163,7 @@ class BatchRunner:
                 return handle
             # not known (yet): the same guarded command either reports the first submission's answer
             # (waiting for it if it is still running) or, if that never reached the site, submits now
-            result = self.connection.run(cmd, retry=True, check=False, timeout=SUBMIT_WAIT_S + 60)
+            result = self.connection.run(cmd, input=stdin, retry=True, check=False, timeout=SUBMIT_WAIT_S + 60)
         answer = (result.stdout + result.stderr).strip()
         job_id = self.scheduler.parse_job_id(answer)
         what = f"{self.scheduler.name} submission of {remote_job} on {self.site_name}"
@@ -167,17 +177,43 @@ class BatchRunner:
         handle.job_id = job_id
         return handle
 
+    def _when_reachable(self, op):
+        """``op()``, tried again while the site cannot be reached at all (nothing was sent, so
+        nothing can run twice), with exponential back-off, for up to ``SITE_WAIT_S``: a login node
+        down for a minute delays the submission (the task stays 'submitted') instead of aborting it.
+        A connection lost after the command was sent is the caller's to sort out (the guard)."""
+        import sys
+
+        first, cap = SITE_RETRY_S
+        delay, deadline = first, time.monotonic() + SITE_WAIT_S
+        while True:
+            try:
+                return op()
+            except ConnectionLost as exc:
+                if exc.sent or time.monotonic() + delay > deadline:
+                    raise
+                print(f"maelflow: {self.site_name} cannot be reached ({str(exc).strip()[:200]}); "
+                      f"trying again in {delay:.0f} s", file=sys.stderr, flush=True)
+                time.sleep(delay)
+                delay = min(cap, delay * 2)
+
     @staticmethod
     def marker(remote_dir: str, name: str, token: str) -> str:
         return f"{remote_dir}/.{name}.{token}.submit"
 
-    def guarded_submit(self, remote_dir: str, name: str, token: str, submit: str) -> str:
+    def guarded_submit(self, remote_dir: str, name: str, token: str, submit: str, copy_job: bool = False) -> str:
         """The scheduler's submit command at most once per token: ``mkdir`` of the marker is atomic,
         and a repeat of this command waits for the first one's answer (kept in the marker) instead
         of submitting. A job never inherits a preload of the shell that submits it (ecflow_server may
-        run under the loopback site's bind shim)."""
+        run under the loopback site's bind shim). ``copy_job``: the job file comes on stdin and is
+        put in place first (beside it, then renamed: a repeat writes the same bytes, as the token
+        is their hash), so a submission is one round trip to the site."""
         mark = shell_path(f".{name}.{token}.submit")
-        return (f"cd {shell_path(remote_dir)} || exit 1; unset LD_PRELOAD; "
+        copy = ""
+        if copy_job:
+            tmp, job = shell_path(f".{name}.{token}.tmp"), shell_path(name)
+            copy = f"cat >{tmp} && chmod 755 {tmp} && mv -f {tmp} {job} || exit 1; "
+        return (f"mkdir -p {shell_path(remote_dir)} && cd {shell_path(remote_dir)} || exit 1; {copy}unset LD_PRELOAD; "
                 f"if mkdir {mark} 2>/dev/null; then ( {submit} ) >{mark}/out 2>&1; echo $? >{mark}/rc; fi; "
                 f"i=0; while [ ! -s {mark}/rc ] && [ $i -lt {SUBMIT_WAIT_S * 10} ]; do sleep 0.1; i=$((i+1)); done; "
                 f"cat {mark}/out 2>/dev/null; exit $(cat {mark}/rc 2>/dev/null || echo {UNANSWERED})")

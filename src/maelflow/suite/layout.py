@@ -26,6 +26,7 @@ class TaskSpec:
     # (it has the internet, compute nodes do not); "server": beside the ecFlow server, for work that
     # needs what the site lacks (syncing offline runs to MLflow, pushing to a site without internet)
     runs_on: str = "site"
+    late: str | None = None   # an ecFlow late flag, as in a .def: -s +00:15 -a 20:00 -c +02:00
 
 
 @dataclass
@@ -37,6 +38,7 @@ class FamilySpec:
     inlimits: list[str] = field(default_factory=list)
     labels: list[tuple[str, str]] = field(default_factory=list)
     cron: str | None = None   # an ecFlow cron, as in a .def: [-w D,..] [-d D,..] [-m M,..] TIME_SERIES
+    repeat: tuple[str, int, int] | None = None   # an ecFlow repeat date: (variable, first YYYYMMDD, last YYYYMMDD)
 
 
 @dataclass
@@ -121,7 +123,8 @@ def benchmark_family(rx: ResolvedExperiment, suite: str) -> FamilySpec:
             previous = node_name(tname)
         fam.children.append(site_fam)
     sites = " and ".join(f"{node_name(s)} == complete" for s in rx.experiment.sites)
-    fam.children.append(TaskSpec("report", "report", labels=[("info", ""), ("report", ""), ("headline", "")],
+    fam.children.append(TaskSpec("report", "report", labels=[("info", ""), ("report", ""), ("headline", ""),
+                                                                  ("catalogue", "")],
                                  trigger=sites, runs_on="server"))
     return fam
 
@@ -136,7 +139,7 @@ def suite_layout(rx: ResolvedExperiment, variables: dict[str, str]) -> SuiteSpec
     publish = FamilySpec("publish", labels=[("info", "publish datasets to the European Weather Cloud")])
     for ds in rx.experiment.datasets:
         tasks = []
-        if rx.datasets[ds].recipe:
+        if rx.datasets[ds].recipe or rx.datasets[ds].generator:
             tasks.append(TaskSpec("build", "build", labels=[("info", "")]))
         tasks.append(TaskSpec("publish", "publish", meters=[("progress", 0, 100)],
                               labels=[("info", ""), ("rate", "")], events=["manifest"],
@@ -175,6 +178,9 @@ def suite_layout(rx: ResolvedExperiment, variables: dict[str, str]) -> SuiteSpec
                 register.children.append(FamilySpec(node_name(tname), variables={"TRAINING": tname}, children=[
                     TaskSpec("register", "register", labels=[("info", "")], runs_on="server")]))
             fam.children.extend([train, register])
+        from maelflow.operations.layout import operations_families
+
+        fam.children.extend(operations_families(rx, site_name))
         children.append(fam)
 
     if rx.experiment.benchmark is not None:

@@ -24,9 +24,16 @@ def deploy(rx: ResolvedExperiment, ws: Workspace, client, out_dir: Path | None =
     from maelflow.sites.prepare import prepare_site
     from maelflow.suite.builder import CONFIG_FILE
 
-    built = build_suite(rx, out_dir or ws.suites_dir / rx.name, ws)
+    from maelflow.services.profile import check_experiment
+
+    check_experiment(ws, rx.experiment.services, Path(rx.config_root) if rx.config_root else None)
+    built = build_suite(rx, out_dir or ws.suites_dir / rx.name, ws, ecf_host=_ecf_host(ws))
     (built.out_dir / "jobs").mkdir(exist_ok=True)
+    from maelflow.sites.setup import require_site_part
+
     for site in rx.experiment.sites:
+        # refused before anything is queued: the site's maelflow must be this version and code
+        require_site_part(site, rx.sites[site])
         prepare_site(rx, site, built.out_dir / CONFIG_FILE, ws)
     client.sync_local()
     defs = client.get_defs()
@@ -51,6 +58,14 @@ def deploy(rx: ResolvedExperiment, ws: Workspace, client, out_dir: Path | None =
 
 
 DEPLOY_ID_VAR = "MAELFLOW_DEPLOY_ID"
+
+
+def _ecf_host(ws: Workspace) -> str:
+    """Where jobs find the ecFlow server: an external one's host (services profile), else loopback."""
+    from maelflow.services.profile import current
+
+    section = current(ws).ecflow
+    return section.host if section.mode == "external" and section.host else "127.0.0.1"
 
 
 def deploy_id() -> str:

@@ -53,7 +53,7 @@ def provenance(ctx: TaskContext) -> Path:
 
 
 def build(ctx: TaskContext, dataset: str) -> None:
-    """Create the dataset's zarr at its source path from its anemoi-datasets recipe."""
+    """Create the dataset's zarr at its source path from its anemoi-datasets recipe or its generator."""
     from maelflow.datasets.build import DatasetBuildError, build_dataset
 
     ds = ctx.rx.datasets[dataset]
@@ -205,6 +205,9 @@ def register(ctx: TaskContext, training: str, site: str) -> Path:
         "datasets": [{"name": d, "path": str(dataset_path(ctx.rx, site, d))} for d in t.datasets],
         "checkpoints": checkpoints, "config": t.model_dump(mode="json"),
     }
+    if state.get("anemoi_version"):  # the release that wrote the checkpoints (their config schema)
+        lineage["anemoi_version"] = state["anemoi_version"]
+        lineage["anemoi_line"] = state.get("anemoi_line")
     path = ctx.runs_dir / site / training / deploy / "lineage.json"
     write_atomic(path, json.dumps(lineage, indent=2, sort_keys=True) + "\n")
     n_new = _register_in_catalogue(ctx, key, lineage)
@@ -240,6 +243,9 @@ def _register_in_catalogue(ctx: TaskContext, key: str, lineage: dict) -> int:
                     "sha256": c["sha256"], "size": c["size"], "file": c["path"].rsplit("/", 1)[-1]}
             if lineage["forked_from"]:
                 meta["fork_run_id"] = lineage["forked_from"]
+            if lineage.get("anemoi_version"):
+                meta["anemoi_version"] = lineage["anemoi_version"]
+                meta["anemoi_line"] = lineage.get("anemoi_line")
             cat.register_checkpoint(c["uuid"], meta, training=key, location=(lineage["site"], c["path"]))
             new += 1
         return new
@@ -344,6 +350,11 @@ def benchmark_report(ctx: TaskContext) -> Path:
                         f"no timing metrics in {', '.join(untimed)}" if untimed else "") if p)
             + f" at {uri} (deploy {deploy})")
     runs = [latest[w] for w in wanted]
+    from maelflow.sites.connections import connect
+    from maelflow.tracking.job_energy import record_site_jobs
+
+    for note in record_site_jobs(uri, runs, lambda site: connect(site, rx.sites[site])):
+        print(f"maelflow: {note}", flush=True)
     round_ = max(r.data.tags.get("maelflow.benchmark.round", "0") for r in runs)
     try:
         rep = bm.load_runs(client, [], [r.info.run_id for r in runs], uri)
@@ -356,7 +367,12 @@ def benchmark_report(ctx: TaskContext) -> Path:
     except bm.BenchmarkInputError as exc:
         raise TaskFailed(f"benchmark {name}: {exc}") from None
     ctx.reporter.label("report", str(out / "index.html"))
-    ctx.reporter.label("headline", benchmark_headline(rep, rx.experiment.sites))
+    headline = benchmark_headline(rep, rx.experiment.sites)
+    ctx.reporter.label("headline", headline)
+    _publish_benchmark(ctx, rep, out, f"{rx.name}-{name}-{deploy}-{round_}", headline, {
+        f"{rx.name}-{t}-{deploy}": {"datasets": list(rx.trainings[t].datasets), "owner": rx.experiment.owner,
+                                    "experiment": rx.name, "training": t, "application": rx.trainings[t].application,
+                                    "sites": list(rx.experiment.sites)} for t in trainings})
     if rep.regressions:
         worst = "; ".join(bm.finding_text(f) for f in rep.regressions[:3])
         ctx.reporter.label("info", f"REGRESSION against baseline {bench.baseline}: {worst}")
@@ -365,6 +381,26 @@ def benchmark_report(ctx: TaskContext) -> Path:
     ctx.reporter.label("info", f"{len(rep.runs)} runs of {', '.join(trainings)} on {', '.join(rx.experiment.sites)} "
                        f"compared" + (f", no regression against {bench.baseline}" if bench.baseline else ""))
     return out
+
+
+def _publish_benchmark(ctx: TaskContext, rep, out: Path, key: str, headline: str,
+                       trainings: dict[str, dict]) -> None:
+    """The report into the catalogue (a ``benchmarks`` entry the trainings' pages link to); a
+    catalogue that is not there is said in the label, not fatal: the report is on disk."""
+    from maelflow import catalogue
+    from maelflow.reports.publish import publish_report
+    from maelflow.services.base import ServiceError
+    from maelflow_registry.client import CatalogueClientError
+    from requests import RequestException
+
+    try:
+        page = publish_report(catalogue.client(ctx.ws), rep, out, key, experiment=ctx.rx.name,
+                              trainings=trainings, headline=headline)
+    except (ServiceError, OSError, CatalogueClientError, RequestException) as exc:
+        print(f"maelflow: benchmark report not registered in the catalogue: {exc}", flush=True)
+        ctx.reporter.label("catalogue", "not registered (see the job output)")
+        return
+    ctx.reporter.label("catalogue", f"benchmarks/{key} (page /artefacts/{page})")
 
 
 def benchmark_headline(rep, sites: list[str]) -> str:

@@ -28,3 +28,26 @@ def offline_uri(run_dir: Path) -> str:
 def run_label(tracking_uri: str, experiment_id: str, run_id: str) -> str:
     """The ecFlow label: no '#', which ecFlow's definition format reads as a comment and drops."""
     return f"run {run_id} experiment {experiment_id} at {tracking_uri}"
+
+
+def ensure_experiment(client, name: str) -> str:
+    """The id of the MLflow experiment ``name``, created if it is missing.
+
+    Why not MLflow's get-or-create: several jobs of one suite start at once (the trainings of an
+    experiment share its MLflow experiment), and between one job's lookup and its create another
+    job creates it: MLflow then answers RESOURCE_ALREADY_EXISTS, which here means "look it up again".
+    """
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException as exc:
+        if "RESOURCE_ALREADY_EXISTS" not in f"{getattr(exc, 'error_code', '')} {exc}":
+            raise
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id

@@ -32,8 +32,9 @@ class SyncResult:
 
 
 def _dest_experiment(dest, name: str) -> str:
-    exp = dest.get_experiment_by_name(name)
-    return exp.experiment_id if exp else dest.create_experiment(name)
+    from maelflow.tracking.mlflow_runs import ensure_experiment
+
+    return ensure_experiment(dest, name)   # several syncs of one suite may create it at once
 
 
 def _find_synced(dest, experiment_id: str, source_run_id: str):

@@ -1,10 +1,12 @@
-"""Run anemoi-training (0.10) for a training whose ``application`` is ``anemoi``, inside this process.
+"""Run anemoi-training for a training whose ``application`` is ``anemoi``, inside this process.
 
-The configuration is composed with Hydra from three layers, each over the one before:
+The installed anemoi-training decides the configuration: the 0.10 line and the current line (0.17)
+have different schemas, and each has its own base config (``anemoi_versions``). The configuration is
+composed with Hydra from three layers, each over the one before:
 
-1. maelflow's base config ``anemoi_configs/maelflow-base.yaml`` (a tiny CPU model), whose defaults
-   list takes the groups (data, dataloader, model, graph...) from anemoi-training's own packaged
-   configs, ``pkg://anemoi.training/config``;
+1. maelflow's base config of the installed line, ``anemoi_configs/<line>/maelflow-base.yaml`` (a tiny
+   CPU model), whose defaults list takes the groups (data, dataloader, model, graph...) from
+   anemoi-training's own packaged configs, ``pkg://anemoi.training/config``;
 2. the training's ``config`` mapping, merged as nested keys (a ``defaults`` list in it replaces
    ``[maelflow-base, _self_]``);
 3. the training's ``overrides``, Hydra overrides (``model=graphtransformer``, ``training.max_steps=100``).
@@ -34,6 +36,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from maelflow.provenance import guard_anemoi
+from maelflow.training.anemoi_versions import (BASE_CONFIG_NAME, AnemoiVersionError, Line, installed_line,
+                                               installed_version)
 from maelflow.training.runs import TrainingError, TrainingResult, benchmark_tags, dataset_path, run_dir
 from maelflow.training.progress import EcflowProgress
 from maelflow.training.timing import timing_callbacks
@@ -46,8 +50,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from maelflow.config.models import Training
     from maelflow.reporting import Reporter
 
-BASE_CONFIG_DIR = Path(__file__).resolve().parent / "anemoi_configs"
-BASE_CONFIG_NAME = "maelflow-base"
 PRIMARY_NAME = "maelflow-training"
 TRAIN_FRACTION = 0.8
 
@@ -122,6 +124,29 @@ class AnemoiProgress(EcflowProgress):
 
 
 # ----------------------------------------------------------------------------------- config
+def _line_overrides(line: Line, training: "Training", cfg: "DictConfig") -> None:
+    """What a line's base config cannot say in YAML, set after composition.
+
+    0.17: the model files disagree on the shape of ``model.bounding`` (a list in gnn, a mapping of
+    dataset names to lists in graphtransformer and transformer), so the base config cannot empty it
+    for every model; the tiny dataset has no ``tp`` to bound. A training that sets
+    ``model.bounding`` (config or overrides) keeps its own."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if line.name != "0.17":
+        return
+    own = "bounding" in (training.config.get("model") or {}) or any(
+        o.lstrip("+~").startswith("model.bounding") for o in training.overrides)
+    bounding = OmegaConf.select(cfg, "model.bounding", default=None)
+    if own or bounding is None:
+        return
+    if isinstance(bounding, DictConfig) and "datasets" in bounding:
+        empty: Any = {"datasets": {name: [] for name in bounding.datasets}}
+    else:
+        empty = []
+    OmegaConf.update(cfg, "model.bounding", empty, merge=False)
+
+
 def _first_line(exc: BaseException) -> str:
     while not str(exc).strip() and (exc.__cause__ or exc.__context__):
         exc = exc.__cause__ or exc.__context__
@@ -129,8 +154,10 @@ def _first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-def compose_config(training: "Training", config_dir: Path) -> "DictConfig":
-    """Base config, then ``training.config``, then ``training.overrides``; not yet resolved.
+def compose_config(training: "Training", config_dir: Path, line: Line | None = None) -> "DictConfig":
+    """Base config of ``line`` (the installed anemoi-training's by default), then ``training.config``,
+    then ``training.overrides``, then what the line needs set in code (``_line_overrides``); not yet
+    resolved.
 
     Writes the primary config it composes from to ``config_dir/maelflow-training.yaml``.
     """
@@ -138,15 +165,17 @@ def compose_config(training: "Training", config_dir: Path) -> "DictConfig":
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
+    line = line or installed_line()
     body = dict(training.config)
     primary: dict[str, Any] = {
         "defaults": body.pop("defaults", [BASE_CONFIG_NAME, "_self_"]),
-        "hydra": {"searchpath": [BASE_CONFIG_DIR.as_uri(), "pkg://anemoi.training/config"]},
+        "hydra": {"searchpath": [line.config_dir.as_uri(), "pkg://anemoi.training/config"]},
         **body,
     }
     config_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(config_dir / f"{PRIMARY_NAME}.yaml",
-                 "# composed by maelflow: base config, then the training's config; overrides: "
+                 f"# composed by maelflow for anemoi-training {line.name} ({installed_version()}): base config, "
+                 "then the training's config; overrides: "
                  + json.dumps(list(training.overrides)) + "\n" + OmegaConf.to_yaml(OmegaConf.create(primary)))
     GlobalHydra.instance().clear()
     try:
@@ -155,11 +184,13 @@ def compose_config(training: "Training", config_dir: Path) -> "DictConfig":
                 initialize_config_dir(config_dir=str(config_dir), version_base=None):
             cfg = compose(config_name=PRIMARY_NAME, overrides=list(training.overrides))
     except Exception as exc:  # noqa: BLE001 - Hydra wraps YAML, override and missing-group errors
-        raise TrainingError(f"training {training.name!r}: cannot compose the anemoi config: "
-                            f"{_first_line(exc)}") from None
+        raise TrainingError(f"training {training.name!r}: cannot compose the anemoi config for anemoi-training "
+                            f"{installed_version()} (the {line.name} line's schema): {_first_line(exc)}",
+                            hint="maelflow validate names the keys this version does not have") from None
     finally:
         GlobalHydra.instance().clear()
     OmegaConf.set_struct(cfg, False)
+    _line_overrides(line, training, cfg)
     return cfg
 
 
@@ -232,7 +263,6 @@ def _rank() -> int:
 
 # ------------------------------------------------------------------------------------ trainer
 def _trainer_class():
-    from anemoi.training.diagnostics.callbacks import get_callbacks
     from anemoi.training.train.train import AnemoiTrainer
 
     class MaelflowAnemoiTrainer(AnemoiTrainer):
@@ -244,7 +274,8 @@ def _trainer_class():
 
         @cached_property
         def callbacks(self):
-            return [*get_callbacks(self.config), self.maelflow_progress, *timing_callbacks()]
+            # anemoi's own (their arguments changed in 0.17), then maelflow's
+            return [*AnemoiTrainer.callbacks.func(self), self.maelflow_progress, *timing_callbacks()]
 
         @cached_property
         def strategy(self):
@@ -299,6 +330,11 @@ def train_anemoi(rx: "ResolvedExperiment", training_name: str, site_name: str, r
         raise TrainingError(f"training {training_name!r}: {world} devices need one process per GPU started by "
                             f"the {site.scheduler} scheduler's launcher; this launcher runs one device in-process")
     rank0 = _rank() == 0
+    try:
+        line = installed_line()  # the base config and the schema follow the installed release
+    except AnemoiVersionError as exc:
+        raise TrainingError(f"training {training_name!r} on {site_name}: {exc}", hint=exc.hint) from None
+    version = installed_version()
 
     out = run_dir(rx, site_name, training_name).absolute()
     out.mkdir(parents=True, exist_ok=True)
@@ -310,6 +346,12 @@ def train_anemoi(rx: "ResolvedExperiment", training_name: str, site_name: str, r
     save_dir = out / "mlruns"
     if mode == "online":
         uri = tracking_uri
+        from mlflow import MlflowClient
+
+        from maelflow.tracking.mlflow_runs import ensure_experiment
+
+        # the suite's trainings start at once and share the experiment: create it race-free first
+        ensure_experiment(MlflowClient(uri), training.mlflow.experiment or rx.name)
     elif mode == "offline":
         uri = offline_uri(out)  # also lets MLflow 3 write a file store (MLFLOW_ALLOW_FILE_STORE)
 
@@ -338,7 +380,7 @@ def train_anemoi(rx: "ResolvedExperiment", training_name: str, site_name: str, r
         forked = training.fork_from
 
     config_dir = out / "config"
-    cfg = compose_config(training, config_dir)
+    cfg = compose_config(training, config_dir, line)
     settings.update({
         "system.input.dataset": str(ds_path),
         "system.output.root": str(out),
@@ -386,13 +428,14 @@ def train_anemoi(rx: "ResolvedExperiment", training_name: str, site_name: str, r
         if mode != "off" and rank0:
             logger = trainer.mlflow_logger
             mlflow_run_id, experiment_id = logger.run_id, logger.experiment_id
-            _tag_run(logger, rx, training_name, site_name, mode, ds_path, resumed, forked)
+            _tag_run(logger, rx, training_name, site_name, mode, ds_path, resumed, forked, version)
         if rank0:
             state.update(run_id=run_id, mlflow_run_id=mlflow_run_id, tracking_uri=uri, mode=mode,
                          experiment_id=experiment_id,
                          experiment_name=training.mlflow.experiment or rx.name,
                          checkpoint_dir=str(out / "checkpoint" / run_id) if run_id else None,
-                         dataset=str(ds_path), application="anemoi")
+                         dataset=str(ds_path), application="anemoi",
+                         anemoi_version=version, anemoi_line=line.name)
             if forked:
                 state["forked_from"] = forked
             if resumed:
@@ -414,7 +457,7 @@ def train_anemoi(rx: "ResolvedExperiment", training_name: str, site_name: str, r
 
 
 def _tag_run(logger, rx, training_name: str, site_name: str, mode: str, ds_path: Path,
-             resumed: str | None, forked: str | None) -> None:
+             resumed: str | None, forked: str | None, anemoi_version: str | None = None) -> None:
     """maelflow's tags and provenance on the MLflow run (best effort: logging must not stop training)."""
     from maelflow.provenance import record
     from maelflow.training.runs import dataset_uuid as _dataset_uuid
@@ -423,6 +466,8 @@ def _tag_run(logger, rx, training_name: str, site_name: str, mode: str, ds_path:
         client, run_id = logger.experiment, logger.run_id
         tags = {"maelflow.experiment": rx.name, "maelflow.site": site_name, "maelflow.training": training_name,
                 "maelflow.mode": mode, "maelflow.application": "anemoi", **benchmark_tags()}
+        if anemoi_version:
+            tags["maelflow.anemoi_version"] = anemoi_version
         if resumed:
             tags["maelflow.resumed_from"] = resumed
         if forked:

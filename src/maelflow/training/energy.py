@@ -15,7 +15,8 @@ the last always with a ``reason``). Sources, each read at the start and the end 
   one wrap-around of ``max_energy_range_uj`` allowed; mode 0400 on most kernels (CVE-2020-8694);
 - ``sacct``: SLURM's ``ConsumedEnergyRaw`` of the job, which SLURM fills in only once the job has
   ended (and only where the site sets ``AcctGatherEnergyType``): inside the job it is
-  ``unavailable``, and :func:`record_job_energy` adds it to the MLflow run afterwards.
+  ``unavailable``, and :func:`record_job_energy` adds it to the MLflow run afterwards (the
+  benchmark report task asks, through :mod:`maelflow.tracking.job_energy`).
 
 The file system sources are read under a configurable ``root`` and the GPU libraries can be passed
 in, so tests run on fake sysfs trees and a fake NVML. The scope is the node the reading process
@@ -358,6 +359,8 @@ def sacct_energy(job_id: str, run: Runner = subprocess.run, which: Callable[[str
                     "--parsable2"], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.SubprocessError) as exc:
         return _unavailable("sacct", "job", f"sacct failed: {_err(exc)}")
+    if proc.returncode == 127:
+        return _unavailable("sacct", "job", "sacct is not on PATH where the job ran (no SLURM accounting there)")
     if proc.returncode != 0:
         return _unavailable("sacct", "job", f"sacct failed (exit {proc.returncode}): "
                             f"{(proc.stderr or proc.stdout).strip()[:200]}")
@@ -392,7 +395,7 @@ class SacctProbe(Probe):
         if not job:
             return _unavailable(self.source, self.scope, "not a SLURM job")
         return _unavailable(self.source, self.scope, f"job {job} is still running: SLURM records ConsumedEnergy "
-                            "when it ends (maelflow.training.energy.record_job_energy reads it afterwards)")
+                            "when it ends (the benchmark report task reads it afterwards)")
 
 
 # ------------------------------------------------------------------------------------- meter

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from maelflow.config.loader import ResolvedExperiment
 from maelflow.reporting import Reporter
-from maelflow.sites.schedulers import scheduler_for
+from maelflow.sites.schedulers import process_rank, scheduler_for
 from maelflow.training.runs import (TrainingError, TrainingResult, benchmark_tags, dataset_path, dataset_uuid,
                                     import_object, run_dir)
 from maelflow.workspace import write_atomic
@@ -43,10 +43,11 @@ def train(rx: ResolvedExperiment, training_name: str, site_name: str, reporter: 
     from maelflow.provenance import record
     from maelflow.tracking.mlflow_runs import choose_mode, offline_uri, run_label
     from maelflow.training.progress import EcflowProgress
-    from maelflow.training.timing import timing_callbacks
+    from maelflow.training.timing import apply_timing_config, timing_callbacks
 
     training = rx.trainings[training_name]
     site = rx.sites[site_name]
+    apply_timing_config(training.timing)     # read by our callbacks and by those anemoi builds
     if training.application == "anemoi":
         from maelflow.training.anemoi_app import train_anemoi
 
@@ -59,6 +60,16 @@ def train(rx: ResolvedExperiment, training_name: str, site_name: str, reporter: 
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         raise TrainingError(f"training {training_name!r}: dataset not staged on {site_name}: {', '.join(missing)}")
+
+    # several processes (nodes x GPUs, or nodes on CPU: DDP with gloo) are started by the scheduler's
+    # launcher (SLURM: srun, one per task); rank 0 alone creates the MLflow run and writes run.json
+    world = training.nodes * max(training.gpus_per_node, 1)
+    scheduler = scheduler_for(site_name, site)
+    if world > 1 and scheduler.rank_in() is None:
+        raise TrainingError(f"training {training_name!r}: {world} processes ({training.nodes} node(s)) need one "
+                            f"process per task started by the {site.scheduler} scheduler's launcher "
+                            f"({scheduler.LAUNCH or 'none'}); this process was started without it")
+    rank0 = process_rank() == 0
 
     out = run_dir(rx, site_name, training_name)
     ckpt_dir = out / "checkpoints"
@@ -89,6 +100,13 @@ def train(rx: ResolvedExperiment, training_name: str, site_name: str, reporter: 
     uri = None
     if mode != "off":
         uri = tracking_uri if mode == "online" else offline_uri(out)
+    if mode == "online" and rank0:   # the suite's trainings start at once and share the experiment
+        from mlflow import MlflowClient
+
+        from maelflow.tracking.mlflow_runs import ensure_experiment
+
+        ensure_experiment(MlflowClient(uri), training.mlflow.experiment or rx.name)
+    if mode != "off" and rank0:
         logger = MLFlowLogger(experiment_name=training.mlflow.experiment or rx.name, run_name=training_name,
                               tracking_uri=uri, run_id=state.get("run_id"),
                               tags={"maelflow.experiment": rx.name, "maelflow.site": site_name,
@@ -104,7 +122,6 @@ def train(rx: ResolvedExperiment, training_name: str, site_name: str, reporter: 
         logger.experiment.log_dict(run_id, prov, "provenance.json")
 
     plugins = []
-    scheduler = scheduler_for(site_name, site)
     if scheduler.job_id_in():
         # in a batch job: Lightning's view of the cluster, with the scheduler's own requeue off (the
         # suite resubmits a timed-out job itself)

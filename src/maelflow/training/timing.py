@@ -61,7 +61,7 @@ import resource
 import time
 from array import array
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, MutableMapping, Sequence
 
 import pytorch_lightning as pl
 
@@ -113,6 +113,20 @@ class TimingSettings:
 
         return cls(enabled=flag("MAELFLOW_TIMING"), warmup_steps=number("MAELFLOW_TIMING_WARMUP", 3),
                    sample_every=number("MAELFLOW_TIMING_EVERY", 10), energy=flag("MAELFLOW_ENERGY"))
+
+
+ENV_OF_CONFIG = {"enabled": "MAELFLOW_TIMING", "warmup_steps": "MAELFLOW_TIMING_WARMUP",
+                 "sample_every": "MAELFLOW_TIMING_EVERY", "energy": "MAELFLOW_ENERGY"}
+
+
+def apply_timing_config(config: Any, env: MutableMapping[str, str] | None = None) -> None:
+    """A training's ``timing:`` block into the job's environment, where the callbacks (ours, and
+    those anemoi-training builds) read it; a variable the job already has is left as it is, so an
+    operator can switch timing off for one job without editing the experiment."""
+    env = os.environ if env is None else env
+    for field_name, var in ENV_OF_CONFIG.items():
+        value = getattr(config, field_name)
+        env.setdefault(var, ("1" if value else "0") if isinstance(value, bool) else str(value))
 
 
 def timing_callbacks(settings: TimingSettings | None = None) -> list[pl.Callback]:

@@ -20,17 +20,22 @@ async def health(cat: CatalogueDep) -> dict:
 
 @router.get("/settings")
 async def settings(request: Request, ctx: ContextDep) -> dict:
-    """What the anemoi-registry client fetches first (anonymously): API URL and S3 URI patterns."""
+    """What the anemoi-registry client fetches first (anonymously): API URL and S3 URI patterns.
+
+    Everything the client uploads itself (datasets, weights, plots, experiment artefacts) goes to
+    the datasets bucket, which its write keys may write; the catalogue's own bucket (the documents
+    an index rebuild trusts, and the files sent through ``/artefacts``) is written by this service
+    only, with keys no client gets."""
     s = ctx.settings()
     base = str(request.base_url).rstrip("/")
     return {"registry": {
         "api_url": base + API, "web_url": base,
         "datasets_uri_pattern": f"s3://{s.datasets_bucket}/datasets/{{name}}.zarr",
         "datasets_platform": s.datasets_platform,
-        "weights_uri_pattern": f"s3://{s.bucket}/artefacts/weights/{{uuid}}.ckpt",
+        "weights_uri_pattern": f"s3://{s.datasets_bucket}/artefacts/weights/{{uuid}}.ckpt",
         "weights_platform": s.weights_platform,
-        "plots_uri_pattern": f"s3://{s.bucket}/artefacts/plots/{{expver}}/{{basename}}",
-        "artefacts_uri_base": f"s3://{s.bucket}/artefacts/experiments",
+        "plots_uri_pattern": f"s3://{s.datasets_bucket}/artefacts/plots/{{expver}}/{{basename}}",
+        "artefacts_uri_base": f"s3://{s.datasets_bucket}/artefacts/experiments",
     }, "catalogue": {"version": __version__, "anonymous_read": s.anonymous_read,
                      "s3_endpoint_url": ctx.s3_endpoint, "collections": collections.names()}}
 

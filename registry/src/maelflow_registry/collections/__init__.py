@@ -13,14 +13,15 @@ from __future__ import annotations
 import re
 from importlib.metadata import entry_points
 
-from maelflow_registry.collections import datasets, experiments, models, tasks, trainings, weights
+from maelflow_registry.collections import benchmarks, datasets, experiments, forecasts, models, tasks, trainings, weights
 from maelflow_registry.collections.base import Collection
 from maelflow_registry.errors import NotFound
 
 __all__ = ["Collection", "all_collections", "find", "get", "names", "register"]
 
 BUILTIN: tuple[Collection, ...] = (datasets.collection, trainings.collection, weights.collection,
-                                   models.collection, experiments.collection, tasks.collection)
+                                   models.collection, forecasts.collection, experiments.collection, tasks.collection,
+                                   benchmarks.collection)
 GROUP = "maelflow_registry.collections"
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")  # also an SQLite table name and a URL segment

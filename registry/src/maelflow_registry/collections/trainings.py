@@ -83,7 +83,8 @@ class Trainings(Collection):
                 (row["updated"][:19], None)]
 
     def page_context(self, key: str, record: dict, index: Any) -> dict:
-        return {"mlflow": mlflow_link(record), "produced": self.produced(key, record, index)}
+        return {"mlflow": mlflow_link(record), "produced": self.produced(key, record, index),
+                "benchmarks": index.targets(self.refs(key, record), "benchmarked-in", "benchmarks")}
 
 
 collection = Trainings()

@@ -13,8 +13,9 @@ prints what it would do and does nothing), so ``--dry-run`` and tests see the ex
 from __future__ import annotations
 
 from dataclasses import dataclass
-from importlib.metadata import entry_points
 from typing import Callable, Protocol, runtime_checkable
+
+from maelflow.sites import plugins
 
 GROUP = "maelflow.connections"
 
@@ -61,12 +62,12 @@ def connection_class(kind: str) -> type:
     """The class registered as ``kind`` in the ``maelflow.connections`` group."""
     from maelflow.errors import ConfigurationError
 
-    found = [ep for ep in entry_points(group=GROUP) if ep.name == kind]
-    if not found:
-        known = sorted(ep.name for ep in entry_points(group=GROUP))
+    found = plugins.find(GROUP, kind)
+    if found is None:
+        known = sorted(ep.name for ep in plugins.group(GROUP))
         raise ConfigurationError(f"no connection type {kind!r} (known: {', '.join(known)})",
                                  hint="install the package that provides it, or fix connection.type")
-    return found[0].load()
+    return found.load()
 
 
 def connect(site_name: str, site, *, dry_run: bool = False) -> Connection:

@@ -5,11 +5,15 @@ an agent, a short-lived certificate, a 2FA session multiplexed by a ControlMaste
 user's ssh_config, and its ``ssh`` argv is what rsync needs to move data over the same connection.
 So a command is an ``ssh`` argv in front of shell-quoted text (troika's shape), run by subprocess.
 
-One handshake per process and login: for key, agent and certificate sites maelflow opens its own
-ControlMaster (BatchMode, ControlPersist a few minutes in case this process is killed, its socket in
-a private 0700 folder) on first use, and every command and rsync stream rides it; it is closed when
-the process exits. For 2FA sites a person answers the second factor once, in their own ``ssh -M``;
-maelflow only rides that master and says how to open it when there is none.
+One handshake per login and credential, shared by this user's maelflow processes: for key, agent
+and certificate sites maelflow opens a ControlMaster (BatchMode, its socket in a private 0700 folder,
+named by a hash of host, port, user and credential files) on first use, and every command and rsync
+stream of every maelflow process rides it. ecFlow starts one process per job command, so a suite's
+submissions, polls and kills pay one handshake between them instead of one each. The master closes
+itself after ``PERSIST_S`` idle (ControlPersist), or when the login node drops it; a process opens a
+new one under a lock, so two processes starting together never race two masters onto one socket.
+For 2FA sites a person answers the second factor once, in their own ``ssh -M``; maelflow only rides
+that master and says how to open it when there is none.
 
 These commands run inside ecFlow's job commands, where a prompt would hang the server's submission of
 every later task: nothing here prompts (BatchMode, no password or keyboard-interactive auth, stdin
@@ -20,6 +24,8 @@ closed), and every failure is a ``CredentialError`` (the file named, the site's 
 from __future__ import annotations
 
 import atexit
+import contextlib
+import fcntl
 import getpass
 import hashlib
 import math
@@ -33,7 +39,7 @@ import time
 import weakref
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 from maelflow.errors import ConnectionLost, CredentialError, HostKeyError, RemoteTimeout, SiteError
 from maelflow.sites.connections import RemoteResult
@@ -42,7 +48,7 @@ from maelflow.sites.connections.shell import RemoteCommandError, shell_path
 
 CONTROL_PATH_ENV = "MAELFLOW_SSH_CONTROL_PATH"      # 2FA: where the operator's master listens
 DEFAULT_2FA_CONTROL_PATH = "~/.ssh/maelflow-%r@%h:%p"
-PERSIST_S = 120            # our master outlives a killed process by this long, idle, at most
+PERSIST_S = 120            # a master (shared by this user's maelflow processes) closes after this long idle
 RETRY_DELAYS = (0.5, 1.5)  # three attempts in all
 MASTER_CHECK_TIMEOUT_S = 3.0
 # AES-GCM first: OpenSSH's default, chacha20-poly1305, moves half as many bytes per core where the
@@ -108,6 +114,18 @@ def _private_dir() -> Path:
     return base
 
 
+@contextlib.contextmanager
+def _master_lock(control_path: str) -> Iterator[None]:
+    """Held while a master is opened on ``control_path``: a second ``ssh -M -N -f`` onto a socket
+    that another process has just bound would go on without multiplexing and never exit."""
+    fd = os.open(f"{control_path}.lock", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 # ------------------------------------------------------------------------------------- connection
 class SshConnection:
     """Commands and files on one site's login node, each an ``ssh`` process riding one master."""
@@ -156,11 +174,13 @@ class SshConnection:
             if self.twofa:
                 self._control_path = os.environ.get(CONTROL_PATH_ENV) or DEFAULT_2FA_CONTROL_PATH
             else:
-                # per process and per credential: another key must never ride this one's master
+                # per login and per credential (another key must never ride this one's master), shared
+                # by this user's maelflow processes: ecFlow starts one process per job command, and
+                # they all ride the handshake of the first (docs/benchmarks.md, job submission)
                 st = self.settings
                 ident = "\0".join(str(v) for v in (st.host, st.port, self.user, st.auth, st.identity_file,
                                                    st.certificate_file, st.known_hosts, st.proxy_jump))
-                self._control_path = str(_private_dir() / f"{os.getpid()}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}")
+                self._control_path = str(_private_dir() / f"m-{hashlib.sha256(ident.encode()).hexdigest()[:16]}")
         return self._control_path
 
     # -- credentials ----------------------------------------------------------------------------
@@ -270,17 +290,22 @@ class SshConnection:
                     self._check_2fa_master()
                     self._master_pid = os.getpid()
                 return
-            if self._master_pid == os.getpid() and os.path.exists(self.control_path):
+            if os.path.exists(self.control_path):
+                # ours, or another maelflow process's with the same login and credential: ride it (a
+                # stale socket is replaced by the command's own ssh, ControlMaster=auto)
                 return
-            self._check_credential()
-            for delay in (*RETRY_DELAYS, None):
-                try:
-                    self._open_master()
-                    break
-                except ConnectionLost:
-                    if delay is None:
-                        raise
-                    time.sleep(delay)
+            with _master_lock(self.control_path):
+                if os.path.exists(self.control_path):       # another process opened it meanwhile
+                    return
+                self._check_credential()
+                for delay in (*RETRY_DELAYS, None):
+                    try:
+                        self._open_master()
+                        break
+                    except ConnectionLost:
+                        if delay is None:
+                            raise
+                        time.sleep(delay)
             self._master_pid = os.getpid()
             _OPEN.add(self)
 
@@ -472,14 +497,13 @@ class SshConnection:
         if not self.dry_run:
             self._connected()
 
-    def close(self) -> None:
-        """Stop our master (a 2FA master is the operator's: left alone)."""
+    def close(self, stop: bool = False) -> None:
+        """Forget the master; ``stop``: also tell it to exit. It is shared by this user's maelflow
+        processes (another may be riding it now), so by default it is left to close itself after
+        ``PERSIST_S`` idle. A 2FA master is the operator's: never stopped."""
         with self._lock:
-            if self._master_pid is None:
-                return
-            mine = self._master_pid == os.getpid() and not self.twofa
             self._master_pid = None
-            if mine and os.path.exists(self.control_path):
+            if stop and not self.twofa and not self.dry_run and os.path.exists(self.control_path):
                 subprocess.run([*self.ssh_command(), "-O", "exit", self.host], stdin=subprocess.DEVNULL,
                                capture_output=True, timeout=10)
 
@@ -487,16 +511,17 @@ class SshConnection:
 # ------------------------------------------------------------------------------------- reuse
 _SHARED: dict[tuple[str, str, int, str], SshConnection] = {}
 _SHARED_LOCK = threading.Lock()
-_OPEN: "weakref.WeakSet[SshConnection]" = weakref.WeakSet()    # every connection whose master is ours
+_OPEN: "weakref.WeakSet[SshConnection]" = weakref.WeakSet()    # every connection that opened a master
 
 
-def close_all() -> None:
+def close_all(stop: bool = False) -> None:
+    """Forget every connection of this process (at exit); ``stop``: also stop the masters it opened."""
     with _SHARED_LOCK:
         conns = {*_SHARED.values(), *_OPEN}
         _SHARED.clear()
     for conn in conns:
         try:
-            conn.close()
+            conn.close(stop=stop)
         except Exception:  # noqa: BLE001 - closing at exit: nothing left to tell
             pass
 

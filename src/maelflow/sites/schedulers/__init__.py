@@ -21,8 +21,9 @@ import os
 import re
 import shlex
 from dataclasses import dataclass, fields
-from importlib.metadata import entry_points
 from typing import ClassVar, Mapping, Protocol, runtime_checkable
+
+from maelflow.sites import plugins
 
 GROUP = "maelflow.schedulers"
 
@@ -194,19 +195,25 @@ class CommandScheduler:
 
 # ------------------------------------------------------------------------------------- loading
 def known() -> list[str]:
-    return sorted({ep.name for ep in entry_points(group=GROUP)})
+    return sorted({ep.name for ep in plugins.group(GROUP)})
+
+
+def is_known(name: str) -> bool:
+    """Whether a scheduler ``name`` is installed; cheaper than ``name in known()`` for the ones
+    maelflow ships (see ``maelflow.sites.plugins``)."""
+    return plugins.find(GROUP, name) is not None
 
 
 def scheduler_class(name: str, *, site: str | None = None) -> type:
     """The class registered as ``name`` in the ``maelflow.schedulers`` group."""
-    found = [ep for ep in entry_points(group=GROUP) if ep.name == name]
-    if not found:
+    found = plugins.find(GROUP, name)
+    if found is None:
         from maelflow.errors import ConfigurationError
 
         where = f"site {site!r}: " if site else ""
         raise ConfigurationError(f"{where}no scheduler {name!r} (known: {', '.join(known()) or 'none'})",
                                  hint="install the package that provides it, or fix the site's 'scheduler'")
-    return found[0].load()
+    return found.load()
 
 
 def scheduler_named(name: str, *, site: str | None = None) -> Scheduler:
@@ -225,6 +232,20 @@ def current(environ: Mapping[str, str] | None = None) -> Scheduler:
     return scheduler_named(env.get("MAELFLOW_SCHEDULER") or "local")
 
 
+def process_rank(environ: Mapping[str, str] | None = None) -> int:
+    """This process's global rank in a job of several processes: torch's RANK (torchrun), else the
+    rank its scheduler's launcher gave it (SLURM_PROCID under srun), else LOCAL_RANK, else 0. Only
+    rank 0 of a training creates its MLflow run and writes its run record; reporting to ecFlow
+    follows MAELFLOW_RANK_VAR (``maelflow.reporting``)."""
+    env = os.environ if environ is None else environ
+    if env.get("RANK", "").isdigit():
+        return int(env["RANK"])
+    rank = current(env).rank_in(env)
+    if rank is not None:
+        return rank
+    return int(env["LOCAL_RANK"]) if env.get("LOCAL_RANK", "").isdigit() else 0
+
+
 def job_variables(scheduler: Scheduler) -> dict[str, str]:
     """The ecFlow variables through which a job's header (suites/include/head.h) and templates
     ask their scheduler: its name, the job id (the shell's own pid where the scheduler gives none),
@@ -238,4 +259,4 @@ def job_variables(scheduler: Scheduler) -> dict[str, str]:
 
 __all__ = ["ALIVE", "CANCELLED", "COMPLETED", "CommandScheduler", "FAILED", "GROUP", "JobEnvironment", "PENDING",
            "RUNNING", "STATES", "Scheduler", "TIMEOUT", "TOKEN_PREFIX", "TaskResources", "UNKNOWN", "current",
-           "job_variables", "known", "scheduler_class", "scheduler_for", "scheduler_named"]
+           "is_known", "job_variables", "known", "process_rank", "scheduler_class", "scheduler_for", "scheduler_named"]

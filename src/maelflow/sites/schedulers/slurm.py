@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from maelflow.config.models import parse_slurm_time
+from maelflow.config.slurmtime import parse_slurm_time
 from maelflow.sites.schedulers import (CANCELLED, COMPLETED, FAILED, PENDING, RUNNING, TIMEOUT, TOKEN_PREFIX,
                                        CommandScheduler, JobEnvironment, TaskResources)
 

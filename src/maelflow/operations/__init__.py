@@ -1,0 +1,8 @@
+"""Operational model production: evaluate a training's checkpoint, gate it into a model version,
+move and roll back aliases (mirrored to MLflow's model registry), and make forecasts with the
+version an alias names, published and registered with their lineage. See docs/operations.md.
+
+``scores`` computes the evaluation, ``gate`` decides, ``versions`` changes models in the catalogue
+(and ``mlflow_registry`` mirrors them), ``forecast`` runs anemoi-inference and publishes, ``layout``
+adds the suite's families and ``tasks`` holds the bodies of their tasks.
+"""

@@ -1,0 +1,95 @@
+"""The suite's families for model production, per site: ``evaluate`` after ``register``, then ``operations``.
+
+``evaluate/<training>/{champion, evaluate, gate}``, one after another for the trainings of each
+model in the order the model lists them (so each gate compares with the champion the previous one
+left): ``champion`` (beside the server) finds the version the gate's champion alias names and
+checks its checkpoint is on the site; ``evaluate`` (on the site) scores the candidate, persistence,
+climatology and the champion on held-out dates; ``gate`` (beside the server) records the scores in
+MLflow and the catalogue and decides: a pass makes a model version and moves the alias, a refusal
+says why in the ``decision`` label and moves nothing.
+
+``operations`` (the experiment's operations site): an ecFlow ``repeat date YMD`` family, one cycle
+per date, each ``resolve`` (beside the server: model@alias, the checkpoint checked on the site) ->
+``forecast`` (on the site: anemoi-inference, with an optional ``late`` flag) -> ``deliver`` (beside
+the server: publish to the EWC store, register the forecast). The repeat moves to the next date
+only when all three are complete; an aborted cycle holds the family until an operator acts.
+"""
+
+from __future__ import annotations
+
+from maelflow.config.loader import ResolvedExperiment
+from maelflow.config.names import node_name
+from maelflow.suite.layout import FamilySpec, TaskSpec
+
+
+def gated_trainings(rx: ResolvedExperiment) -> list[tuple[str, str]]:
+    """(model name, training) pairs in gate order."""
+    return [(m.name, t) for m in rx.experiment.models for t in m.trainings]
+
+
+def model_spec(rx: ResolvedExperiment, name: str):
+    for m in rx.experiment.models:
+        if m.name == name:
+            return m
+    return None
+
+
+def model_of_training(rx: ResolvedExperiment, training: str):
+    for m in rx.experiment.models:
+        if training in m.trainings:
+            return m
+    return None
+
+
+def evaluate_family(rx: ResolvedExperiment) -> FamilySpec | None:
+    pairs = gated_trainings(rx)
+    if not pairs:
+        return None
+    fam = FamilySpec("evaluate", trigger="register == complete",
+                     labels=[("info", "evaluate, gate and promote: " + ", ".join(f"{t} -> {m}" for m, t in pairs))])
+    previous: str | None = None
+    for model, training in pairs:
+        spec = model_spec(rx, model)
+        fam.children.append(FamilySpec(
+            node_name(training), variables={"TRAINING": training, "MODEL": model},
+            trigger=f"{previous} == complete" if previous else None,
+            labels=[("info", f"{training} into {model}: gate moves '{spec.gate.alias}'")],
+            children=[
+                TaskSpec("champion", "champion", labels=[("info", "")], runs_on="server"),
+                TaskSpec("evaluate", "evaluate", labels=[("info", "")], trigger="champion == complete"),
+                TaskSpec("gate", "gate", labels=[("info", ""), ("decision", "")], events=["promoted"],
+                         trigger="evaluate == complete", runs_on="server"),
+            ]))
+        previous = node_name(training)
+    return fam
+
+
+def operations_family(rx: ResolvedExperiment, site_name: str, after: str | None) -> FamilySpec | None:
+    ops = rx.experiment.operations
+    if ops is None or rx.experiment.operations_site != site_name:
+        return None
+    fam = FamilySpec("operations", variables={"MODEL": ops.model, "ALIAS": ops.alias},
+                     trigger=f"{after} == complete" if after else None, repeat=("YMD", ops.ymd_start, ops.ymd_end),
+                     labels=[("info", f"forecasts of {ops.model}@{ops.alias} from {ops.dataset}, {ops.time:02d} UTC, "
+                                      f"+{ops.lead_time} h, {ops.start} to {ops.end}")])
+    fam.children = [
+        TaskSpec("resolve", "resolve", labels=[("model", ""), ("info", "")], runs_on="server"),
+        TaskSpec("forecast", "forecast", labels=[("info", "")], trigger="resolve == complete", late=ops.late),
+        TaskSpec("deliver", "deliver", labels=[("info", ""), ("catalogue", "")], trigger="forecast == complete",
+                 runs_on="server"),
+    ]
+    return fam
+
+
+def operations_families(rx: ResolvedExperiment, site_name: str) -> list[FamilySpec]:
+    """What a site family gets after its train/register families (nothing without models or operations)."""
+    out: list[FamilySpec] = []
+    regular = [t for t in rx.experiment.trainings if t not in set(rx.experiment.benchmark_trainings)]
+    evaluate = evaluate_family(rx) if regular else None
+    if evaluate is not None:
+        out.append(evaluate)
+    after = "evaluate" if evaluate is not None else ("data" if rx.experiment.datasets else None)
+    ops = operations_family(rx, site_name, after)
+    if ops is not None:
+        out.append(ops)
+    return out
