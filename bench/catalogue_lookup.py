@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from maelflow.s3 import workspace_store  # noqa: E402
+from maelflow.ewc import workspace_store  # noqa: E402
 from maelflow.services import stack  # noqa: E402
 from maelflow.services.catalogue import open_catalogue  # noqa: E402
 from maelflow.workspace import catalogue_paths  # noqa: E402

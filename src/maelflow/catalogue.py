@@ -7,9 +7,8 @@ the URL comes from the service stack, and the token is made once (write role, na
 
 from __future__ import annotations
 
-from maelflow.workspace import catalogue_paths
-from maelflow.services.stack import discover
-from maelflow.workspace import Workspace
+from maelflow.services import stack
+from maelflow.workspace import Workspace, catalogue_paths
 from maelflow_registry.auth import TokenStore
 from maelflow_registry.client import CatalogueClient
 
@@ -23,7 +22,7 @@ def service_token(ws: Workspace) -> str:
 
 def client(ws: Workspace, token: str | None = None) -> CatalogueClient:
     """A client of the workspace's running catalogue; raises ServiceError when it is not up."""
-    info = discover(ws, "catalogue")
+    info = stack.discover(ws, "catalogue")
     if info.extra.get("mode") == "external":  # the services profile's catalogue: its token, its CA
         client = CatalogueClient(info.url, token or info.extra.get("token"))
         if info.extra.get("ca_bundle"):

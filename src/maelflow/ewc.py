@@ -18,31 +18,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+from maelflow.s3 import object_store, role_for_bucket, settings_from_service
 from maelflow.workspace import Workspace
 
-DEFAULT_BUCKET = "ewc"
-ROLES = ("read", "write", "catalogue")
 SITE_ROLE = "read"   # what deploy leaves on a site: a job there reads datasets, never writes the store
 
 
 def site_credentials_path(site_root: str) -> str:
     return f"{site_root.rstrip('/')}/.maelflow/ewc.json"
-
-
-def settings_from_service(extra: dict[str, Any], role: str = "write") -> dict[str, Any]:
-    """EWC settings of ``role`` from the workspace S3 service's description (``ServiceInfo.extra``).
-
-    A description without roles (an external endpoint with one key pair) serves every role."""
-    if role not in ROLES:
-        raise ValueError(f"unknown S3 role {role!r}; known: {', '.join(ROLES)}")
-    roles = extra.get("roles")
-    if roles:
-        extra = roles[role]
-    return {"endpoint_url": extra["endpoint_url"], "access_key": extra["access_key"],
-            "secret_key": extra["secret_key"], "region": extra.get("region", "us-east-1"),
-            "bucket": extra.get("bucket", DEFAULT_BUCKET),
-            # an external endpoint (the services profile): its CA bundle and addressing style
-            **{k: extra[k] for k in ("ca_bundle", "addressing") if extra.get(k)}}
 
 
 def site_settings(site_root: str) -> dict[str, Any] | None:
@@ -59,16 +42,21 @@ def workspace_settings(ws: Workspace, role: str = "write") -> dict[str, Any]:
     return settings_from_service(discover(ws, "s3").extra, role)
 
 
-def role_for_bucket(extra: dict[str, Any], bucket: str | None) -> str:
-    """The role whose server serves ``bucket`` (the catalogue's bucket: ``catalogue``; else ``write``)."""
-    for role in ("write", "catalogue"):
-        if bucket in (extra.get("roles", {}).get(role, {}).get("buckets") or ()):
-            return role
-    return "write"
-
-
 def settings_for_job(ws: Workspace, site_root: str | None, role: str = "write") -> dict[str, Any]:
     """The site's credentials file when the job has one (read-only keys), else the workspace's S3
     service with ``role``'s keys."""
     return (site_settings(site_root) if site_root else None) or workspace_settings(ws, role)
 
+
+def workspace_store(ws: Workspace, bucket: str | None = None, prefix: str = "", *, role: str | None = None,
+                    **options: Any) -> Any:
+    """A store of the workspace's embedded S3 service (options as :func:`maelflow.s3.object_store`);
+    raises ServiceError when the service is not up.
+
+    ``role``: whose keys and server (read, write, catalogue); by default the one that serves
+    ``bucket``: the catalogue's server for its bucket, the datasets writer otherwise."""
+    from maelflow.services.stack import discover
+
+    extra = discover(ws, "s3").extra
+    return object_store(settings_from_service(extra, role or role_for_bucket(extra, bucket)), bucket, prefix,
+                        **options)

@@ -35,13 +35,12 @@ from __future__ import annotations
 
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from maelflow.workspace import Workspace
 
 DEFAULT_REGION = "us-east-1"
 DEFAULT_BUCKET = "ewc"
+ROLES = ("read", "write", "catalogue")   # one S3 server and key pair each (maelflow.services.s3)
 
 
 def object_store(settings: dict[str, Any], bucket: str | None = None, prefix: str = "", *,
@@ -97,16 +96,25 @@ def _virtual_host(endpoint: str, bucket: str) -> str:
     return f"{scheme}://{bucket}.{rest}"
 
 
-def workspace_store(ws: "Workspace", bucket: str | None = None, prefix: str = "", *, role: str | None = None,
-                    **options: Any) -> Any:
-    """A store of the workspace's embedded S3 service (options as :func:`object_store`); raises
-    ServiceError when the service is not up.
+def settings_from_service(extra: dict[str, Any], role: str = "write") -> dict[str, Any]:
+    """EWC settings of ``role`` from the workspace S3 service's description (``ServiceInfo.extra``).
 
-    ``role``: whose keys and server (``maelflow.ewc``: read, write, catalogue); by default the one
-    that serves ``bucket``: the catalogue's server for its bucket, the datasets writer otherwise."""
-    from maelflow.ewc import role_for_bucket, settings_from_service
-    from maelflow.services.stack import discover
+    A description without roles (an external endpoint with one key pair) serves every role."""
+    if role not in ROLES:
+        raise ValueError(f"unknown S3 role {role!r}; known: {', '.join(ROLES)}")
+    roles = extra.get("roles")
+    if roles:
+        extra = roles[role]
+    return {"endpoint_url": extra["endpoint_url"], "access_key": extra["access_key"],
+            "secret_key": extra["secret_key"], "region": extra.get("region", "us-east-1"),
+            "bucket": extra.get("bucket", DEFAULT_BUCKET),
+            # an external endpoint (the services profile): its CA bundle and addressing style
+            **{k: extra[k] for k in ("ca_bundle", "addressing") if extra.get(k)}}
 
-    extra = discover(ws, "s3").extra
-    return object_store(settings_from_service(extra, role or role_for_bucket(extra, bucket)), bucket, prefix,
-                        **options)
+
+def role_for_bucket(extra: dict[str, Any], bucket: str | None) -> str:
+    """The role whose server serves ``bucket`` (the catalogue's bucket: ``catalogue``; else ``write``)."""
+    for role in ("write", "catalogue"):
+        if bucket in (extra.get("roles", {}).get(role, {}).get("buckets") or ()):
+            return role
+    return "write"

@@ -32,6 +32,20 @@ abort_job() {
     fi
   fi
   [ "$why" = exit ] && why="${MAELFLOW_ABORT_REASON:-a command failed with exit status $2 - see the job output}"
+  if [ "$1" = signal ]; then
+    # the scheduler SIGKILLs this shell a few seconds after its TERM (SLURM's KillWait): a step that
+    # is slow to exit (a training tearing down its data loaders) must not keep the abort from being
+    # told, or the task stays active for ever and is never resubmitted. Give it 2 s, then report.
+    local i
+    for i in 1 2 3 4 5 6 7 8 9 10; do
+      [ -z "$(jobs -pr)" ] && break
+      sleep 0.2
+    done
+    ecf --abort="$why"
+    trap - 0
+    wait
+    exit 0
+  fi
   wait
   ecf --abort="$why"
   trap - 0

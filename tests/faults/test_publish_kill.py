@@ -55,7 +55,7 @@ _STORES: dict[tuple[str, str], object] = {}
 
 def _store(ws: Workspace, prefix: str):
     """The writer's store of ``prefix`` (the server that took the publish's PUTs: it sees them at once)."""
-    from maelflow.s3 import workspace_store
+    from maelflow.ewc import workspace_store
 
     key = (str(ws.root), prefix)
     if key not in _STORES:

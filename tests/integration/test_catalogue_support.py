@@ -20,7 +20,7 @@ import obstore
 import pytest
 import requests
 
-from maelflow.s3 import workspace_store
+from maelflow.ewc import workspace_store
 from maelflow.services import stack as stack_mod
 from maelflow.workspace import catalogue_paths
 from maelflow.workspace import Workspace

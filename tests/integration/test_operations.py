@@ -137,7 +137,7 @@ def test_ops_demo_promotes_v1_and_forecasts_two_cycles_with_lineage(ops, demo):
     import netCDF4
     import obstore
 
-    from maelflow.s3 import workspace_store
+    from maelflow.ewc import workspace_store
 
     for f in forecasts:
         uri = f["locations"]["ewc"]["path"]

@@ -16,8 +16,9 @@ import pytest
 from click.testing import CliRunner
 
 from maelflow.cli.main import cli
-from maelflow.ewc import settings_from_service
-from maelflow.s3 import object_store, workspace_store
+from maelflow.s3 import settings_from_service
+from maelflow.ewc import workspace_store
+from maelflow.s3 import object_store
 from maelflow.services import stack as stack_mod
 
 pytestmark = pytest.mark.integration

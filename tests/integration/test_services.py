@@ -11,7 +11,8 @@ from click.testing import CliRunner
 
 from maelflow.cli.main import cli
 from maelflow.ecf import client_for
-from maelflow.s3 import object_store, workspace_store
+from maelflow.ewc import workspace_store
+from maelflow.s3 import object_store
 from maelflow.services import stack as stack_mod
 from maelflow.services.base import ServiceError, pid_alive, port_is_free
 

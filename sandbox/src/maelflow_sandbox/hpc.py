@@ -475,9 +475,13 @@ class LoopbackHpc:
         try:
             pw = pwd.getpwnam(self.user)
         except KeyError:
-            _run(["useradd", "--create-home", "--shell", "/bin/bash", "--user-group",
-                  "--comment", "maelflow loopback HPC site", self.user], check=True)
-            pw = pwd.getpwnam(self.user)
+            made = _run(["useradd", "--create-home", "--shell", "/bin/bash", "--user-group",
+                         "--comment", "maelflow loopback HPC site", self.user])
+            try:            # exit 9: another site on this machine made the user at the same moment
+                pw = pwd.getpwnam(self.user)
+            except KeyError:
+                raise ServiceError(f"useradd {self.user} failed ({made.returncode}): "
+                                   f"{made.stderr.decode(errors='replace').strip()}") from None
         # useradd leaves the password '!' (locked); sshd with UsePAM no refuses locked accounts
         # even for key logins. '*' means "no password can match" but is not locked.
         if _shadow_password(self.user).startswith("!"):

@@ -190,7 +190,7 @@ def client_config(workspace: str | None, role: str, given: str | None, target: s
 def client_s3(extra: dict, role: str) -> dict:
     """The S3 keys a client of ``role`` gets: a reader the read-only keys to the datasets, a writer
     (and admin: ``anemoi-registry datasets --upload``) the datasets writer's; never the catalogue's."""
-    from maelflow.ewc import settings_from_service
+    from maelflow.s3 import settings_from_service
 
     return settings_from_service(extra, "read" if role == "read" else "write")
 

@@ -100,7 +100,7 @@ def services_profile_problems(rx) -> list[ConfigProblem]:
     if not rx.experiment.services:
         return []
     from maelflow.config.errors import ConfigError
-    from maelflow.services.profile import load_file, locate
+    from maelflow.config.profile import load_file, locate
 
     try:
         load_file(locate(rx.experiment.services, Path(rx.config_root)))

@@ -317,7 +317,7 @@ class Benchmark(Strict):
     def _cron(cls, v: str | None) -> str | None:
         if v is None:
             return v
-        from maelflow.suite.builder import parse_cron
+        from maelflow.config.ecftime import parse_cron
 
         try:
             parse_cron(v)
@@ -429,7 +429,7 @@ class Operations(Strict):
     @classmethod
     def _late(cls, v: str | None) -> str | None:
         if v is not None:
-            from maelflow.suite.builder import parse_late
+            from maelflow.config.ecftime import parse_late
 
             parse_late(v)  # a ValueError saying what is wrong
         return v

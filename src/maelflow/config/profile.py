@@ -15,6 +15,8 @@ password, key or token is named by the file that holds it (``*_file``) or the en
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -175,3 +177,61 @@ class ServicesProfile(Strict):
 
     def external(self) -> list[str]:
         return [n for n in ("ecflow", "s3", "mlflow", "catalogue") if getattr(self, n).mode == "external"]
+
+
+# -- the file -------------------------------------------------------------------------------------------
+def locate(ref: str, config_root: Path) -> Path:
+    """A profile file: a path (``.yaml``, or with a '/'), else ``<config root>/services/REF.yaml``."""
+    if ref.endswith((".yaml", ".yml")) or os.sep in ref:
+        return Path(ref).expanduser().resolve()
+    return config_root / "services" / f"{ref}.yaml"
+
+
+def load_file(path: Path) -> ServicesProfile:
+    """The validated profile in ``path``; ConfigError listing every problem (file, field, value)."""
+    import yaml
+    from pydantic import ValidationError
+
+    from maelflow.config.errors import ConfigError, ConfigProblem, problems_from_validation
+
+    if not path.is_file():
+        known = sorted(p.stem for p in path.parent.glob("*.yaml")) if path.parent.is_dir() else []
+        raise ConfigError([ConfigProblem(str(path), "", path.stem,
+                                         f"no services profile file {path}; known: {', '.join(known) or 'none'}")])
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError([ConfigProblem(str(path), "", "", f"not valid YAML: {exc}")]) from None
+    if not isinstance(data, dict):
+        raise ConfigError([ConfigProblem(str(path), "", str(data)[:80], "a profile is a mapping")])
+    data.setdefault("name", path.stem)
+    problems = inline_secrets(data, str(path))  # reported without their values, and taken out first
+    try:
+        profile = ServicesProfile.model_validate(data)
+    except ValidationError as err:
+        problems += problems_from_validation(err, str(path))
+    if problems:
+        raise ConfigError(problems) from None
+    return profile
+
+
+def inline_secrets(data: dict, file: str) -> list:
+    """Problems for every secret written in the profile (removed from ``data``), values hidden."""
+    import re
+
+    from maelflow.config.errors import ConfigProblem
+
+    problems = []
+    for section, body in [("", data), *((k, v) for k, v in data.items() if isinstance(v, dict))]:
+        for key in list(body):
+            where = f"{section}.{key}" if section else str(key)
+            if str(key).lower() in INLINE_SECRETS:
+                body.pop(key)
+                problems.append(ConfigProblem(file, where, "***", "a secret must not be written in the profile; "
+                                              f"name where it is kept instead ({INLINE_SECRETS[str(key).lower()]})"))
+            elif isinstance(body[key], str) and re.match(r"^[a-z][a-z0-9+.-]*://[^/@]+:[^/@]*@", body[key]):
+                shown = re.sub(r"(://[^/@:]+:)[^/@]*@", r"\1***@", body[key])
+                body.pop(key)
+                problems.append(ConfigProblem(file, where, shown, "a URL must not carry a password "
+                                              "(user:password@host): give it as *_file or *_env"))
+    return problems

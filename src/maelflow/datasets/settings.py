@@ -106,7 +106,7 @@ def workspace_s3(ws, role: str = "write") -> dict[str, Any]:
     import socket
     from urllib.parse import urlsplit
 
-    from maelflow.ewc import settings_from_service
+    from maelflow.s3 import settings_from_service
     from maelflow.services.base import ServiceError
     from maelflow.services.stack import service
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from maelflow.config.loader import ResolvedExperiment
 from maelflow.config.names import node_name
-from maelflow.suite.layout import FamilySpec, TaskSpec
+from maelflow.suite.spec import FamilySpec, TaskSpec
 
 
 def gated_trainings(rx: ResolvedExperiment) -> list[tuple[str, str]]:

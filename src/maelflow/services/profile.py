@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from maelflow.config.profile import ServicesProfile
+from maelflow.config.profile import ServicesProfile, load_file  # noqa: F401 - load_file: for its callers
+from maelflow.config.profile import locate as locate_in
 from maelflow.services.base import ServiceError, ServiceInfo
 from maelflow.workspace import Workspace, write_atomic
 
@@ -33,63 +34,10 @@ _cache: dict[Path, tuple[tuple, ServicesProfile]] = {}
 
 # -- loading and choosing -----------------------------------------------------------------------------
 def locate(ref: str, config_root: Path | None = None) -> Path:
-    """A profile file: a path (``.yaml``, or with a '/'), else ``<config root>/services/REF.yaml``."""
+    """A profile file (:func:`maelflow.config.profile.locate`), under the default config root."""
     from maelflow.config.loader import default_config_root
 
-    if ref.endswith((".yaml", ".yml")) or os.sep in ref:
-        return Path(ref).expanduser().resolve()
-    return (config_root or default_config_root()) / "services" / f"{ref}.yaml"
-
-
-def load_file(path: Path) -> ServicesProfile:
-    """The validated profile in ``path``; ConfigError listing every problem (file, field, value)."""
-    import yaml
-    from pydantic import ValidationError
-
-    from maelflow.config.errors import ConfigError, ConfigProblem, problems_from_validation
-
-    if not path.is_file():
-        known = sorted(p.stem for p in path.parent.glob("*.yaml")) if path.parent.is_dir() else []
-        raise ConfigError([ConfigProblem(str(path), "", path.stem,
-                                         f"no services profile file {path}; known: {', '.join(known) or 'none'}")])
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError([ConfigProblem(str(path), "", "", f"not valid YAML: {exc}")]) from None
-    if not isinstance(data, dict):
-        raise ConfigError([ConfigProblem(str(path), "", str(data)[:80], "a profile is a mapping")])
-    data.setdefault("name", path.stem)
-    problems = inline_secrets(data, str(path))  # reported without their values, and taken out first
-    try:
-        profile = ServicesProfile.model_validate(data)
-    except ValidationError as err:
-        problems += problems_from_validation(err, str(path))
-    if problems:
-        raise ConfigError(problems) from None
-    return profile
-
-
-def inline_secrets(data: dict, file: str) -> list:
-    """Problems for every secret written in the profile (removed from ``data``), values hidden."""
-    import re
-
-    from maelflow.config.errors import ConfigProblem
-    from maelflow.config.profile import INLINE_SECRETS
-
-    problems = []
-    for section, body in [("", data), *((k, v) for k, v in data.items() if isinstance(v, dict))]:
-        for key in list(body):
-            where = f"{section}.{key}" if section else str(key)
-            if str(key).lower() in INLINE_SECRETS:
-                body.pop(key)
-                problems.append(ConfigProblem(file, where, "***", "a secret must not be written in the profile; "
-                                              f"name where it is kept instead ({INLINE_SECRETS[str(key).lower()]})"))
-            elif isinstance(body[key], str) and re.match(r"^[a-z][a-z0-9+.-]*://[^/@]+:[^/@]*@", body[key]):
-                shown = re.sub(r"(://[^/@:]+:)[^/@]*@", r"\1***@", body[key])
-                body.pop(key)
-                problems.append(ConfigProblem(file, where, shown, "a URL must not carry a password "
-                                              "(user:password@host): give it as *_file or *_env"))
-    return problems
+    return locate_in(ref, config_root or default_config_root())
 
 
 def use(ws: Workspace, ref: str) -> ServicesProfile:
@@ -277,7 +225,7 @@ def _check_ecflow(section, described: ServiceInfo) -> str | None:
 def _check_s3(section, described: ServiceInfo) -> str | None:
     import obstore
 
-    from maelflow.ewc import settings_from_service
+    from maelflow.s3 import settings_from_service
     from maelflow.s3 import object_store
 
     problem = _url_reachable(section.endpoint_url)

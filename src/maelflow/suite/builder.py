@@ -16,6 +16,7 @@ from pathlib import Path
 
 import ecflow
 
+from maelflow.config.ecftime import parse_cron, parse_late
 from maelflow.config.loader import ResolvedExperiment
 from maelflow.errors import MaelflowError
 from maelflow.installation import maelflow_command
@@ -109,57 +110,6 @@ def _add_attrs(node, spec) -> None:
         node.add_repeat(ecflow.RepeatDate(*spec.repeat))
     if getattr(spec, "late", None):
         node.add_late(parse_late(spec.late))
-
-
-def parse_late(text: str) -> ecflow.Late:
-    """An ecFlow late flag as written in a .def (``-s +00:15 -a 20:00 -c +02:00``: submitted, active,
-    complete; ``+`` relative to the task's start or its family's cycle)."""
-    import re
-
-    words = text.split()
-    if not words or len(words) % 2:
-        raise ValueError(f"late {text!r}: pairs of -s/-a/-c and a time, e.g. '-s +00:15 -c +02:00'")
-    late = ecflow.Late()
-    for flag, value in zip(words[::2], words[1::2]):
-        m = re.match(r"^(\+?)(\d{1,2}):([0-5]\d)$", value)
-        if flag not in ("-s", "-a", "-c") or not m:
-            raise ValueError(f"late {text!r}: {flag} {value} is not one of -s/-a/-c with a time [+]HH:MM")
-        hours, minutes = int(m.group(2)), int(m.group(3))
-        if flag == "-s":
-            if not m.group(1):
-                raise ValueError(f"late {text!r}: -s (submitted) takes a relative time, +HH:MM")
-            late.submitted(hours, minutes)
-        elif flag == "-a":
-            if m.group(1):
-                raise ValueError(f"late {text!r}: -a (active) takes a time of day, HH:MM")
-            late.active(hours, minutes)
-        else:
-            late.complete(hours, minutes, bool(m.group(1)))
-    return late
-
-
-def parse_cron(text: str) -> ecflow.Cron:
-    """An ecFlow cron as written in a .def (``[-w 0,6] [-d 1,15] [-m 1,4,7,10] TIME_SERIES``)."""
-    words = text.split()
-    setters = {"-w": "set_week_days", "-d": "set_days_of_month", "-m": "set_months"}
-    lists: dict[str, list[int]] = {}
-    while words and words[0] in setters:
-        if len(words) < 2:
-            raise ValueError(f"cron {text!r}: {words[0]} needs a comma-separated list")
-        try:
-            lists[setters[words[0]]] = [int(x) for x in words[1].split(",")]
-        except ValueError:
-            raise ValueError(f"cron {text!r}: {words[0]} {words[1]} is not a list of numbers") from None
-        words = words[2:]
-    if not words:
-        raise ValueError(f"cron {text!r}: no time (e.g. 03:00)")
-    try:
-        cron = ecflow.Cron(" ".join(words))
-        for setter, values in lists.items():
-            getattr(cron, setter)(values)
-    except (RuntimeError, IndexError) as exc:
-        raise ValueError(f"cron {text!r}: {exc}") from None
-    return cron
 
 
 def server_task_variables(suite_vars: dict[str, str]) -> dict[str, str]:

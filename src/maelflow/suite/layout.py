@@ -6,48 +6,11 @@ publish once per dataset, then per site data -> train -> register joined by trig
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from maelflow.config.loader import ResolvedExperiment
 from maelflow.config.names import node_name
+from maelflow.suite.spec import FamilySpec, SuiteSpec, TaskSpec
 
-
-@dataclass
-class TaskSpec:
-    name: str
-    script: str
-    variables: dict[str, str] = field(default_factory=dict)
-    meters: list[tuple[str, int, int]] = field(default_factory=list)
-    labels: list[tuple[str, str]] = field(default_factory=list)
-    events: list[str] = field(default_factory=list)
-    trigger: str | None = None
-    inlimits: list[str] = field(default_factory=list)
-    # "site": the job runs on the site's scheduler; "login": as a process on the site's login node
-    # (it has the internet, compute nodes do not); "server": beside the ecFlow server, for work that
-    # needs what the site lacks (syncing offline runs to MLflow, pushing to a site without internet)
-    runs_on: str = "site"
-    late: str | None = None   # an ecFlow late flag, as in a .def: -s +00:15 -a 20:00 -c +02:00
-
-
-@dataclass
-class FamilySpec:
-    name: str
-    variables: dict[str, str] = field(default_factory=dict)
-    children: list["FamilySpec | TaskSpec"] = field(default_factory=list)
-    trigger: str | None = None
-    inlimits: list[str] = field(default_factory=list)
-    labels: list[tuple[str, str]] = field(default_factory=list)
-    cron: str | None = None   # an ecFlow cron, as in a .def: [-w D,..] [-d D,..] [-m M,..] TIME_SERIES
-    repeat: tuple[str, int, int] | None = None   # an ecFlow repeat date: (variable, first YYYYMMDD, last YYYYMMDD)
-
-
-@dataclass
-class SuiteSpec:
-    name: str
-    variables: dict[str, str]
-    limits: list[tuple[str, int]]
-    children: list[FamilySpec | TaskSpec]
-    labels: list[tuple[str, str]] = field(default_factory=list)
+__all__ = ["FamilySpec", "SuiteSpec", "TaskSpec", "suite_layout"]
 
 
 def jobs_limit(site: str) -> str:
