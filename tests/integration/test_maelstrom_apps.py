@@ -36,6 +36,7 @@ def test_maelstrom_deploys_on_local_and_slurm_and_reports_every_application(hpc_
     ws = hpc_stack
     env = dict(os.environ, MAELFLOW_WORKSPACE=str(ws.root))
     env.pop("MAELFLOW_CONFIG_DIR", None)
+    env.pop("MLFLOW_TRACKING_URI", None)     # the report reads the workspace's MLflow, not another test's
     sites = f"sites=[{','.join(SITES)}]"
     run = subprocess.run([MAELFLOW, "deploy", "maelstrom", sites, "--wait", "--timeout", "480"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=540)
