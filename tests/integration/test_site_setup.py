@@ -73,11 +73,13 @@ def test_setup_installs_pushed_wheels_and_the_check_passes(site_part):
     assert command in found["site part"]["detail"] and found["compute node"]["status"] == "ok"
 
 
-def test_check_names_an_unwritable_path_and_an_unreachable_s3_endpoint_with_their_fixes(site_part):
+def test_check_names_an_unwritable_path_and_an_unreachable_s3_endpoint_with_their_fixes(site_part, tmp_path):
     ws, command, _ = site_part
-    rc, report = check(ws, "--no-job", "-o", f"maelflow_command={command}", "-o", "paths.outputs=/root/not-yours")
+    theirs = tmp_path / "not-yours"          # root's 0700 test folder: the site user cannot write there
+    theirs.mkdir(mode=0o700)
+    rc, report = check(ws, "--no-job", "-o", f"maelflow_command={command}", "-o", f"paths.outputs={theirs}")
     bad = items(report)["paths.outputs"]
-    assert rc == 1 and bad["status"] == "failed" and "/root/not-yours" in bad["detail"]
+    assert rc == 1 and bad["status"] == "failed" and str(theirs) in bad["detail"]
     assert "paths.outputs" in bad["fix"]
     # stage pulls on the login node with the site's EWC file: point it at a port nobody listens on
     from maelflow import ewc

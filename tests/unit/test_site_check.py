@@ -89,7 +89,7 @@ def test_the_profiles_name_their_accelerator_and_run_the_site_part(tmp_path):
         assert s.maelflow_command == setup.site_part_command(s) == f"{s.paths.root}/venv/bin/maelflow"
 
 
-def test_pins_are_this_installations_and_torch_is_built_for_the_sites_accelerator():
+def test_pins_are_this_installations_and_torch_is_built_for_the_sites_accelerator(tmp_path):
     here = setup.pins()
     assert "maelflow" not in here and "pip" not in here and here["torch"].startswith("2.13.0")
     rocm = make_site(accelerator={"torch_variant": "rocm6.4"})
@@ -99,7 +99,7 @@ def test_pins_are_this_installations_and_torch_is_built_for_the_sites_accelerato
     both = setup.requirements(make_site(install={"parts": ["core", "train"]}))
     assert "torch" in both and "anemoi-training" not in both
     assert setup.venv_path(make_site()) == "/scratch/u/mf/venv"
-    assert setup.venv_path(make_site(install={"venv": "/home/u/mf-venv/"})) == "/home/u/mf-venv"
+    assert setup.venv_path(make_site(install={"venv": f"{tmp_path}/mf-venv/"})) == f"{tmp_path}/mf-venv"
 
 
 def test_installations_compare_by_version_and_code():

@@ -157,24 +157,7 @@ def _recipe_name(recipe: Path) -> str | None:
 
 def _check_built(path: Path, recipe: Path) -> dict:
     """Raise unless ``path`` is a finished anemoi zarr with statistics; return its attributes."""
-    import numpy as np
-    import zarr
-
-    try:
-        root = zarr.open_group(str(path), mode="r")
-    except Exception as exc:  # noqa: BLE001 - zarr raises several kinds
-        raise DatasetBuildError(f"recipe {recipe}: anemoi-datasets create left no readable zarr: "
-                                f"{_error_line(str(exc))}") from None
-    attrs = dict(root.attrs)
-    if "data" not in root:
-        raise DatasetBuildError(f"recipe {recipe}: the dataset has no 'data' array")
-    missing = [name for name in STATISTICS_ARRAYS if name not in root]
-    if missing:
-        raise DatasetBuildError(f"recipe {recipe}: the dataset has no statistics ({', '.join(missing)} missing)")
-    for name in STATISTICS_ARRAYS:
-        if not np.all(np.isfinite(root[name][:])):
-            raise DatasetBuildError(f"recipe {recipe}: statistics {name!r} hold non-finite values")
-    return attrs
+    return _check_zarr(path, f"recipe {recipe}", anemoi=True)
 
 
 def build_dataset(dataset: "Dataset", dest: Path | str, reporter: "Reporter | None" = None, *,
@@ -252,6 +235,12 @@ def _generated_by(dataset: "Dataset") -> dict:
 def _check_generated(path: Path, what: str) -> dict:
     """Raise unless ``path`` is a readable zarr group with arrays (and, in the anemoi layout, finite
     statistics); return its attributes."""
+    return _check_zarr(path, what, anemoi=False)
+
+
+def _check_zarr(path: Path, what: str, *, anemoi: bool) -> dict:
+    """The one check of what a build left: a readable zarr group with arrays; with a ``data`` array
+    (the anemoi layout, required when ``anemoi``) every statistics array there and finite."""
     import numpy as np
     import zarr
 
@@ -259,13 +248,15 @@ def _check_generated(path: Path, what: str) -> dict:
         root = zarr.open_group(str(path), mode="r")
         names = list(root.array_keys())
     except Exception as exc:  # noqa: BLE001 - zarr raises several kinds
-        raise DatasetBuildError(f"{what} left no readable zarr at {path}: {_error_line(str(exc))}") from None
+        raise DatasetBuildError(f"{what}: left no readable zarr at {path}: {_error_line(str(exc))}") from None
     if not names:
-        raise DatasetBuildError(f"{what} wrote a zarr without arrays at {path}")
+        raise DatasetBuildError(f"{what}: wrote a zarr without arrays at {path}")
+    if anemoi and "data" not in names:
+        raise DatasetBuildError(f"{what}: the dataset has no 'data' array")
     if "data" in names:
         missing = [name for name in STATISTICS_ARRAYS if name not in names]
         if missing:
-            raise DatasetBuildError(f"{what}: the anemoi dataset has no statistics ({', '.join(missing)} missing)")
+            raise DatasetBuildError(f"{what}: the dataset has no statistics ({', '.join(missing)} missing)")
         for name in STATISTICS_ARRAYS:
             if not np.all(np.isfinite(root[name][:])):
                 raise DatasetBuildError(f"{what}: statistics {name!r} hold non-finite values")

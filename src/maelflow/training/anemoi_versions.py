@@ -369,18 +369,22 @@ def check_training(tfile: str, tname: str, training, sites: dict) -> list:
     return problems
 
 
+def line_name(version: str | None) -> str | None:
+    """The supported line a version belongs to (``0.10``, ``0.17``), None when unknown or unsupported."""
+    if not version:
+        return None
+    try:
+        return line_for(version).name
+    except AnemoiVersionError:
+        return None
+
+
 def versions_report(sites: dict) -> dict[str, dict[str, str | None]]:
     """Per site: the anemoi-training version, its line and where it was learnt (for validate's report)."""
     out: dict[str, dict[str, str | None]] = {}
     for sname, site in sites.items():
         version, source = site_version(site)
-        line = None
-        if version:
-            try:
-                line = line_for(version).name
-            except AnemoiVersionError:
-                line = None
-        out[sname] = {"version": version, "line": line, "source": source}
+        out[sname] = {"version": version, "line": line_name(version), "source": source}
     return out
 
 
@@ -420,12 +424,7 @@ def checkpoint_summary(path: str | Path) -> dict[str, Any] | None:
     if meta is None:
         return None
     version = metadata_version(meta)
-    line = None
-    if version:
-        try:
-            line = line_for(version).name
-        except AnemoiVersionError:
-            line = None
+    line = line_name(version)
     dataset = meta.get("dataset") or {}
     paths: list[str] = []
 
