@@ -102,11 +102,19 @@ def build_case(path: Path, small_n: int, large_n: int) -> int:
     return small_n * SMALL_OBJECT + large_n * LARGE_OBJECT
 
 
+LAST_CPU = [0.0]     # the client CPU seconds (user + system, its children included) of the last timed run
+
+
 def timed(argv: list[str] | str, env: dict[str, str], shell: bool = False) -> float:
+    import resource
+
     os.sync()           # the previous tool's dirty pages must not slow this one's writes
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run(argv, env=env, shell=shell, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     dt = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    LAST_CPU[0] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if proc.returncode != 0:
         raise RuntimeError(f"{argv if isinstance(argv, str) else argv[0]} failed: {proc.stderr.decode()[-500:]}")
     return dt
@@ -135,7 +143,7 @@ def run_rounds(title: str, cmds_for, check=None, clean=None) -> dict[str, list[f
             if check is not None:
                 check(name, f"r{r}-{name}")
             times.setdefault(name, []).append(dt)
-            print(f"  round {r + 1} {title} {name:14s} {SIZE / 2**20 / dt:7.0f} MiB/s ({dt:.2f}s)", flush=True)
+            print(f"  round {r + 1} {title} {name:14s} {SIZE / 2**20 / dt:7.0f} MiB/s ({dt:.2f}s, client CPU {LAST_CPU[0]:.2f}s)", flush=True)
         if clean is not None:
             clean()
             if r + 1 < ROUNDS:
@@ -150,6 +158,10 @@ SIZE = 0
 
 def main() -> None:
     global SIZE
+    import signal
+
+    # a bench stopped with `kill` (or a CI time-out) still runs its `finally`: it stops its servers
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     sys.path.insert(0, str(REPO / "src"))
     from maelflow_sandbox import hpc
     from maelflow.services import stack as stack_mod

@@ -55,3 +55,54 @@ def _current_anemoi_installed() -> bool:
         return version is not None and line_for(version) is LINES[-1]
     except AnemoiVersionError:
         return False
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_tracking_uri_stays_per_test():
+    """``mlflow.set_tracking_uri`` also sets ``MLFLOW_TRACKING_URI`` in this process's environment, so a
+    test that logs in-process would point every later test of the same xdist worker (and the
+    commands it starts) at its own, by then stopped, server."""
+    import os
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
+LEDGERS = Path("/tmp") / f"maelflow-test-ledgers-{__import__('os').getuid()}"
+
+
+def pytest_configure(config):
+    """The session's service ledger (``maelflow.services.base.LEDGER_ENV``), after stopping what a
+    killed earlier session left running: its fixtures never reached their teardown, and its
+    servers, sshd and slurmd would otherwise hold ports and CPU until the machine restarts.
+    Only the controller does this (xdist workers inherit the ledger through the environment)."""
+    import os
+
+    from maelflow.services.base import LEDGER_ENV, pid_alive, process_start, reap_ledger
+
+    if hasattr(config, "workerinput"):
+        return
+    LEDGERS.mkdir(mode=0o700, exist_ok=True)
+    for ledger in LEDGERS.glob("*.ledger"):
+        owner, _, start = ledger.stem.partition("-")
+        if owner.isdigit() and start.isdigit() and pid_alive(int(owner)) \
+                and process_start(int(owner)) == int(start):
+            continue            # a session still running (another terminal, another helper)
+        stopped = reap_ledger(ledger)
+        if stopped:
+            print(f"stopped {len(stopped)} service processes a killed test session left running: {stopped}")
+        ledger.unlink(missing_ok=True)
+    own = LEDGERS / f"{os.getpid()}-{process_start(os.getpid())}.ledger"
+    own.touch()
+    config._maelflow_ledger = own
+    os.environ[LEDGER_ENV] = str(own)
+
+
+def pytest_unconfigure(config):
+    own = getattr(config, "_maelflow_ledger", None)
+    if own is not None:
+        own.unlink(missing_ok=True)

@@ -199,3 +199,32 @@ def test_ranged_objects_are_not_written_direct(tmp_path):
     assert tree.writer(e).direct is supported
     assert tree.writer(e, ranged=True).direct is False     # written at offsets, range by range
     assert tree.writer(Entry(".zattrs", 100, "0" * 64)).direct is False
+
+
+FAULTS = """
+import resource, sys, threading
+if sys.argv[1] == "keep":
+    from maelflow_transfer.memory import keep_buffers_in_heap
+    assert keep_buffers_in_heap() and keep_buffers_in_heap()       # glibc here; idempotent
+def work():                  # what stage workers do: object-sized buffers, allocated, filled, freed
+    for i in range(300):
+        b = bytearray((256 + (i % 7) * 64) << 10)
+        del b
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+threads = [threading.Thread(target=work) for _ in range(8)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def test_object_sized_buffers_are_reused_from_the_heap_not_mapped_afresh():
+    import subprocess
+    import sys
+
+    def faults(mode: str) -> int:
+        return int(subprocess.run([sys.executable, "-c", FAULTS, mode], capture_output=True, text=True,
+                                  check=True).stdout)
+
+    default, kept = faults("default"), faults("keep")
+    assert kept < default / 2, (kept, default)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import click
 from rich.tree import Tree
@@ -47,27 +46,17 @@ def render(node: dict, parent: Tree | None = None) -> Tree:
 
 
 def follow(client, suite: str, timeout: float, interval: float = 2.0) -> str:
-    """Print state changes until the suite completes or aborts; returns the final state."""
-    from maelflow.suite.server import tree
+    """Print each task's state changes until the suite settles (``maelflow.suite.follow``); returns
+    the final state."""
+    from maelflow.suite.follow import follow as follow_suite
 
-    deadline = time.monotonic() + timeout
-    seen: dict[str, str] = {}
-    while True:
-        data = tree(client, suite)
-        s = data["suites"][0]
-        stack = [s]
-        while stack:
-            n = stack.pop()
-            if n["kind"] == "task" and seen.get(n["path"]) != n["state"]:
-                seen[n["path"]] = n["state"]
-                extra = f"  ({n['aborted_reason']})" if n["state"] == "aborted" else ""
-                console.print(f"  {n['path']}: [{COLOURS.get(n['state'], 'white')}]{n['state']}[/]{extra}",
-                              highlight=False)
-            stack.extend(reversed(n.get("children", [])))
-        if s["state"] in ("complete", "aborted") or time.monotonic() > deadline:
-            console.print(render(s))
-            return s["state"] if s["state"] in ("complete", "aborted") else "timed out"
-        time.sleep(interval)
+    def show(n: dict) -> None:
+        extra = f"  ({n['aborted_reason']})" if n["state"] == "aborted" else ""
+        console.print(f"  {n['path']}: [{COLOURS.get(n['state'], 'white')}]{n['state']}[/]{extra}", highlight=False)
+
+    state, last = follow_suite(client, suite, timeout, interval, on_task=show)
+    console.print(render(last))
+    return state
 
 
 @click.command("status")

@@ -79,6 +79,9 @@ def port_accepts(port: int, host: str = LOOPBACK, timeout: float = 0.5) -> bool:
         return False
 
 
+LEDGER_ENV = "MAELFLOW_SERVICE_LEDGER"  # a file to which every service start appends "pid start folder"
+
+
 def pid_alive(pid: int | None) -> bool:
     if not pid:
         return False
@@ -104,6 +107,26 @@ def process_start(pid: int | None) -> int | None:
             return int(fh.read().rsplit(")", 1)[1].split()[19])
     except (OSError, IndexError, ValueError):
         return None
+
+
+def reap_ledger(ledger: Path, grace: float = 5.0) -> list[int]:
+    """Stop every process a ledger (``LEDGER_ENV``) lists that is still the one started then (same
+    PID and start time), SIGTERM then SIGKILL; returns their PIDs. Anything else is left alone."""
+    victims = []
+    for line in ledger.read_text().splitlines():
+        parts = line.split(maxsplit=2)
+        if len(parts) == 3 and parts[0].isdigit() and parts[1].isdigit() and \
+                process_start(int(parts[0])) == int(parts[1]) and pid_alive(int(parts[0])):
+            victims.append(int(parts[0]))
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)):
+        for pid in victims:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        if wait_until(lambda: not any(pid_alive(p) for p in victims), wait, interval=0.05):
+            break
+    return victims
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.1) -> bool:
@@ -161,6 +184,12 @@ class ManagedService:
     def _write_pid(self, pid: int) -> None:
         start = process_start(pid)
         self.pid_file.write_text(f"{pid} {start}\n" if start is not None else f"{pid}\n")
+        ledger = os.environ.get(LEDGER_ENV)
+        if ledger and start is not None:
+            # a supervisor (a test session, a CI job) that is killed before it stops its services
+            # leaves them running; its successor reads this ledger and stops exactly these processes
+            with open(ledger, "a") as fh:
+                fh.write(f"{pid} {start} {self.dir}\n")
 
     def ours(self, pid: int | None = None) -> bool:
         """Whether the PID in the PID file (or ``pid``) is still the process we started.

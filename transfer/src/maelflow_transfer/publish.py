@@ -18,6 +18,7 @@ from typing import Callable
 
 from maelflow_transfer.errors import SourceChanged, TransferError
 from maelflow_transfer.manifest import Entry, Manifest, list_files, scan_with_stats
+from maelflow_transfer.memory import keep_buffers_in_heap
 from maelflow_transfer.progress import Progress
 from maelflow_transfer.stage import Result
 from maelflow_transfer.store import MULTIPART_THRESHOLD, PART_SIZE, Store
@@ -39,6 +40,7 @@ def publish(source: Path, dataset: str, store: Store, *, workers: int = 16, prog
     """
     source = Path(source)
     t0 = time.monotonic()
+    keep_buffers_in_heap()
     progress = progress or Progress()
     if not source.is_dir():
         raise TransferError(f"dataset {dataset!r}: source {source} does not exist or is not a folder")

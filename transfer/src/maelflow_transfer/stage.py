@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from maelflow_transfer.errors import ChecksumMismatch, DiskFull, StoreError, TransferError, TransientError, disk_error
 from maelflow_transfer.manifest import Entry, Manifest
+from maelflow_transfer.memory import keep_buffers_in_heap
 from maelflow_transfer.progress import Progress
 from maelflow_transfer.store import RangesUnsupported, Store
 
@@ -271,6 +272,7 @@ def stage(store: Store, tree, dataset: str, *, workers: int = 32, progress: Prog
     DestinationConflict); the destination stays invisible after any failure.
     """
     t0 = time.monotonic()
+    keep_buffers_in_heap()
     progress = progress or Progress()
     manifest = store.require_manifest(dataset)
     n = len(manifest.entries)

@@ -12,7 +12,7 @@ is an object of platform -> ``{"path": ...}``.
 from __future__ import annotations
 
 import urllib.parse
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Iterable, Protocol
 
 from maelflow_registry.config import Settings
 from maelflow_registry.errors import BadRequest
@@ -20,8 +20,15 @@ from maelflow_registry.keys import check_key, check_platform
 from maelflow_registry.records import require_object, strip_hidden
 from maelflow_registry.refs import ref, run_ref
 
-if TYPE_CHECKING:
-    from maelflow_registry.index import Index
+
+
+class IndexView(Protocol):
+    """What a collection's hooks may read of the catalogue's index (SQLite or PostgreSQL): the
+    index knows the collections, the collections only this much of the index."""
+
+    def get(self, collection: str, key: str) -> dict | None: ...
+
+    def targets(self, refs: Iterable[str], relation: str, collection: str) -> list[str]: ...
 
 Cell = tuple[Any, "str | None"]  # (text, link) of a web table cell
 
@@ -112,7 +119,7 @@ class Collection:
     def updating(self, old: dict, new: dict) -> None:
         """Adjust a changed record before it is validated (e.g. move a heartbeat stamp)."""
 
-    def before_create(self, record: dict, index: "Index") -> None:
+    def before_create(self, record: dict, index: IndexView) -> None:
         """Refuse a new entry that would break another (raise a 4xx)."""
 
     def before_delete(self, key: str, record: dict) -> None:
@@ -142,11 +149,11 @@ class Collection:
     def page_title(self, key: str) -> str:
         return f"{self.singular} {key}"
 
-    def list_row(self, row: dict, index: "Index") -> list[Cell]:
+    def list_row(self, row: dict, index: IndexView) -> list[Cell]:
         """The cells of one entry in its web table (``row``: key, created, updated, record)."""
         return [(row["key"], self.link(row["key"])), (row["updated"][:19], None)]
 
-    def page_context(self, key: str, record: dict, index: "Index") -> dict:
+    def page_context(self, key: str, record: dict, index: IndexView) -> dict:
         """What its entry page shows besides the record, the stamps and the lineage."""
         return {}
 

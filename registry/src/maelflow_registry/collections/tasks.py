@@ -22,17 +22,14 @@ from __future__ import annotations
 import datetime
 import json
 import uuid as uuid_mod
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from maelflow_registry.collections.base import Cell, Collection
+from maelflow_registry.collections.base import Cell, Collection, IndexView
 from maelflow_registry.config import Settings
 from maelflow_registry.errors import BadRequest, Conflict, Unprocessable
 from maelflow_registry.keys import check_key, check_segment
 from maelflow_registry.records import now_iso, require_object, strip_hidden
 from maelflow_registry.refs import Edges, dataset_name, ref
-
-if TYPE_CHECKING:
-    from maelflow_registry.index import Index
 
 COLLECTION = "tasks"
 # fields that become a folder or site name on a worker (the dataset is also a datasets key)
@@ -89,7 +86,7 @@ class Tasks(Collection):
         new["updated"] = now_iso()  # every change is a heartbeat
         stamp_lease(new)
 
-    def before_create(self, record: dict, index: "Index") -> None:
+    def before_create(self, record: dict, index: IndexView) -> None:
         """Refuse a deletion task that would remove a dataset's last copy."""
         if record.get("action") != "delete-dataset":
             return
