@@ -243,13 +243,17 @@ def test_large_objects_are_read_as_ranges_hashed_in_order_or_whole_without_range
 
     store = Ranged(objects)
     store.corrupt.add(("data/2.0", 16384))
-    res = stage(store, LocalTree(tmp_path / "a.zarr"), "ds", workers=4, retries=1)
+    res = stage(store, LocalTree(tmp_path / "a.zarr"), "ds", workers=8, retries=1)
     assert res.copied == 6 and verify_tree(tmp_path / "a.zarr", store.manifest) == []
     assert sorted(store.gets) == [".zattrs", "small"]     # large objects only as ranges
     assert sorted(k for k, s in store.ranges_read if s == 0) == ["data/0.0", "data/1.0", "data/2.0", "data/2.0",
                                                                  "data/3.0"]
+    # enough objects to keep every stream busy (6 >= 4 workers): whole objects, although ranges work
+    busy = Ranged(objects)
+    res = stage(busy, LocalTree(tmp_path / "c.zarr"), "ds", workers=4)
+    assert res.copied == 6 and busy.ranges_read == [] and sorted(busy.gets) == sorted(objects)
     whole = Ranged(objects, ranges=False)
-    res = stage(whole, LocalTree(tmp_path / "b.zarr"), "ds", workers=4)
+    res = stage(whole, LocalTree(tmp_path / "b.zarr"), "ds", workers=8)
     assert res.copied == 6 and verify_tree(tmp_path / "b.zarr", whole.manifest) == []
     assert whole.ranges is False and sorted(whole.gets) == sorted(objects)
 
