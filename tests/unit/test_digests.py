@@ -116,7 +116,8 @@ def test_journal_lines_name_their_digest_and_old_lines_are_sha256(tmp_path, monk
     for e in (e0, e1):
         (tree.partial / e.key).parent.mkdir(parents=True, exist_ok=True)
         (tree.partial / e.key).write_bytes(objects[e.key])
-    tree.record(e0, os.stat(tree.partial / e0.key).st_mtime_ns)               # a BLAKE3 line
+    tree.record(e0, os.stat(tree.partial / e0.key).st_mtime_ns)               # a BLAKE3 line ...
+    tree.flush()                                                               # ... once it is on the disk
     with open(tree.journal_path, "a") as fh:                                   # a line of an older stage
         fh.write(json.dumps({"k": e1.key, "s": e1.size, "h": e1.sha256,
                              "m": os.stat(tree.partial / e1.key).st_mtime_ns}) + "\n")

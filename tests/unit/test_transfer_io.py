@@ -228,3 +228,29 @@ def test_object_sized_buffers_are_reused_from_the_heap_not_mapped_afresh():
 
     default, kept = faults("default"), faults("keep")
     assert kept < default / 2, (kept, default)
+
+
+def test_journal_lines_are_written_only_after_their_objects_are_on_the_disk(tmp_path, monkeypatch):
+    """Group commit: one syncfs per GROUP_OBJECTS objects (and at close), each line written after it."""
+    from maelflow_transfer import trees as trees_mod
+    from maelflow_transfer.stage import stage
+    from maelflow_transfer.trees import LocalTree
+    from tests.unit.test_transfer_engine import MemoryStore, _objects
+
+    events: list[tuple[str, int]] = []
+    real = trees_mod._syncfs
+
+    def syncfs(fd):
+        journal = tmp_path / ".a.zarr.partial" / trees_mod.JOURNAL_NAME
+        events.append(("syncfs", len(journal.read_text().splitlines()) if journal.exists() else 0))
+        real(fd)
+
+    monkeypatch.setattr(trees_mod, "_syncfs", syncfs)
+    monkeypatch.setattr(trees_mod, "GROUP_OBJECTS", 10)
+    monkeypatch.setattr(trees_mod, "GROUP_SECONDS", 3600)
+    store = MemoryStore(_objects(24, 3000))          # 25 objects with .zattrs
+    res = stage(store, LocalTree(tmp_path / "a.zarr"), "ds", workers=1)
+    assert res.copied == 25
+    # a syncfs after the 10th and the 20th object and at the close; each found the journal holding
+    # only the lines of the objects an earlier syncfs made durable
+    assert events == [("syncfs", 0), ("syncfs", 10), ("syncfs", 20)]

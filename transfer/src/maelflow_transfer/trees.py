@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import Callable
@@ -33,6 +34,27 @@ from maelflow_transfer.paths import UnsafePath, check_inside, check_key, inside
 
 JOURNAL_NAME = ".maelflow-journal"
 LOCK_NAME = ".maelflow-lock"
+
+
+# Journal lines are held back until one syncfs has put their objects (and every other object written
+# before it) on the disk: a group commit. One fdatasync per object cost each stage worker 4.5 ms
+# waiting for the disk's cache flush, a fifth of its time on 2 051 objects of 512 KiB.
+GROUP_OBJECTS = 256
+GROUP_SECONDS = 1.0
+
+
+def _syncfs(fd: int) -> None:
+    """Every dirty page and inode of the file system that holds ``fd`` on the disk, one cache
+    flush for all of them (Linux ``syncfs``; ``sync`` where libc has none)."""
+    import ctypes
+
+    fn = getattr(ctypes.CDLL(None, use_errno=True), "syncfs", None)
+    if fn is None:
+        os.sync()
+        return
+    if fn(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 def partial_name(name: str) -> str:
@@ -77,8 +99,7 @@ class LocalPart:
     """An object being written on this machine.
 
     Large objects are written with O_DIRECT: a stage of terabytes must not evict the page cache
-    of a shared login node, every byte is on the disk before the object is renamed into place,
-    and the kernel skips allocating and copying into page-cache pages, which costs more CPU than
+    of a shared login node, and the kernel skips allocating and copying into page-cache pages, which costs more CPU than
     the SHA-256 of the same bytes. The caller's buffers must be page-aligned for that (the
     store's are); anything else (the unaligned tail of an object, a file system that refuses
     O_DIRECT, an unaligned buffer) falls back to ordinary writes for the rest of the object.
@@ -153,12 +174,13 @@ class LocalPart:
         return sha256_file(self.tmp)
 
     def commit(self, on_done: Callable[[], None]) -> None:
-        """On the disk, renamed into place, journalled, then ``on_done()`` (the stage counts it).
+        """Renamed into place, handed to the journal, then ``on_done()`` (the stage counts it).
 
-        The bytes are synced before the rename: a re-run after a power loss trusts journalled
-        objects by size and time, so a renamed object must never hold a zero-filled tail."""
+        The journal writes its line only after the object is on the disk (``LocalTree.record``'s
+        group commit): a re-run after a power loss trusts journalled objects by size and time, and
+        hashes any other file it finds, so a renamed object with a zero-filled tail is fetched
+        again, never trusted."""
         try:
-            os.fdatasync(self.fd)
             stamp = os.fstat(self.fd).st_mtime_ns       # a rename keeps it: no lookup by path after
         except OSError as exc:
             raise disk_error(exc, str(self.tmp)) from None
@@ -194,6 +216,9 @@ class LocalTree:
         self.journal_path = self.partial / JOURNAL_NAME
         self._journal = None
         self._lock = threading.Lock()
+        self._pending: list[str] = []          # journal lines waiting for their objects' syncfs
+        self._flushed = time.monotonic()
+        self._flush_lock = threading.Lock()    # one syncfs at a time
         self._lock_fd: int | None = None
         self._dirs: dict[str, int] = {}       # folder (relative) -> its fd, opened without following links
 
@@ -337,16 +362,45 @@ class LocalTree:
 
     def record(self, entry: Entry, stamp: int | None, algo: str | None = None) -> None:
         """Journal ``entry`` as checked with ``algo`` (default: the one a stage checks it with,
-        ``Entry.algo``): the line names the digest ("d") and its value ("h")."""
+        ``Entry.algo``): the line names the digest ("d") and its value ("h"). The line is written
+        once its object is on the disk: after the next syncfs, every GROUP_OBJECTS objects or
+        GROUP_SECONDS, and when the tree is closed."""
         algo = algo or entry.algo
         line = json.dumps({"k": entry.key, "s": entry.size, "d": algo, "h": entry.digest(algo), "m": stamp}) + "\n"
         with self._lock:
-            if self._journal is None:
-                self._journal = open(self.journal_path, "a", buffering=1)
-            self._journal.write(line)
+            self._pending.append(line)
+            due = len(self._pending) >= GROUP_OBJECTS or time.monotonic() - self._flushed >= GROUP_SECONDS
+        if due:
+            self.flush()
+
+    def flush(self) -> None:
+        """One syncfs of the partial folder's file system, then the journal lines of the objects
+        it made durable (those recorded before it started)."""
+        with self._flush_lock:
+            with self._lock:
+                lines, self._pending = self._pending, []
+                self._flushed = time.monotonic()
+            if not lines:
+                return
+            fd = os.open(self.partial, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                _syncfs(fd)
+            except OSError as exc:
+                with self._lock:
+                    self._pending[:0] = lines
+                raise disk_error(exc, str(self.partial)) from None
+            finally:
+                os.close(fd)
+            with self._lock:
+                if self._journal is None:
+                    self._journal = open(self.journal_path, "a", buffering=1)
+                self._journal.write("".join(lines))
 
     def close(self) -> None:
-        """The writers are done: folders and journal closed (synced); the lock stays held."""
+        """The writers are done: objects synced and journalled, folders and journal closed (synced);
+        the lock stays held."""
+        if self._pending and self.partial.is_dir():
+            self.flush()
         with self._lock:
             for fd in self._dirs.values():
                 os.close(fd)
