@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The second environment, .venv-anemoi17: maelflow with the current anemoi line (anemoi-training
-# 0.17.1, anemoi-models 0.19.0, anemoi-graphs 0.9.8), beside the main .venv's anemoi 0.10.
+# 0.17.1, anemoi-models 0.19.0, anemoi-graphs 0.9.8, and anemoi-inference 0.13.0 for the operations
+# family's forecasts), beside the main .venv's anemoi 0.10. The versions are pinned in pyproject.toml's
+# [anemoi-current] extra.
 #
 # Run by `bash scripts/install.sh --anemoi-current` (after the Debian packages and the main .venv are
 # in place); idempotent. Those releases declare torch<2.11 while this machine's torch is the CPU
@@ -26,4 +28,5 @@ site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["pur
 echo "import maelflow_sandbox.tvshim" > "$site/zz_maelflow_tvshim.pth"
 "$VENV/bin/python" -c 'import importlib.metadata as m, ecflow, maelflow
 print("install:", "'"$VENV"'", "anemoi-training", m.version("anemoi-training"), "anemoi-models",
-      m.version("anemoi-models"), "anemoi-graphs", m.version("anemoi-graphs"), "torch", m.version("torch"))'
+      m.version("anemoi-models"), "anemoi-graphs", m.version("anemoi-graphs"), "anemoi-inference",
+      m.version("anemoi-inference"), "torch", m.version("torch"))'

@@ -3,6 +3,10 @@
 # Every maelflow task starts here. It tells ecFlow the job has started (init), and turns any
 # failure or signal into an abort whose reason an operator can read in ecFlow UI ("Why?").
 set -eu -o pipefail
+# SLURM sends its warning (USR1) at its first time-limit check inside the warning window plus 30 s:
+# with a short limit that is any time from the job's first second. Untrapped, USR1 kills this shell
+# before it can tell ecFlow anything: remember it from the first line; the full trap comes below.
+if [ -n "%MAELFLOW_WARNING_SIGNAL:%" ]; then trap 'MAELFLOW_TIME_LIMIT=1' "%MAELFLOW_WARNING_SIGNAL:%"; fi
 export ECF_PORT=%ECF_PORT% ECF_HOST=%MAELFLOW_ECF_HOST% ECF_NAME=%ECF_NAME% ECF_PASS=%ECF_PASS%
 # The scheduler (configs/sites/<site>.yaml) names the variable holding the job id; plain processes use their pid.
 export MAELFLOW_SCHEDULER=%MAELFLOW_SCHEDULER:local% MAELFLOW_RANK_VAR=%MAELFLOW_RANK_VAR:%
@@ -58,6 +62,9 @@ trap 'abort_job signal' 1 2 3 15
 MAELFLOW_WARNING_SIGNAL="%MAELFLOW_WARNING_SIGNAL:%"
 if [ -n "$MAELFLOW_WARNING_SIGNAL" ]; then
   trap 'MAELFLOW_TIME_LIMIT=1; echo "maelflow: ${MAELFLOW_SCHEDULER^^} time limit approaching"; ecf --event=timeout || true' "$MAELFLOW_WARNING_SIGNAL"
+  if [ -n "${MAELFLOW_TIME_LIMIT:-}" ]; then   # it came while the header was starting
+    echo "maelflow: ${MAELFLOW_SCHEDULER^^} time limit approaching"; ecf --event=timeout || true
+  fi
 fi
 
 # Steps write a one-line reason here before failing; the abort then shows it instead of an exit code.

@@ -143,9 +143,12 @@ def test_timeout_is_resubmitted_and_resumes_from_checkpoint(hpc_stack, config_ro
 
 
 def test_the_demo_completes_on_the_loopback_site_with_the_installation_owned_by_another_user(hpc_stack):
-    """``maelflow deploy demo sites=[localhpc] --wait``, as a user types it: the jobs run as the site
-    user (maelhpc) from this installation, a git checkout owned by root. anemoi's provenance (git
-    through GitPython: "dubious ownership") used to abort the anemoi training here."""
+    """``maelflow deploy demo sites=[localhpc] trainings=[tiny-anemoi] --wait``: the jobs run as the site
+    user (maelhpc) from this installation (the profile's install.fallback_command: no site setup
+    here), a git checkout owned by root. anemoi's provenance (git through GitPython: "dubious
+    ownership") used to abort the anemoi training here. The whole demo on the loopback site, its
+    Lightning training too, runs in tests/integration/test_site_setup.py with the site's own
+    installation; the Lightning training from this installation in the tests above."""
     import os
     import sys
 
@@ -155,12 +158,17 @@ def test_the_demo_completes_on_the_loopback_site_with_the_installation_owned_by_
     assert repo.stat().st_uid == 0 and site_user != "root"
     maelflow = str(Path(sys.executable).with_name("maelflow"))
     env = dict(os.environ, MAELFLOW_WORKSPACE=str(ws.root))
-    run = subprocess.run([maelflow, "deploy", "demo", "sites=[localhpc]", "--wait", "--timeout", "600"], cwd=repo,
-                         env=env, capture_output=True, text=True, timeout=700)
+    run = subprocess.run([maelflow, "deploy", "demo", "sites=[localhpc]", "trainings=[tiny-anemoi]", "--wait",
+                          "--timeout", "600"], cwd=repo, env=env, capture_output=True, text=True, timeout=700)
     data = tree(client_for(ws), "demo")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert find(data, "/demo")["state"] == "complete"
-    for path in ("/demo/localhpc/train/tiny_anemoi/train", "/demo/localhpc/train/tiny/train"):
-        node = find(data, path)
-        assert node["state"] == "complete" and node["events"]["checkpoint"] is True, node
-        assert node["labels"]["mlflow"].startswith("run "), node["labels"]
+    node = find(data, "/demo/localhpc/train/tiny_anemoi/train")
+    assert node["state"] == "complete" and node["events"]["checkpoint"] is True, node
+    assert node["labels"]["mlflow"].startswith("run "), node["labels"]
+    # ... and it ran this installation: no site part here, the job's shell chose the fallback
+    root = Path(placeholders_for(ws)["hpc_root"])
+    assert not (root / "venv" / "maelflow-site.json").exists()
+    job = root / "jobs" / "demo" / "localhpc" / "train" / "tiny_anemoi" / "train.job1"
+    header = next(ln for ln in job.read_text().splitlines() if ln.startswith("MAELFLOW="))
+    assert header.endswith(f" || echo {maelflow})\""), header

@@ -38,6 +38,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(1500)]
 MODEL = "ops-demo-model"
 DATASET = "synth-demo-local-5p0-2020-2020-6h-v1"
 NEXT = "ops-next"
+APP_MODEL = "ops-next-app"
 MAELFLOW = str(Path(sys.executable).with_name("maelflow"))
 
 
@@ -66,10 +67,10 @@ class Ops:
     def forecasts(self, experiment: str) -> list[dict]:
         return sorted(self.cat().list("forecasts", experiment=experiment), key=lambda f: f["produced"])
 
-    def mlflow_view(self) -> dict:
+    def mlflow_view(self, model: str = MODEL) -> dict:
         from maelflow.operations.mlflow_registry import registry_view
 
-        return registry_view(self.infos["mlflow"].url, MODEL)
+        return registry_view(self.infos["mlflow"].url, model)
 
     def node(self, suite: str, path: str) -> dict:
         return find(tree(self.client, suite), path)
@@ -90,8 +91,15 @@ def ops(stack, tmp_path_factory) -> Ops:
     import yaml
 
     spec = yaml.safe_load(demo.replace("${oc.env:USER,maelflow}", "maelflow"))
-    spec.update(name=NEXT, trainings=["ops-worse", "ops-better"])
+    # ... with the shipped fine-tuning cycle (ops-finetune.yaml) and the shipped Lightning-app model
+    # (ops-app.yaml): one cycle warm-starts from production (v2 by then) and moves candidate
+    shipped = {n: yaml.safe_load((root / "experiments" / f"{n}.yaml").read_text().replace(
+        "${oc.env:USER,maelflow}", "maelflow")) for n in ("ops-finetune", "ops-app")}
+    finetune = shipped["ops-finetune"]["models"][0]["finetune"]
+    spec.update(name=NEXT, trainings=["ops-worse", "ops-better", finetune["training"], "tiny"])
     spec["models"][0]["trainings"] = ["ops-worse", "ops-better"]
+    spec["models"][0]["finetune"] = finetune
+    spec["models"].append({**shipped["ops-app"]["models"][0], "name": APP_MODEL})
     spec["operations"].update(start="2020-01-27", end="2020-01-27")
     write_yaml(root / "experiments" / f"{NEXT}.yaml", spec)
     return Ops(ws, infos, root)
@@ -186,6 +194,56 @@ def next_suite(ops, demo) -> dict:
     return {"seconds": time.monotonic() - t0}
 
 
+def test_finetune_cycle_warm_starts_from_the_champion_and_is_gated(ops, next_suite):
+    from anemoi.utils.checkpoints import load_metadata
+    from mlflow import MlflowClient
+
+    base = "/ops_next/local/finetune/ops_demo_model"
+    warm = ops.node("ops_next", f"{base}/ft_warmstart")
+    assert warm["labels"]["model"].startswith(f"{MODEL}@production = v2"), warm["labels"]
+    gate = ops.node("ops_next", f"{base}/ft_gate")
+    assert gate["labels"]["decision"].startswith("passed") and "champion v2" in gate["labels"]["decision"], gate
+    assert gate["events"]["promoted"] is True and "candidate -> v3" in gate["labels"]["info"]
+    model = ops.cli_json("model", "show", MODEL)
+    assert model["aliases"] == {"production": 2, "candidate": 3}   # production did not move
+    v2, v3 = model["versions"]["2"], model["versions"]["3"]
+    assert v3["training"].startswith("ops-next-tiny-anemoi-finetune-") and v3["training"].endswith("-20200126")
+    ws_rec = v3["evaluation"]["warm_start"]
+    champion_ckpt = str(Path(v2["checkpoint"]["path"]).with_name("last.ckpt"))
+    assert (ws_rec["version"], ws_rec["weights"], ws_rec["warm_start"]) == (2, v2["weights"], champion_ckpt)
+    # the new checkpoint says it started from v2's weights: anemoi's own record of the start
+    md = load_metadata(v3["checkpoint"]["path"])
+    assert md["config"]["system"]["input"]["warm_start"] == champion_ckpt
+    assert md["config"]["training"]["load_weights_only"] is True
+    assert md["parent_uuid"] == load_metadata(v2["checkpoint"]["path"])["uuid"] != md["uuid"]
+    assert md["maelflow_warm_start"]["version"] == 2
+    # new data only: after the champion's training period (to 2020-01-23 00 UTC), up to the cycle; evaluated
+    # from the cycle on
+    train_dates = md["config"]["dataloader"]["training"]["datasets"]["data"]
+    assert str(train_dates["start"]).startswith("2020-01-23T06") and str(train_dates["end"]).startswith("2020-01-25T18")
+    assert v3["evaluation"]["champion"]["version"] == 2
+    assert all(d >= "2020-01-26" for d in v3["evaluation"]["dates"])
+    params = MlflowClient(ops.infos["mlflow"].url).get_run(v3["run_id"]).data.params
+    assert params.get("config.system.input.warm_start") == champion_ckpt, sorted(params)[:40]
+    assert ops.mlflow_view()["aliases"] == {"production": "2", "candidate": "3"}
+
+
+def test_lightning_application_is_evaluated_gated_and_promoted(ops, next_suite):
+    gate = ops.node("ops_next", "/ops_next/local/evaluate/tiny/gate")
+    assert gate["labels"]["decision"].startswith("passed: val_loss"), gate["labels"]
+    assert gate["events"]["promoted"] is True
+    model = ops.cli_json("model", "show", APP_MODEL)
+    assert model["aliases"] == {"production": 1}
+    v1 = model["versions"]["1"]
+    assert v1["checkpoint"]["path"].endswith("/checkpoints/last.ckpt") and v1["gate"]["decision"] == "passed"
+    assert 0 < v1["evaluation"]["summary"]["val_loss"] <= 1.0 and "validation" in v1["evaluation"]["how"]
+    from mlflow import MlflowClient
+
+    run = MlflowClient(ops.infos["mlflow"].url).get_run(v1["run_id"])
+    assert run.data.metrics["eval_val_loss"] == pytest.approx(v1["evaluation"]["summary"]["val_loss"])
+    assert ops.mlflow_view(APP_MODEL)["aliases"] == {"production": "1"}
+
+
 def test_worse_refused_better_promoted_rollback_and_the_next_cycle(ops, next_suite):
     worse = ops.node("ops_next", "/ops_next/local/evaluate/ops_worse/gate")
     assert worse["labels"]["decision"].startswith("refused: nrmse") and "champion v1" in worse["labels"]["decision"]
@@ -193,22 +251,26 @@ def test_worse_refused_better_promoted_rollback_and_the_next_cycle(ops, next_sui
     better = ops.node("ops_next", "/ops_next/local/evaluate/ops_better/gate")
     assert better["labels"]["decision"].startswith("passed") and better["events"]["promoted"] is True
     model = ops.cli_json("model", "show", MODEL)
-    assert set(model["versions"]) == {"1", "2"} and model["aliases"] == {"production": 2}
+    # v3: the fine-tuning cycle's, in candidate (test_finetune_cycle_...)
+    assert set(model["versions"]) == {"1", "2", "3"} and model["aliases"]["production"] == 2
     assert model["versions"]["2"]["training"].startswith("ops-next-ops-better-")
     assert model["versions"]["2"]["evaluation"]["champion"]["version"] == 1
     assert ops.forecasts(NEXT)[-1]["version"] == 2  # the cycle after the promotion used v2
-    assert ops.mlflow_view()["aliases"] == {"production": "2"}
+    assert ops.mlflow_view()["aliases"]["production"] == "2"
 
     out = ops.cli_json("model", "rollback", MODEL, "production", "--reason", "v2 output metadata wrong")
-    assert out["aliases"] == {"production": 1} and out["moved"]["from"] == 2 and out["moved"]["to"] == 1
-    assert ops.mlflow_view()["aliases"] == {"production": "1"}
+    assert out["aliases"]["production"] == 1 and out["moved"]["from"] == 2 and out["moved"]["to"] == 1
+    assert ops.mlflow_view()["aliases"] == {"production": "1", "candidate": "3"}
     control(ops.client, "requeue", "/ops_next/local/operations")  # the next cycle
     wait_for(ops.client, "/ops_next/local/operations", {"complete", "aborted"}, timeout=400)
     latest = ops.forecasts(NEXT)[-1]
     assert latest["version"] == 1 and len(ops.forecasts(NEXT)) == 2
     history = ops.cli_json("model", "history", MODEL)["history"]
     assert [(h["alias"], h["from"], h["to"], h["action"]) for h in history] == [
-        ("production", None, 1, "promote"), ("production", 1, 2, "promote"), ("production", 2, 1, "rollback")]
+        ("production", None, 1, "promote"), ("production", 1, 2, "promote"), ("candidate", None, 3, "promote"),
+        ("production", 2, 1, "rollback")]
+    assert history[2]["why"].startswith("fine-tuned from v2, gate passed")
+    history = [h for h in history if h["alias"] == "production"]
     assert history[-1]["why"] == "v2 output metadata wrong" and all(h["at"] and h["by"] for h in history)
     text = ops.cli("model", "history", MODEL, "--alias", "production", "--at", history[1]["at"])
     assert "named v2" in text
@@ -230,18 +292,20 @@ def test_alias_on_a_missing_checkpoint_aborts_the_cycle_and_registers_nothing(op
     assert refused.exit_code == 2 and "needs evidence" in refused.output
     out = ops.cli_json("model", "promote", MODEL, "--weights", uuid, "--alias", "production",
                        "--reason", "hotfix of the output metadata")
-    assert out["version"] == 3 and out["aliases"]["production"] == 3 and out["record"]["sha256"] == sha
-    assert ops.mlflow_view()["aliases"] == {"production": "3"}
+    assert out["version"] == 4 and out["aliases"]["production"] == 4 and out["record"]["sha256"] == sha
+    assert ops.mlflow_view()["aliases"] == {"production": "4", "candidate": "3"}
     copy.unlink()  # the file goes away behind the catalogue's back
     before = len(ops.forecasts(NEXT))
     control(ops.client, "requeue", "/ops_next/local/operations")
     node = wait_for(ops.client, "/ops_next/local/operations/resolve", {"aborted"}, timeout=300)
     reason = node["aborted_reason"]
-    assert "production is v3" in reason and "missing" in reason and str(copy) in reason, reason
+    assert "production is v4" in reason and "missing" in reason and str(copy) in reason, reason
     assert ops.node("ops_next", "/ops_next/local/operations/forecast")["state"] == "queued"
     assert len(ops.forecasts(NEXT)) == before
     # the operator rolls back: the history has every move
     ops.cli_json("model", "rollback", MODEL, "production", "--reason", "hotfix checkpoint lost")
-    moves = [(h["from"], h["to"], h["action"]) for h in ops.cli_json("model", "history", MODEL)["history"]]
-    assert moves[-2:] == [(1, 3, "promote"), (3, 1, "rollback")]
-    assert ops.mlflow_view()["aliases"] == {"production": "1"} and set(ops.mlflow_view()["versions"]) == {"1", "2", "3"}
+    moves = [(h["from"], h["to"], h["action"]) for h in ops.cli_json("model", "history", MODEL, "--alias",
+                                                                       "production")["history"]]
+    assert moves[-2:] == [(1, 4, "promote"), (4, 1, "rollback")]
+    view = ops.mlflow_view()
+    assert view["aliases"] == {"production": "1", "candidate": "3"} and set(view["versions"]) == {"1", "2", "3", "4"}

@@ -85,6 +85,13 @@ def test_demo_end_to_end_through_the_cli(stack):
     graph = json.dumps(cat.lineage(lineage["key"], "trainings"))
     assert lineage["checkpoints"][0]["uuid"] in graph and "synth-demo-local-5p0-2020-2020-6h-v1" in graph
     assert (ws.root / "suites/demo/runs/provenance.json").exists()
+    # the anemoi training and its checkpoints carry the anemoi release that made them (0.10 line here)
+    anemoi_registered = json.loads(anemoi_lineage.read_text())
+    anemoi_entry = cat.get("trainings", anemoi_registered["key"])
+    assert anemoi_entry["anemoi_version"] == "0.10.0" and anemoi_entry["anemoi_line"] == "0.10", anemoi_entry
+    for c in anemoi_registered["checkpoints"]:
+        meta = cat.get("weights", c["uuid"])["metadata"]
+        assert meta["anemoi_version"] == "0.10.0" and meta["anemoi_line"] == "0.10", meta
 
 
 def test_abort_shows_reason_then_requeue_completes(stack, config_root):

@@ -291,3 +291,149 @@ def test_lightning_application_forecasts_through_its_predict_entry_point(tmp_pat
     with pytest.raises(ForecastError) as err:
         run_cycle(folder)
     assert "is v4, whose checkpoint" in str(err.value) and "missing" in str(err.value)
+
+
+# --------------------------------------------------------------------------- cyclic fine-tuning
+def test_finetune_cycle_trains_on_new_data_and_holds_out_the_rest():
+    from datetime import datetime
+
+    from maelflow.operations.finetune import cycle_splits, dataset_dates
+
+    dates = dataset_dates({"start_date": "2020-01-01T00:00:00", "end_date": "2020-01-28T18:00:00", "frequency": "6h"})
+    assert len(dates) == 112 and dates[-1] == datetime(2020, 1, 28, 18)
+    cycle = datetime(2020, 1, 26)
+    # since the champion's training period (it ended 2020-01-23 06 UTC): its dates are never trained on again
+    s = cycle_splits(cycle, dates, datetime(2020, 1, 23, 6), None, 2)
+    assert s["training"] == ["2020-01-23T12:00:00", "2020-01-25T18:00:00"]
+    assert s["validation"] == s["test"] == ["2020-01-26T00:00:00", "2020-01-27T18:00:00"]
+    # or a window of days before the cycle, whatever the champion saw
+    assert cycle_splits(cycle, dates, None, 1.5, 1)["training"] == ["2020-01-24T12:00:00", "2020-01-25T18:00:00"]
+    with pytest.raises(ValueError, match="only 3 dates of new data since 2020-01-25T00:00:00"):
+        cycle_splits(cycle, dates, datetime(2020, 1, 25), None, 2)
+    with pytest.raises(ValueError, match="to hold out .* last date is 2020-01-28T18:00:00"):
+        cycle_splits(datetime(2020, 1, 28, 12), dates, datetime(2020, 1, 20), None, 2)
+    with pytest.raises(ValueError, match="set finetune.window"):
+        cycle_splits(cycle, dates, None, None, 2)
+
+
+def test_finetune_config_checks():
+    from pydantic import ValidationError
+
+    ft = {"training": "t2", "start": "2020-01-26", "end": "20200127", "alias": "candidate"}
+    ok = _experiment(models=[{"name": "m", "trainings": ["t1"], "finetune": ft}])
+    assert ok.finetune_trainings == ["t2"] and ok.models[0].finetune.ymd_end == 20200127
+    for finetune, words in (({**ft, "training": "nope"}, "not among the experiment's trainings"),
+                            ({**ft, "training": "t1"}, "also gated"),
+                            ({**ft, "alias": "v2"}, "reserved"),
+                            ({**ft, "end": "2020-01-25"}, "before start")):
+        with pytest.raises(ValidationError) as err:
+            _experiment(models=[{"name": "m", "trainings": ["t1"], "finetune": finetune}])
+        assert words in str(err.value), (finetune, str(err.value))
+
+
+def test_the_shipped_ops_finetune_builds_a_cycle_per_date_after_the_gates(tmp_path):
+    from maelflow.config.loader import load_experiment
+    from maelflow.operations.layout import gate_alias, model_of_training
+    from maelflow.suite.builder import build_suite
+    from maelflow.workspace import Workspace
+
+    rx = load_experiment("ops-finetune", placeholders={"workspace": str(tmp_path / "ws"), "maelflow": "maelflow"})
+    spec = model_of_training(rx, "tiny-anemoi-finetune")
+    assert spec.name == "ops-finetune-model" and gate_alias(spec, "tiny-anemoi-finetune") == "candidate"
+    assert gate_alias(spec, "tiny-anemoi") == "production"
+    built = build_suite(rx, tmp_path / "suite", Workspace(tmp_path / "ws"))
+    # the fine-tuning training runs only in its cycles, not in the train family
+    assert [n.name() for n in built.defs.find_abs_node("/ops_finetune/local/train").nodes] == ["tiny_anemoi"]
+    fam = built.defs.find_abs_node("/ops_finetune/local/finetune")
+    assert fam.get_trigger().get_expression() == "evaluate == complete"
+    cycle = built.defs.find_abs_node("/ops_finetune/local/finetune/ops_finetune_model")
+    assert "repeat date YMD 20200126 20200126 1" in built.def_file.read_text()
+    assert [t.name() for t in cycle.nodes] == ["ft_warmstart", "ft_train", "ft_sync", "ft_register", "ft_champion",
+                                               "ft_evaluate", "ft_gate"]
+    assert cycle.find_task("ft_train").find_meter("epoch").name() == "epoch"
+    job = (built.out_dir / "tasks" / "ft_train.ecf").read_text()
+    job += (built.out_dir / "include" / "finetune.h").read_text()
+    assert "task finetune --task %TASK% --training %TRAINING% --site %SITE% --cycle %YMD%" in job
+    # the shipped Lightning-application model: gated on the application's own loss
+    app = load_experiment("ops-app", placeholders={"workspace": str(tmp_path / "ws"), "maelflow": "maelflow"})
+    assert app.experiment.models[0].gate.champion_metric == "val_loss"
+    built = build_suite(app, tmp_path / "suite-app", Workspace(tmp_path / "ws"))
+    assert [t.name() for t in built.defs.find_abs_node("/ops_app/local/evaluate/tiny").nodes] == [
+        "champion", "evaluate", "gate"]
+
+
+def test_a_cycle_gets_its_own_run_folder_and_the_launcher_its_warm_start(tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    from maelflow.operations.finetune import cycle_deploy
+    from maelflow.training.warm_start import WARM_START_FILE, apply_warm_start
+
+    monkeypatch.setenv("MAELFLOW_DEPLOY_ID", "20261203T220000")
+    assert cycle_deploy("20200126") == "20261203T220000-20200126"
+    assert cycle_deploy("20200126") == "20261203T220000-20200126"   # a second call does not add it twice
+    cfg = OmegaConf.create({"dataloader": {s: {"datasets": {"data": {"start": None, "end": None}}}
+                                           for s in ("training", "validation", "test")},
+                            "system": {"input": {"warm_start": None}}, "training": {"load_weights_only": False}})
+    assert apply_warm_start(cfg, tmp_path, resuming=False) is None   # not a cycle: nothing set
+    dates = {"training": ["2020-01-23T12:00:00", "2020-01-25T18:00:00"],
+             "validation": ["2020-01-26T00:00:00", "2020-01-27T18:00:00"],
+             "test": ["2020-01-26T00:00:00", "2020-01-27T18:00:00"]}
+    (tmp_path / WARM_START_FILE).write_text(json.dumps(
+        {"model": "m", "alias": "production", "version": 2, "weights": "w", "checkpoint": str(tmp_path / "none.ckpt"),
+         "warm_start": "/site/run/checkpoint/abc/last.ckpt", "cycle": "20200126", "dates": dates}))
+    record = apply_warm_start(cfg, tmp_path, resuming=False)
+    assert cfg.system.input.warm_start == "/site/run/checkpoint/abc/last.ckpt" and cfg.training.load_weights_only
+    assert cfg.dataloader.training.datasets.data.start == "2020-01-23T12:00:00"
+    assert cfg.dataloader.test.datasets.data.end == "2020-01-27T18:00:00"
+    assert record["metadata"]["maelflow_warm_start"]["version"] == 2
+    # a resubmitted job resumes its own checkpoint: the dates stay, the warm start is not set again
+    cfg2 = OmegaConf.create({"system": {"input": {"warm_start": None}}, "training": {"load_weights_only": False}})
+    apply_warm_start(cfg2, tmp_path, resuming=True)
+    assert cfg2.system.input.warm_start is None and cfg2.dataloader.training.datasets.data.end == "2020-01-25T18:00:00"
+
+
+# ------------------------------------------------------------------- Lightning applications' gate
+def test_gate_compares_an_application_with_its_champion_on_its_own_loss():
+    from maelflow.config.models import Gate, GateRule
+    from maelflow.operations.gate import decide
+
+    gate = Gate(rules=[GateRule(metric="val_loss", max=1.0)], champion_metric="val_loss", champion_margin=0.0)
+    passed = decide(gate, {"val_loss": 0.30}, {"version": 1, "summary": {"val_loss": 0.35}})
+    assert passed.passed and passed.checks[-1] == "val_loss 0.3 vs champion v1 0.35: better"
+    refused = decide(gate, {"val_loss": 0.40}, {"version": 1, "summary": {"val_loss": 0.35}})
+    assert refused.text == "refused: val_loss 0.4 vs champion v1 0.35: not better"
+    # the default champion metric (nrmse) is not what an application measures: refused, saying so
+    nrmse = decide(Gate(rules=[]), {"val_loss": 0.3}, {"version": 1, "summary": {"val_loss": 0.35}})
+    assert nrmse.reasons == ["the champion v1 (production) could not be scored: no nrmse"]
+
+
+def test_an_application_is_scored_by_its_own_validation_on_its_held_out_split(tmp_path):
+    import numpy as np
+    import pytorch_lightning as pl
+
+    from maelflow.apps.common import regular_grid, write_anemoi
+    from maelflow.operations.app_scores import evaluate_application
+    from maelflow.operations.scores import EvaluationError
+    from maelflow.training.examples.tiny import TinyForecaster, ZarrPairs
+
+    lats, lons = regular_grid(4, 5)
+    rng = np.random.default_rng(0)
+    data = np.cumsum(rng.standard_normal((24, 3, 1, 20)), axis=0)   # a random walk: persistence is good
+    ds = write_anemoi(tmp_path / "ds.zarr", data=data, variables=["a", "b", "c"], latitudes=lats, longitudes=lons,
+                      start="2020-01-01T00:00:00", frequency_hours=6, attrs={"uuid": "u"})
+    cfg = {"max_epochs": 1, "lr": 0.01, "batch_size": 4}
+    dm = ZarrPairs(dataset_paths=[str(ds)], batch_size=4)
+    dm.setup("fit")
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=str(tmp_path))
+    trainer.fit(TinyForecaster(lr=0.01, **dm.model_kwargs), datamodule=dm)
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    app, module = "maelflow.training.examples.tiny:TinyForecaster", "maelflow.training.examples.tiny:ZarrPairs"
+    ev = evaluate_application(app, module, tmp_path / "last.ckpt", [ds], cfg)
+    assert set(ev.summary()) >= {"val_loss"} and 0 < ev.summary()["val_loss"] < 10
+    assert ev.to_json()["how"].startswith(f"{app} validation (ZarrPairs")
+    # the same weights score the same: what lets a champion be compared on the same data
+    assert evaluate_application(app, module, tmp_path / "last.ckpt", [ds], cfg).metrics == ev.metrics
+    (tmp_path / "other.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(EvaluationError, match="not a checkpoint .* can load"):
+        evaluate_application(app, module, tmp_path / "other.ckpt", [ds], cfg)

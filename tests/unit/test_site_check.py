@@ -14,7 +14,7 @@ from maelflow.config.models import Site
 from maelflow.errors import ConfigurationError
 from maelflow.sites import setup
 from maelflow.sites.check import FAILED, OK, SiteCheck, reachable_here
-from maelflow.sites.container import job_environment, prefix, site_command
+from maelflow.sites.container import job_environment, maelflow_of, prefix, site_command
 from maelflow.workspace import Workspace
 
 pytestmark = pytest.mark.unit
@@ -86,7 +86,56 @@ def test_the_profiles_name_their_accelerator_and_run_the_site_part(tmp_path):
     assert load_site("jupiter", ws).accelerator.arch == "aarch64"
     for name in ("lumi", "leonardo", "jupiter", "marenostrum5"):
         s = load_site(name, ws)
-        assert s.maelflow_command == setup.site_part_command(s) == f"{s.paths.root}/venv/bin/maelflow"
+        # nothing pinned: the jobs run the site part, wherever install.venv puts it
+        assert s.maelflow_command is None and s.install.fallback_command is None
+        assert maelflow_of(s) == setup.site_part_command(s) == f"{s.paths.root}/venv/bin/maelflow"
+        moved = s.model_copy(update={"install": s.install.model_copy(update={"venv": "/elsewhere/mf"})})
+        assert maelflow_of(moved) == "/elsewhere/mf/bin/maelflow"
+
+
+class FakeConn:
+    """Answers ``test -f`` as a site would: the paths listed exist. (Only the shell test; the
+    real connection is exercised in tests/integration/test_site_setup.py.)"""
+
+    def __init__(self, *present: str):
+        self.present, self.commands = set(present), []
+
+    def run(self, command, check=True, timeout=None):
+        import shlex
+        from types import SimpleNamespace
+
+        self.commands.append(command)
+        words = shlex.split(command)
+        return SimpleNamespace(rc=0 if words[:2] == ["test", "-f"] and words[2] in self.present else 1,
+                               stdout="", stderr="")
+
+
+def test_before_setup_a_fallback_runs_and_after_it_the_site_part_with_no_profile_edit(tmp_path):
+    import subprocess
+
+    site = make_site(maelflow_command=None, install={"fallback_command": "/srv/mf/bin/maelflow"})
+    record = "/scratch/u/mf/venv/maelflow-site.json"
+    assert setup.record_path(site) == record
+    # the job's shell chooses: its header carries the test, not a choice made when the suite was built
+    expr = maelflow_of(site)
+    assert record in expr and "/scratch/u/mf/venv/bin/maelflow" in expr and "/srv/mf/bin/maelflow" in expr
+    written = tmp_path / "maelflow-site.json"
+    written.write_text("{}")
+    for present, wanted in (([], "/srv/mf/bin/maelflow"), ([record], "/scratch/u/mf/venv/bin/maelflow")):
+        # the shell expression as the site's shell runs it, with the record's path moved here
+        shell = expr.replace(record, str(written) if present else str(tmp_path / "none.json"))
+        out = subprocess.run(["bash", "-c", f'echo "{shell}"'], capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == wanted
+        # check and deploy choose the same over the site's connection, and say why
+        command, why = setup.resolve_command(FakeConn(*present), site)
+        assert command == wanted and (("fallback" in why) == (not present))
+    # a pinned command is used as it is, without asking the site
+    pinned = make_site()
+    conn = FakeConn()
+    assert setup.resolve_command(conn, pinned) == ("/scratch/u/mf/venv/bin/maelflow", "maelflow_command of the profile")
+    assert conn.commands == [] and maelflow_of(pinned) == pinned.maelflow_command
+    with pytest.raises(ConfigurationError, match="install.fallback_command"):
+        maelflow_of(make_site(maelflow_command=None, install={"fallback_command": "/srv/$USER/maelflow"}))
 
 
 def test_pins_are_this_installations_and_torch_is_built_for_the_sites_accelerator(tmp_path):
@@ -100,6 +149,18 @@ def test_pins_are_this_installations_and_torch_is_built_for_the_sites_accelerato
     assert "torch" in both and "anemoi-training" not in both
     assert setup.venv_path(make_site()) == "/scratch/u/mf/venv"
     assert setup.venv_path(make_site(install={"venv": f"{tmp_path}/mf-venv/"})) == f"{tmp_path}/mf-venv"
+
+
+def test_profile_packages_from_this_checkout_are_built_here_and_others_pinned_from_the_registry():
+    site = make_site(install={"parts": ["core"], "packages": ["maelflow-sandbox", "maelflow-testsched", "somepkg"],
+                              "startup": ["maelflow_sandbox.tvshim"]})
+    local = setup.local_sources(site)
+    # installed here as editable checkouts: their wheels are built from the checkout, not asked of pip
+    assert set(local) == {"maelflow-sandbox", "maelflow-testsched"}
+    assert all((src / "pyproject.toml").is_file() for src in local.values())
+    assert setup.requirements(site) == [*setup.PARTS["core"], "somepkg"]
+    with pytest.raises(ValueError, match="not a module name"):
+        make_site(install={"startup": ["import os; os.system('x')"]})
 
 
 def test_installations_compare_by_version_and_code():

@@ -102,7 +102,7 @@ def test_localhpc_site_fills_its_placeholders():
     assert (ssh.host, ssh.port, ssh.user, ssh.auth) == ("127.0.0.1", 2222, "maelhpc", "key")
     assert ssh.identity_file == "/ws/hpc/id_ed25519" and ssh.known_hosts == "/ws/hpc/known_hosts"
     assert site.paths.root == "/users/maelhpc/maelflow-0123abcd"
-    assert site.maelflow_command == "/opt/maelflow/bin/maelflow"
+    assert site.maelflow_command is None and site.install.fallback_command == "/opt/maelflow/bin/maelflow"
     assert (site.reporting, site.internet.compute, site.slurm.partition) == ("relay", False, "debug")
 
 

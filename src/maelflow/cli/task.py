@@ -84,6 +84,7 @@ def command() -> None:
 # <module>.<name> for the tasks of a feature that keeps its own (MODULES)
 OPERATIONS = ("champion", "evaluate", "gate", "resolve", "forecast", "deliver")
 MODULES = {name: "maelflow.operations.tasks" for name in OPERATIONS}
+MODULES["finetune"] = "maelflow.operations.finetune"
 TASKS: dict[str, tuple[tuple[str, ...], str]] = {
     "provenance": ((), "Record config, code version and packages of the suite."),
     "build": (("dataset",), "Build DATASET from its anemoi-datasets recipe or its generator."),
@@ -100,6 +101,8 @@ TASKS: dict[str, tuple[tuple[str, ...], str]] = {
     "resolve": (("site", "cycle"), "Resolve the forecast cycle's model@alias and check its checkpoint on SITE."),
     "forecast": (("site", "cycle"), "Run the forecast cycle with anemoi-inference on SITE."),
     "deliver": (("site", "cycle"), "Publish the cycle's forecast to the EWC and register it in the catalogue."),
+    "finetune": (("task", "training", "site", "cycle"), "Run TASK (warmstart, train, sync, register, champion, "
+                 "evaluate, gate) of fine-tuning cycle CYCLE of TRAINING on SITE."),
 }
 
 

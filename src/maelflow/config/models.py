@@ -135,12 +135,30 @@ class SiteInstall(Strict):
 
     venv: str | None = Field(None, description="The site part's virtual environment; default <paths.root>/venv "
                              "(maelflow_command is then <venv>/bin/maelflow).")
+    fallback_command: str | None = Field(
+        None, description="The maelflow jobs run while `maelflow site setup` has not installed the site part "
+        "(with maelflow_command unset); unset: none, check and deploy ask for the setup. The loopback site "
+        "names this machine's own installation, so its demo needs no setup.")
     python: str = Field("python3", description="The interpreter the environment is made with, after the "
                         "environment lines (a module's python, or the container's).")
+    packages: list[str] = Field(default_factory=list, description="More distributions in the site part, pinned "
+                                "like the rest (a scheduler or connection plugin); one installed here from a "
+                                "source checkout is built into a wheel from it, like maelflow's own.")
+    startup: list[str] = Field(default_factory=list, description="Modules every Python of the site part imports "
+                               "at its start (a .pth file): the loopback site's torchvision shim for CPU torch.")
     parts: list[Literal["core", "train", "anemoi"]] = Field(
         default_factory=lambda: ["core", "train", "anemoi"],
         description="What the site part holds: core (job entry points, reporting, stage), train (torch, "
         "Lightning, MLflow's client), anemoi (anemoi-training and its models, graphs, datasets).")
+
+
+    @field_validator("startup")
+    @classmethod
+    def _modules(cls, v: list[str]) -> list[str]:
+        bad = [m for m in v if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$", m)]
+        if bad:
+            raise ValueError(f"{bad[0]!r} is not a module name")
+        return v
 
 
 class Site(Strict):
@@ -161,7 +179,10 @@ class Site(Strict):
     limits: SiteLimits = Field(default_factory=SiteLimits, description="Concurrency limits on the site.")
     environment: list[str] = Field(default_factory=list,
                                    description="Shell lines run at the start of every job (module load ...).")
-    maelflow_command: str = Field("maelflow", description="How jobs call maelflow on the site.")
+    maelflow_command: str | None = Field(
+        None, description="How jobs call maelflow on the site. Unset: the site part `maelflow site setup` "
+        "installs, <install.venv>/bin/maelflow (before the setup, install.fallback_command if set); set it only "
+        "for a maelflow installed otherwise.")
     anemoi_version: str | None = Field(
         None, pattern=r"^\d+\.\d+(\.\d+)?$",
         description="The anemoi-training release installed on the site (e.g. 0.17.1): anemoi trainings are "
@@ -365,6 +386,9 @@ class Gate(Strict):
         0.0, ge=-1, le=1, description="The candidate's nrmse must be lower than the champion's (the version the "
         "operations alias names) by this fraction (0.01: 1% lower); null: no comparison with the champion.")
     champion_alias: str = Field("production", description="The alias whose version is the champion.")
+    champion_metric: str = Field("nrmse", description="The score compared with the champion's (lower is better): "
+                                 "nrmse for anemoi models; a loss a Lightning application logs in validation "
+                                 "(e.g. val_loss, val_score) for an application's model.")
     alias: str = Field("candidate", description="The alias a passing candidate's new version gets "
                                                 "(e.g. candidate, or production directly).")
 
@@ -378,36 +402,11 @@ class ModelEvaluation(Strict):
                                                                "evaluated and promoted.")
 
 
-class ModelSpec(Strict):
-    """A model of the experiment: the trainings whose checkpoints are evaluated and gated into it."""
+class DateCycles(Strict):
+    """One cycle per date from ``start`` to ``end`` (an ecFlow ``repeat date``)."""
 
-    name: str = Field(description="Model name in the catalogue and in MLflow's model registry.")
-    description: str = Field("", description="What the model is for.")
-    trainings: list[str] = Field(min_length=1, description="Trainings of the experiment whose checkpoint is "
-                                 "evaluated and gated into this model, in this order.")
-    evaluation: ModelEvaluation = Field(default_factory=ModelEvaluation, description="How candidates are scored.")
-    gate: Gate = Field(default_factory=Gate, description="What a candidate must score to become a version.")
-
-    _check_name = field_validator("name")(classmethod(lambda cls, v: check_name(v)))
-
-
-class Operations(Strict):
-    """Forecast production: one cycle per date (an ecFlow repeat date), with the version an alias names."""
-
-    model: str = Field(description="The model whose alias makes the forecasts (a name in the catalogue).")
-    alias: str = Field("production", description="The alias resolved at the start of each cycle.")
-    dataset: str = Field(description="The staged dataset the initial conditions come from.")
-    site: str | None = Field(None, description="The site the forecasts run on; default: the experiment's first.")
     start: str = Field(description="First cycle date, YYYY-MM-DD (or YYYYMMDD).")
     end: str = Field(description="Last cycle date, YYYY-MM-DD (or YYYYMMDD).")
-    time: int = Field(0, ge=0, le=23, description="Hour (UTC) of each cycle's initial time.")
-    lead_time: int = Field(12, ge=1, le=24 * 366, description="Forecast length in hours.")
-    output: Literal["netcdf", "zarr"] = Field("netcdf", description="Output format of anemoi-inference.")
-    late: str | None = Field(None, description="ecFlow late flag of each cycle's forecast task, as in a .def "
-                             "(e.g. '-s +00:15 -c +02:00'): only sets a flag operators see.")
-    prefix: str = Field("forecasts", description="Key prefix of published forecasts in the EWC bucket.")
-
-    _check_alias = field_validator("alias")(classmethod(lambda cls, v: check_alias(v)))
 
     @field_validator("start", "end", mode="before")
     @classmethod
@@ -425,17 +424,8 @@ class Operations(Strict):
             raise ValueError(str(exc)) from None
         return f"{digits[:4]}-{digits[4:6]}-{digits[6:]}"
 
-    @field_validator("late")
-    @classmethod
-    def _late(cls, v: str | None) -> str | None:
-        if v is not None:
-            from maelflow.config.ecftime import parse_late
-
-            parse_late(v)  # a ValueError saying what is wrong
-        return v
-
     @model_validator(mode="after")
-    def _order(self) -> "Operations":
+    def _order(self):
         if self.end < self.start:
             raise ValueError(f"end {self.end} is before start {self.start}")
         return self
@@ -447,6 +437,69 @@ class Operations(Strict):
     @property
     def ymd_end(self) -> int:
         return int(self.end.replace("-", ""))
+
+
+class FineTune(DateCycles):
+    """Cyclic fine-tuning: one warm-started training per date (an ecFlow repeat date), evaluated and gated."""
+
+    training: str = Field(description="The anemoi training of the experiment each cycle runs (its config: "
+                          "steps, learning rate, dataset); it runs only in the cycles, warm-started from the "
+                          "champion's weights (training.load_weights_only).")
+    from_alias: str | None = Field(None, description="The alias whose version is warm-started from, resolved "
+                                   "when each cycle starts; default: the gate's champion_alias.")
+    time: int = Field(0, ge=0, le=23, description="Hour (UTC) of each cycle's date: its training data end "
+                                                  "before it, its held-out data start at it.")
+    window: float | None = Field(None, gt=0, le=3660, description="Days of data before the cycle's date a cycle "
+                                 "trains on; null: the data since the end of the champion's own training period "
+                                 "(new data only).")
+    holdout: float = Field(2.0, gt=0, le=3660, description="Days from the cycle's date on held out for validation "
+                           "and the evaluation (never trained on).")
+    alias: str | None = Field(None, description="The alias a passing cycle's version gets; default: the gate's "
+                              "alias (e.g. candidate, for a parallel run before production).")
+
+    _check_alias = field_validator("from_alias", "alias")(
+        classmethod(lambda cls, v: v if v is None else check_alias(v)))
+
+
+class ModelSpec(Strict):
+    """A model of the experiment: the trainings whose checkpoints are evaluated and gated into it."""
+
+    name: str = Field(description="Model name in the catalogue and in MLflow's model registry.")
+    description: str = Field("", description="What the model is for.")
+    trainings: list[str] = Field(min_length=1, description="Trainings of the experiment whose checkpoint is "
+                                 "evaluated and gated into this model, in this order.")
+    evaluation: ModelEvaluation = Field(default_factory=ModelEvaluation, description="How candidates are scored.")
+    gate: Gate = Field(default_factory=Gate, description="What a candidate must score to become a version.")
+    finetune: FineTune | None = Field(None, description="Cyclic fine-tuning from the champion's checkpoint on new "
+                                      "data, each cycle evaluated and gated (docs/operations.md).")
+
+    _check_name = field_validator("name")(classmethod(lambda cls, v: check_name(v)))
+
+
+class Operations(DateCycles):
+    """Forecast production: one cycle per date (an ecFlow repeat date), with the version an alias names."""
+
+    model: str = Field(description="The model whose alias makes the forecasts (a name in the catalogue).")
+    alias: str = Field("production", description="The alias resolved at the start of each cycle.")
+    dataset: str = Field(description="The staged dataset the initial conditions come from.")
+    site: str | None = Field(None, description="The site the forecasts run on; default: the experiment's first.")
+    time: int = Field(0, ge=0, le=23, description="Hour (UTC) of each cycle's initial time.")
+    lead_time: int = Field(12, ge=1, le=24 * 366, description="Forecast length in hours.")
+    output: Literal["netcdf", "zarr"] = Field("netcdf", description="Output format of anemoi-inference.")
+    late: str | None = Field(None, description="ecFlow late flag of each cycle's forecast task, as in a .def "
+                             "(e.g. '-s +00:15 -c +02:00'): only sets a flag operators see.")
+    prefix: str = Field("forecasts", description="Key prefix of published forecasts in the EWC bucket.")
+
+    _check_alias = field_validator("alias")(classmethod(lambda cls, v: check_alias(v)))
+
+    @field_validator("late")
+    @classmethod
+    def _late(cls, v: str | None) -> str | None:
+        if v is not None:
+            from maelflow.config.ecftime import parse_late
+
+            parse_late(v)  # a ValueError saying what is wrong
+        return v
 
 
 class Experiment(Strict):
@@ -495,6 +548,17 @@ class Experiment(Strict):
                 if t in gated:
                     raise ValueError(f"training {t!r} is gated into two models ({gated[t]!r} and {m.name!r})")
                 gated[t] = m.name
+        for m in self.models:
+            ft = m.finetune
+            if ft is None:
+                continue
+            if ft.training not in self.trainings:
+                raise ValueError(f"model {m.name!r}: finetune.training {ft.training!r} is not among the "
+                                 "experiment's trainings")
+            if ft.training in gated or ft.training in self.benchmark_trainings:
+                raise ValueError(f"model {m.name!r}: finetune.training {ft.training!r} is also gated or benchmarked; "
+                                 "a fine-tuning training runs only in its cycles")
+            gated[ft.training] = m.name
         ops = self.operations
         if ops is not None:
             if ops.dataset not in self.datasets:
@@ -508,6 +572,11 @@ class Experiment(Strict):
         if self.operations is None:
             return None
         return self.operations.site or self.sites[0]
+
+    @property
+    def finetune_trainings(self) -> list[str]:
+        """Trainings that run only in a model's fine-tuning cycles (not in the site's train family)."""
+        return [m.finetune.training for m in self.models if m.finetune is not None]
 
     @property
     def benchmark_trainings(self) -> list[str]:

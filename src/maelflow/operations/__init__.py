@@ -2,7 +2,9 @@
 move and roll back aliases (mirrored to MLflow's model registry), and make forecasts with the
 version an alias names, published and registered with their lineage. See docs/operations.md.
 
-``scores`` computes the evaluation, ``gate`` decides, ``versions`` changes models in the catalogue
+``scores`` computes the evaluation (``app_scores`` a Lightning application's, by its own
+validation), ``gate`` decides, ``versions`` changes models in the catalogue
 (and ``mlflow_registry`` mirrors them), ``forecast`` runs anemoi-inference and publishes, ``layout``
-adds the suite's families and ``tasks`` holds the bodies of their tasks.
+adds the suite's families and ``tasks`` holds the bodies of their tasks; ``finetune`` runs the
+cycles that warm-start a training from the champion on new data.
 """

@@ -3,7 +3,8 @@
 Every rule of the model's gate is checked against the candidate's scores (a missing score fails its
 rule: a gate never passes on what was not measured), then, where the model has a champion (the
 version its champion alias names) and a ``champion_margin`` is configured, the candidate must
-beat the champion's nrmse, measured on the same dates, by that fraction. A champion that could not
+beat the champion's ``champion_metric`` (nrmse, or an application's loss; lower is better),
+measured on the same dates, by that fraction. A champion that could not
 be scored fails the gate too: nothing replaces a version that cannot be compared with it. The
 reasons are written for the suite's label ("refused: nrmse 0.61 > max 0.5; ...").
 """
@@ -57,17 +58,18 @@ def decide(gate: Gate, summary: dict[str, float], champion: dict[str, Any] | Non
             ok = value <= rule.max
             (checks if ok else reasons).append(f"{rule.metric} {_fmt(value)} {'<=' if ok else '>'} max {_fmt(rule.max)}")
     if champion is not None and gate.champion_margin is not None:
+        metric = gate.champion_metric   # lower is better (nrmse, or an application's loss)
         version = champion.get("version")
-        theirs = (champion.get("summary") or {}).get("nrmse")
-        ours = summary.get("nrmse")
+        theirs = (champion.get("summary") or {}).get(metric)
+        ours = summary.get(metric)
         if champion.get("error") or theirs is None:
             reasons.append(f"the champion v{version} ({gate.champion_alias}) could not be scored: "
-                           f"{champion.get('error') or 'no nrmse'}")
+                           f"{champion.get('error') or 'no ' + metric}")
         elif ours is None:
-            reasons.append("nrmse was not measured, so the candidate cannot be compared with the champion")
+            reasons.append(f"{metric} was not measured, so the candidate cannot be compared with the champion")
         else:
-            bar = theirs * (1 - gate.champion_margin)
-            text = (f"nrmse {_fmt(ours)} vs champion v{version} {_fmt(theirs)}"
+            bar = theirs * (1 - gate.champion_margin) if theirs >= 0 else theirs * (1 + gate.champion_margin)
+            text = (f"{metric} {_fmt(ours)} vs champion v{version} {_fmt(theirs)}"
                     + (f" (margin {gate.champion_margin:g})" if gate.champion_margin else ""))
             if ours < bar:
                 checks.append(text + ": better")

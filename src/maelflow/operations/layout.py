@@ -13,6 +13,9 @@ per date, each ``resolve`` (beside the server: model@alias, the checkpoint check
 ``forecast`` (on the site: anemoi-inference, with an optional ``late`` flag) -> ``deliver`` (beside
 the server: publish to the EWC store, register the forecast). The repeat moves to the next date
 only when all three are complete; an aborted cycle holds the family until an operator acts.
+
+``finetune`` (the same site): per model with a ``finetune`` section, a ``repeat date`` of fine-tuning
+cycles, each a warm-started training evaluated and gated like any other (``finetune_family``).
 """
 
 from __future__ import annotations
@@ -35,10 +38,19 @@ def model_spec(rx: ResolvedExperiment, name: str):
 
 
 def model_of_training(rx: ResolvedExperiment, training: str):
+    """The model a training is gated into: one of its trainings, or its fine-tuning training."""
     for m in rx.experiment.models:
-        if training in m.trainings:
+        if training in m.trainings or (m.finetune is not None and m.finetune.training == training):
             return m
     return None
+
+
+def gate_alias(spec, training: str) -> str:
+    """The alias a pass moves: a fine-tuning cycle's own (finetune.alias), else the gate's."""
+    ft = spec.finetune
+    if ft is not None and ft.training == training and ft.alias:
+        return ft.alias
+    return spec.gate.alias
 
 
 def evaluate_family(rx: ResolvedExperiment) -> FamilySpec | None:
@@ -64,6 +76,48 @@ def evaluate_family(rx: ResolvedExperiment) -> FamilySpec | None:
     return fam
 
 
+def finetune_family(rx: ResolvedExperiment, site_name: str, after: str | None) -> FamilySpec | None:
+    """``finetune/<model>``: a ``repeat date YMD`` per model with a ``finetune`` section, one cycle per date:
+    ``ft_warmstart`` (beside the server: model@alias now, the champion's training checkpoint on the
+    site and the cycle's dates, into warm_start.json) -> ``ft_train`` (anemoi-training,
+    load_weights_only from that checkpoint, on the new data) -> ``ft_sync`` -> ``ft_register`` ->
+    ``ft_champion`` -> ``ft_evaluate`` -> ``ft_gate``: the same task bodies as any gated training,
+    each cycle in a run folder of its own (the deploy id with the cycle's date). Runs on the operations
+    site (default: the first site)."""
+    from dataclasses import replace
+
+    from maelflow.suite.training_tasks import train_tasks
+
+    models = [m for m in rx.experiment.models if m.finetune is not None]
+    if not models or (rx.experiment.operations_site or rx.experiment.sites[0]) != site_name:
+        return None
+    fam = FamilySpec("finetune", trigger=f"{after} == complete" if after else None,
+                     labels=[("info", "cyclic fine-tuning from the champion: " + ", ".join(
+                         f"{m.finetune.training} -> {m.name}@{gate_alias(m, m.finetune.training)}" for m in models))])
+    for m in models:
+        ft = m.finetune
+        train, sync = train_tasks(rx.trainings[ft.training])
+        alias = gate_alias(m, ft.training)
+        fam.children.append(FamilySpec(
+            node_name(m.name), variables={"TRAINING": ft.training, "MODEL": m.name},
+            repeat=("YMD", ft.ymd_start, ft.ymd_end),
+            labels=[("info", f"{ft.training}: warm start from {m.name}@{ft.from_alias or m.gate.champion_alias}, "
+                             f"gate moves '{alias}', {ft.start} to {ft.end}")],
+            children=[
+                TaskSpec("ft_warmstart", "ft_warmstart", labels=[("model", ""), ("info", "")], runs_on="server"),
+                replace(train, name="ft_train", script="ft_train", trigger="ft_warmstart == complete"),
+                replace(sync, name="ft_sync", script="ft_sync", trigger="ft_train == complete"),
+                TaskSpec("ft_register", "ft_register", labels=[("info", "")], trigger="ft_sync == complete",
+                         runs_on="server"),
+                TaskSpec("ft_champion", "ft_champion", labels=[("info", "")], trigger="ft_register == complete",
+                         runs_on="server"),
+                TaskSpec("ft_evaluate", "ft_evaluate", labels=[("info", "")], trigger="ft_champion == complete"),
+                TaskSpec("ft_gate", "ft_gate", labels=[("info", ""), ("decision", "")], events=["promoted"],
+                         trigger="ft_evaluate == complete", runs_on="server"),
+            ]))
+    return fam
+
+
 def operations_family(rx: ResolvedExperiment, site_name: str, after: str | None) -> FamilySpec | None:
     ops = rx.experiment.operations
     if ops is None or rx.experiment.operations_site != site_name:
@@ -84,7 +138,8 @@ def operations_family(rx: ResolvedExperiment, site_name: str, after: str | None)
 def operations_families(rx: ResolvedExperiment, site_name: str) -> list[FamilySpec]:
     """What a site family gets after its train/register families (nothing without models or operations)."""
     out: list[FamilySpec] = []
-    regular = [t for t in rx.experiment.trainings if t not in set(rx.experiment.benchmark_trainings)]
+    skipped = set(rx.experiment.benchmark_trainings) | set(rx.experiment.finetune_trainings)
+    regular = [t for t in rx.experiment.trainings if t not in skipped]
     evaluate = evaluate_family(rx) if regular else None
     if evaluate is not None:
         out.append(evaluate)
@@ -92,4 +147,7 @@ def operations_families(rx: ResolvedExperiment, site_name: str) -> list[FamilySp
     ops = operations_family(rx, site_name, after)
     if ops is not None:
         out.append(ops)
+    finetune = finetune_family(rx, site_name, after)
+    if finetune is not None:
+        out.append(finetune)
     return out

@@ -133,7 +133,9 @@ def evaluate_checkpoint(checkpoint: Path, dataset: Path, samples: int = 8, dates
     except Exception as exc:  # noqa: BLE001 - not an anemoi checkpoint, or damaged
         raise EvaluationError(f"{checkpoint} has no anemoi metadata: {exc}") from None
     config = md.get("config") or {}
-    multistep = int(((config.get("training") or {}).get("multistep_input")) or 2)
+    # anemoi-training 0.10 keeps it in training.multistep_input, the 0.17 line in task.multistep_input
+    multistep = int(((config.get("task") or {}).get("multistep_input"))
+                    or ((config.get("training") or {}).get("multistep_input")) or 2)
     indices = _data_indices(md)
     names_in = (indices.get("input") or {}).get("name_to_index") or {}
     out_full = (indices.get("output") or {}).get("full") or []

@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from maelflow.errors import MaelflowError
+from maelflow.operations.layout import gate_alias
 from maelflow.suite.tasks import TaskContext, TaskFailed
 
 CHAMPION_FILE = "champion.json"
@@ -134,11 +135,27 @@ def champion(ctx: TaskContext, training: str, site: str) -> None:
     ctx.reporter.label("info", text)
 
 
+def _application(ctx: TaskContext, training: str) -> str:
+    return ctx.rx.trainings[training].application
+
+
+def _checkpoint_name(ctx: TaskContext, training: str, spec) -> str:
+    """The checkpoint file evaluated and promoted: ``evaluation.checkpoint``; a Lightning application
+    keeps ``last.ckpt`` (its ModelCheckpoint's), where anemoi's default names ``inference-last.ckpt``."""
+    name = spec.evaluation.checkpoint
+    default = type(spec.evaluation).model_fields["checkpoint"].default
+    if _application(ctx, training) != "anemoi" and name == default:
+        return "last.ckpt"
+    return name
+
+
 def _candidate(ctx: TaskContext, training: str, site: str, spec) -> tuple[dict, Path]:
     from maelflow.training.runs import run_dir
 
     out = run_dir(ctx.rx, site, training)
     state = _read_site_json(ctx, site, out / "run.json", f"the run record of {training!r} (did it train?)")
+    if _application(ctx, training) != "anemoi":   # a Lightning application: checkpoints/ of its run folder
+        return state, out / "checkpoints" / _checkpoint_name(ctx, training, spec)
     folder = state.get("checkpoint_dir")
     if not folder:
         raise TaskFailed(f"training {training!r} on {site} has no anemoi checkpoint folder in {out / 'run.json'}: "
@@ -158,16 +175,28 @@ def evaluate(ctx: TaskContext, training: str, site: str) -> None:
     folder = evaluation_dir(ctx, site, training)
     _, ckpt = _candidate(ctx, training, site, spec)
     ds = dataset_path(ctx.rx, site, t.datasets[0])
-    ctx.reporter.label("info", f"scoring {ckpt.name} on held-out dates of {t.datasets[0]}")
+    if t.application == "anemoi":
+        ctx.reporter.label("info", f"scoring {ckpt.name} on held-out dates of {t.datasets[0]}")
+
+        def score(path: Path, dates=None):
+            return evaluate_checkpoint(path, ds, spec.evaluation.samples, dates=dates)
+    else:   # a Lightning application: its own validation on its held-out split (operations/app_scores.py)
+        from maelflow.operations.app_scores import evaluate_application
+
+        ctx.reporter.label("info", f"scoring {ckpt.name} with {t.application}'s own held-out evaluation")
+        paths = [dataset_path(ctx.rx, site, d) for d in t.datasets]
+
+        def score(path: Path, dates=None):
+            return evaluate_application(t.application, t.datamodule, path, paths, dict(t.config))
     try:
-        cand = evaluate_checkpoint(ckpt, ds, spec.evaluation.samples)
+        cand = score(ckpt)
     except EvaluationError as exc:
         raise TaskFailed(f"cannot evaluate {training}: {exc}") from None
     champ_file = folder / CHAMPION_FILE
     champ = json.loads(champ_file.read_text()) if champ_file.is_file() else {"version": None}
     if champ.get("version") is not None and not champ.get("error"):
         try:
-            theirs = evaluate_checkpoint(Path(champ["path"]), ds, dates=cand.dates)
+            theirs = score(Path(champ["path"]), dates=cand.dates)
             champ["evaluation"] = theirs.to_json()
             champ["summary"] = theirs.summary()
         except EvaluationError as exc:
@@ -178,10 +207,15 @@ def evaluate(ctx: TaskContext, training: str, site: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / SCORES_FILE).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     s = cand.summary()
-    ctx.reporter.label("info", f"nrmse {s['nrmse']:.4g}, skill vs persistence {s['skill_persistence']:.3f}, "
-                       f"vs climatology {s['skill_climatology']:.3f}"
-                       + (f", champion v{champ['version']} nrmse {champ['summary']['nrmse']:.4g}"
-                          if champ.get("summary") else ""))
+    metric = spec.gate.champion_metric
+    if t.application == "anemoi":
+        text = (f"nrmse {s['nrmse']:.4g}, skill vs persistence {s['skill_persistence']:.3f}, "
+                f"vs climatology {s['skill_climatology']:.3f}")
+    else:
+        text = ", ".join(f"{k} {v:.4g}" for k, v in sorted(s.items())[:6])
+    theirs = (champ.get("summary") or {}).get(metric)
+    ctx.reporter.label("info", text + (f", champion v{champ['version']} {metric} {theirs:.4g}"
+                                       if theirs is not None else ""))
 
 
 def _log_to_mlflow(ws, state: dict, summary: dict, decision_text: str) -> str:
@@ -230,16 +264,27 @@ def gate(ctx: TaskContext, training: str, site: str) -> None:
         champion_info = {"version": champ["version"], "weights": champ.get("weights"),
                          "summary": champ.get("summary"), "error": champ.get("error")}
     decision = decide(spec.gate, summary, champion_info)
-    if champion_info and champion_info.get("summary") and champion_info["summary"].get("nrmse"):
+    metric = spec.gate.champion_metric
+    if champion_info and (champion_info.get("summary") or {}).get(metric) and summary.get(metric) is not None:
         from maelflow.operations.scores import skill
 
-        summary = {**summary, "skill_champion": skill(summary["nrmse"], champion_info["summary"]["nrmse"])}
+        summary = {**summary, "skill_champion": skill(summary[metric], champion_info["summary"][metric])}
+    alias = gate_alias(spec, training)
+    from maelflow.training.warm_start import WARM_START_FILE
+
+    warm_raw = files.read_bytes(str(folder.parent / WARM_START_FILE))   # a fine-tuning cycle's champion
+    warm = json.loads(warm_raw) if warm_raw else None
     mlflow_note = _log_to_mlflow(ctx.ws, state, summary, decision.text)
     key = f"{ctx.rx.name}-{training}-{_deploy()}"
     evaluation = {"model": spec.name, "at": scores.get("evaluated"), "dataset": scores.get("dataset"),
                   "dates": scores["candidate"]["dates"], "summary": summary,
                   "references": scores["candidate"]["references"], "champion": champion_info,
                   **decision.to_json()}
+    if scores["candidate"].get("how"):
+        evaluation["how"] = scores["candidate"]["how"]
+    if warm:
+        evaluation["warm_start"] = {k: warm.get(k) for k in ("model", "alias", "version", "weights", "sha256",
+                                                              "checkpoint", "warm_start", "cycle", "dates")}
     cat = _models(ctx).client
     CatalogueClientError = _catalogue_error()
     try:
@@ -254,18 +299,20 @@ def gate(ctx: TaskContext, training: str, site: str) -> None:
         raise TaskFailed(f"the catalogue refused the evaluation of {weights}: {exc.message}") from None
     ctx.reporter.label("decision", decision.text)
     if not decision.passed:
-        ctx.reporter.label("info", f"{training} not promoted into {spec.name}; {spec.gate.alias} unchanged. "
+        ctx.reporter.label("info", f"{training} not promoted into {spec.name}; {alias} unchanged. "
                            f"{mlflow_note}")
         return
     data = files.read_bytes(str(ckpt))
     models = _models(ctx)
     try:
         _, number = models.promote(
-            spec.name, weights, alias=spec.gate.alias, why=f"gate {decision.text}"[:3900], local_copy=data,
+            spec.name, weights, alias=alias, why=(f"fine-tuned from v{warm['version']}, " if warm else "")
+            + f"gate {decision.text}"[:3900], local_copy=data,
             sha256=sha, training=key, run_id=state.get("mlflow_run_id") or state.get("run_id"),
             datasets=list(ctx.rx.trainings[training].datasets),
             checkpoint={"site": site, "path": str(ckpt), "size": size},
-            evaluation={k: evaluation[k] for k in ("dataset", "dates", "summary", "references", "champion")},
+            evaluation={k: evaluation[k] for k in ("dataset", "dates", "summary", "references", "champion", "how",
+                                                   "warm_start") if k in evaluation},
             gate={"decision": "passed", "checks": decision.checks, "rules": [r.model_dump() for r in spec.gate.rules],
                   "champion_margin": spec.gate.champion_margin},
             mlflow={"run_id": state.get("mlflow_run_id"), "tracking_uri": state.get("tracking_uri")}
@@ -275,7 +322,7 @@ def gate(ctx: TaskContext, training: str, site: str) -> None:
     ctx.reporter.event("promoted")
     for note in models.notes:
         print(f"maelflow: {note}", flush=True)
-    ctx.reporter.label("info", f"{spec.name} v{number} <- {ckpt.name} of {key}; {spec.gate.alias} -> v{number}. "
+    ctx.reporter.label("info", f"{spec.name} v{number} <- {ckpt.name} of {key}; {alias} -> v{number}. "
                        f"{mlflow_note}" + ("; " + "; ".join(models.notes) if models.notes else ""))
 
 

@@ -70,6 +70,10 @@ class SiteCheck:
         self.conn = connect(name, site)
         self.job, self.gpu, self.job_timeout = job, gpu, job_timeout
         self.items: list[Item] = []
+        # the maelflow the site's jobs run, as the site part item found it
+        from maelflow.sites.setup import site_part_command
+
+        self.command = site.maelflow_command or site_part_command(site)
 
     def add(self, name: str, status: str, detail: str, fix: str | None = None) -> Item:
         item = Item(name, status, detail, fix)
@@ -197,30 +201,35 @@ class SiteCheck:
 
     # -- maelflow on the site -----------------------------------------------------------------
     def site_part(self) -> None:
-        from maelflow.sites.container import site_command
-        from maelflow.sites.setup import describe, remote_info, same_installation, site_part_command, venv_path
+        from maelflow.errors import ConfigurationError
+        from maelflow.sites.container import in_container, maelflow_of
+        from maelflow.sites.setup import describe, remote_info, resolve_command, same_installation, venv_path
 
         if self.local:
             self.add("site part", OK, "the local site runs this installation")
             return
         try:
-            command = site_command(self.site)
-        except SiteError as exc:
-            self.add("site part", FAILED, str(exc), getattr(exc, "hint", None))
+            maelflow_of(self.site)      # the words the job header will carry
+            command, why = resolve_command(self.conn, self.site)
+        except (SiteError, ConfigurationError) as exc:
+            self.add("site part", FAILED, str(getattr(exc, "message", None) or exc), getattr(exc, "hint", None))
             return
+        self.command = command
+        shown = f"{in_container(self.site, command)} ({why})"
         ours = describe()
-        info = remote_info(self.conn, self.site, self.site.maelflow_command)
+        info = remote_info(self.conn, self.site, command)
         fix = f"maelflow site setup {self.name}"
+        pinned = (f"; or remove maelflow_command from configs/sites/{self.name}.yaml so jobs use it"
+                  if self.site.maelflow_command else "")
         if info is None:
-            self.add("site part", FAILED, f"'{command}' does not run on the site",
-                     f"run '{fix}' (it installs into {venv_path(self.site)}; then set maelflow_command: "
-                     f"{site_part_command(self.site)})")
+            self.add("site part", FAILED, f"{shown} does not run on the site",
+                     f"run '{fix}' (it installs into {venv_path(self.site)}{pinned})")
             return
         diff = same_installation(info, ours)
         if diff:
-            self.add("site part", FAILED, f"{command}: {', '.join(diff)}", f"run '{fix}'")
+            self.add("site part", FAILED, f"{shown}: {', '.join(diff)}", f"run '{fix}'{pinned}")
             return
-        detail = (f"{command}: maelflow {info['maelflow']}, code {info['digest']}, python {info['python']} "
+        detail = (f"{shown}: maelflow {info['maelflow']}, code {info['digest']}, python {info['python']} "
                   f"{info['arch']}, torch {info.get('torch') or 'not installed'}")
         self.add("site part", OK, detail)
 
@@ -393,7 +402,7 @@ class SiteCheck:
             return
         from maelflow.sites.container import in_container
 
-        python = in_container(self.site, str(Path(self.site.maelflow_command).with_name("python")))
+        python = in_container(self.site, str(Path(self.command.split()[0]).with_name("python")))
         code = "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)"
         body = ["(nvidia-smi -L || rocm-smi --showproductname) 2>/dev/null | head -8 | sed 's/^/maelflow-check smi /'",
                 f"echo \"maelflow-check torch $({python} -c {shlex.quote(code)} 2>&1 | tail -1)\""]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 
 from maelflow.errors import ConfigurationError
+from maelflow.sites.site_part import record_path, site_part_command
 
 _PLAIN = re.compile(r"^[A-Za-z0-9_./:,=@+-]+$")
 
@@ -62,9 +63,33 @@ def prefix(site) -> list[str]:
     return argv
 
 
+def maelflow_of(site) -> str:
+    """The maelflow the site's jobs run, as the shell of a job or a login-node command reads it.
+
+    ``maelflow_command`` when the profile pins it; else the site part ``maelflow site setup``
+    installs (``<install.venv>/bin/maelflow``). A profile with ``install.fallback_command`` (the
+    loopback site: this machine's own installation) runs that until the setup has left its record
+    on the site, so the choice is made there, when the command runs: a site set up after the suite
+    was built is used from its next job on, with no rebuild and no profile edit.
+    """
+    if site.maelflow_command:
+        return site.maelflow_command
+    part = site_part_command(site)
+    fallback = site.install.fallback_command
+    if not fallback:
+        return part
+    words = [record_path(site), part, *fallback.split()]
+    bad = [w for w in words if not _PLAIN.match(w)]
+    if bad:
+        raise ConfigurationError(f"site {site.name}: {bad[0]!r} (install.venv or install.fallback_command) needs "
+                                 "shell quoting, which the job header cannot carry",
+                                 hint="use paths without spaces, quotes or '$'")
+    return f"$(test -f {record_path(site)} && echo {part} || echo {fallback})"
+
+
 def site_command(site) -> str:
     """The site's maelflow command, through its container when it has one."""
-    return " ".join([*prefix(site), site.maelflow_command])
+    return " ".join([*prefix(site), maelflow_of(site)])
 
 
 def in_container(site, command: str) -> str:

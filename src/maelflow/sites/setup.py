@@ -17,7 +17,11 @@ is installed without its server dependencies (ecFlow's Python API, the catalogue
 server), which is why its own wheels go in with ``--no-deps``. The result is recorded beside the
 environment (``maelflow-site.json``: what was asked, what pip installed) and checked by running the
 new environment's ``maelflow site info``: the same version, and the same code (a digest of the
-package files), as here. A second run with nothing changed only reads the record.
+package files), as here. A second run with nothing changed only reads the record. The record is
+written last, so its presence is what tells a job's shell that the site part is there (a profile
+with ``install.fallback_command`` runs that until then: ``container.maelflow_of``). The profile may
+add distributions (``install.packages``; one installed here from a checkout is built from it, like
+maelflow's own) and start-up modules (``install.startup``, one .pth file in the environment).
 """
 
 from __future__ import annotations
@@ -39,8 +43,8 @@ from pathlib import Path
 from typing import Callable
 
 from maelflow.errors import SiteError
+from maelflow.sites.site_part import RECORD, record_path, site_part_command, venv_path  # noqa: F401 - also setup's API
 
-RECORD = "maelflow-site.json"
 # what each part of the site part needs beside maelflow's own wheels (maelflow, maelflow-transfer),
 # pinned to this installation's versions
 PARTS: dict[str, list[str]] = {
@@ -159,18 +163,59 @@ def constraints_text(site) -> str:
 
 
 def requirements(site) -> list[str]:
+    """What the site's pip installs from the registry or the pushed wheels: the parts, and the
+    profile's packages that are not built here from a checkout."""
     reqs: list[str] = []
     for part in site.install.parts:
         reqs += [r for r in PARTS[part] if r not in reqs]
-    return reqs
+    local = local_sources(site)
+    return reqs + [p for p in site.install.packages if _base(p) not in local and p not in reqs]
 
 
-def venv_path(site) -> str:
-    return (site.install.venv or f"{site.paths.root.rstrip('/')}/venv").rstrip("/")
+def _source_dir(dist: str) -> Path | None:
+    """The source folder ``dist`` is installed from here when it is an editable checkout, else None."""
+    from urllib.parse import unquote, urlsplit
+
+    try:
+        found = metadata.distribution(dist)
+    except metadata.PackageNotFoundError:
+        return None
+    try:
+        direct = json.loads(found.read_text("direct_url.json") or "{}")
+    except ValueError:
+        return None
+    url = urlsplit(direct.get("url", ""))
+    if url.scheme == "file" and direct.get("dir_info", {}).get("editable"):
+        return Path(unquote(url.path))
+    return None
 
 
-def site_part_command(site) -> str:
-    return f"{venv_path(site)}/bin/maelflow"
+def local_sources(site) -> dict[str, Path]:
+    """The profile's ``install.packages`` installed here from a checkout: built into wheels from it,
+    installed with --no-deps like maelflow's own (a plugin's dependencies are maelflow's)."""
+    out = {}
+    for p in site.install.packages:
+        src = _source_dir(_base(p))
+        if src is not None and (src / "pyproject.toml").is_file():
+            out[_base(p)] = src
+    return out
+
+
+STARTUP_PTH = "zz_maelflow_startup.pth"
+
+
+def resolve_command(conn, site) -> tuple[str, str]:
+    """(the maelflow the site's jobs run now, why that one): what ``container.maelflow_of`` lets the
+    job's shell choose, chosen here over the site's connection, for check's and deploy's messages."""
+    if site.maelflow_command:
+        return site.maelflow_command, "maelflow_command of the profile"
+    part = site_part_command(site)
+    fallback = site.install.fallback_command
+    if not fallback:
+        return part, "the site part"
+    if conn.run(f"test -f {shlex.quote(record_path(site))}", check=False, timeout=60).rc == 0:
+        return part, "the site part"
+    return fallback, "install.fallback_command: site setup has not run"
 
 
 def checkout_root() -> Path | None:
@@ -179,18 +224,20 @@ def checkout_root() -> Path | None:
     return root if (root / "pyproject.toml").is_file() and (root / OWN["maelflow-transfer"][1]).is_dir() else None
 
 
-def build_own_wheels(dest: Path, run: Callable[[list[str]], None]) -> list[Path]:
-    """maelflow's and maelflow-transfer's wheels from this checkout, built from a copy of their
-    sources (a build never writes into the checkout)."""
+def build_own_wheels(dest: Path, run: Callable[[list[str]], None], extra: dict[str, Path] | None = None) -> list[Path]:
+    """maelflow's own wheels (maelflow, maelflow-transfer, maelflow-registry) from this checkout, and
+    those of ``extra`` (name -> source folder), built from a copy of their sources (a build never
+    writes into the checkout). Empty when maelflow is not a checkout (its releases come from the registry)."""
     root = checkout_root()
-    if root is None:
+    sources = {dist: root / folder for dist, (_, folder) in OWN.items()} if root is not None else {}
+    if not sources:
         return []
+    sources.update(extra or {})
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
     with tempfile.TemporaryDirectory(prefix="maelflow-wheel-") as tmp:
-        for dist, (_, folder) in sorted(OWN.items()):
-            src = root / folder
+        for dist, src in sorted(sources.items()):
             copy = Path(tmp) / dist
             copy.mkdir()
             for name in ("pyproject.toml", "README.md", "LICENSE"):
@@ -249,7 +296,7 @@ class SiteSetup:
 
     def record(self) -> dict | None:
         try:
-            return json.loads(self.conn.read_bytes(f"{self.venv}/{RECORD}"))
+            return json.loads(self.conn.read_bytes(record_path(self.site)))
         except (FileNotFoundError, ValueError, SiteError):
             return None
 
@@ -262,6 +309,7 @@ class SiteSetup:
         return {**{d: _version(d) for d in OWN}, "digest": code_digest(), "parts": list(self.site.install.parts),
                 "requirements": requirements(self.site), "arch": plat["arch"], "python": plat["python"],
                 "torch_variant": self.site.accelerator.torch_variant,
+                "packages": list(self.site.install.packages), "startup": list(self.site.install.startup),
                 "constraints": hashlib.sha256("\n".join(pinned).encode()).hexdigest()[:16]}
 
     def run(self, force: bool = False) -> dict[str, object]:
@@ -315,17 +363,18 @@ class SiteSetup:
                "installed": installed, "source": "registry" if online else "pushed wheels", "wheels": remote,
                "installed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "installed_from": platform.node(), "seconds": seconds, "pushed_bytes": _bytes(folder)}
-        self.conn.put_text(f"{self.venv}/{RECORD}", json.dumps(rec, indent=2, sort_keys=True) + "\n", mode=0o644)
+        self.conn.put_text(record_path(self.site), json.dumps(rec, indent=2, sort_keys=True) + "\n", mode=0o644)
         self.say(f"{self.name}: site part installed in {self.venv}: maelflow {info['maelflow']}, torch {info['torch']}, "
                  f"{len(installed)} packages ({rec['source']})")
         return {"site": self.name, "status": "installed", "venv": self.venv, "record": rec, **self._command_note(command)}
 
     def _command_note(self, command: str) -> dict[str, str]:
-        if self.site.maelflow_command == command:
+        """Jobs use the site part unless the profile pins another maelflow: say so, and how to undo it."""
+        if not self.site.maelflow_command or self.site.maelflow_command == command:
             return {}
-        return {"note": f"jobs on {self.name} run {self.site.maelflow_command}, not this site part: set "
-                        f"maelflow_command: {command} in configs/sites/{self.name}.yaml (or override "
-                        f"site.{self.name}.maelflow_command={command})"}
+        return {"note": f"jobs on {self.name} run {self.site.maelflow_command} (maelflow_command of the profile), "
+                        f"not this site part: remove maelflow_command from configs/sites/{self.name}.yaml to "
+                        f"use {command}"}
 
     def gather(self, plat: dict[str, str], online: bool) -> Path:
         """The folder pushed to the site: constraints, requirements, maelflow's own wheels and, for a
@@ -336,7 +385,7 @@ class SiteSetup:
         wheels.mkdir(parents=True, exist_ok=True)
         (folder / "constraints.txt").write_text(constraints_text(self.site))
         reqs = requirements(self.site)
-        own = build_own_wheels(folder / "own", self._pip)
+        own = build_own_wheels(folder / "own", self._pip, local_sources(self.site))
         if not own:     # installed from wheels, not a checkout: the same releases from the registry
             self._pip([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(folder / "own"),
                        *(f"{d}=={_version(d)}" for d in sorted(OWN))])
@@ -409,12 +458,17 @@ class SiteSetup:
             pip_env = "PIP_CONFIG_FILE=/dev/null "
             source = f"--no-index --find-links {q(remote)}/wheels --find-links {q(remote)}/own"
         own = f"{q(remote)}/own/*.whl"
+        purelib = q("import sysconfig; print(sysconfig.get_path('purelib'))")
         script = "\n".join([
             "set -e",
             f"if [ ! -x {q(vpy)} ]; then {in_container(site, site.install.python)} -m venv {q(venv)}; fi",
             f"{pip_env}{pip} -q {source} -c {q(remote)}/constraints.txt -r {q(remote)}/requirements.txt",
             # maelflow without its server dependencies; same version, maybe other code: always replaced
             f"if ls {own} >/dev/null 2>&1; then {pip_env}{pip} -q --no-index --no-deps --force-reinstall {own}; fi",
+            # the profile's start-up modules: one .pth in the environment, rewritten (or removed) each time
+            f"sp=$({in_container(site, vpy)} -c {purelib})",
+            (f"printf '%s\\n' {' '.join(q('import ' + m) for m in site.install.startup)} > \"$sp/{STARTUP_PTH}\""
+             if site.install.startup else f"rm -f \"$sp/{STARTUP_PTH}\""),
         ])
         self.say(f"{self.name}: installing into {venv} ({'from the registry' if online else 'from the pushed wheels'})")
         res = self.conn.run(_lines(site, script), check=False, timeout=3600)
@@ -479,20 +533,20 @@ def require_site_part(name: str, site) -> None:
     """For deploy: the maelflow the site's jobs run is this installation's version and code, or
     a ``SiteInstallError`` with the command that fixes it. A local site runs this installation."""
     from maelflow.sites.connections import connect, is_local
-    from maelflow.sites.container import site_command
 
     if is_local(site):
         return
     conn = connect(name, site)
-    info = remote_info(conn, site, site.maelflow_command)
+    command, why = resolve_command(conn, site)
+    info = remote_info(conn, site, command)
     fix = f"maelflow site setup {name}"
     if info is None:
-        raise SiteInstallError(f"site {name}: '{site_command(site)}' does not run on {conn.target}: maelflow is not "
-                               "installed there (or not at maelflow_command)",
+        raise SiteInstallError(f"site {name}: its maelflow {command} ({why}) does not run on {conn.target}: "
+                               "maelflow is not installed there",
                                hint=f"run '{fix}', then 'maelflow site check {name}'")
     diff = same_installation(info)
     if diff:
-        raise SiteInstallError(f"site {name}: its maelflow ({site.maelflow_command}) is not this one: {', '.join(diff)}",
+        raise SiteInstallError(f"site {name}: its maelflow {command} ({why}) is not this one: {', '.join(diff)}",
                                hint=f"run '{fix}' to install this version there")
 
 
@@ -501,6 +555,6 @@ def setup_site(ws, name: str, site, *, force: bool = False, say: Callable[[str],
 
 
 __all__ = ["PARTS", "RECORD", "SiteInstallError", "SiteSetup", "code_digest", "constraints_text", "describe",
-           "pins", "remote_info", "require_site_part", "requirements", "same_installation", "setup_site",
-           "site_part_command", "venv_path"]
+           "pins", "record_path", "remote_info", "require_site_part", "requirements", "resolve_command",
+           "same_installation", "setup_site", "site_part_command", "venv_path"]
 

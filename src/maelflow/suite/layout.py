@@ -9,6 +9,7 @@ from __future__ import annotations
 from maelflow.config.loader import ResolvedExperiment
 from maelflow.config.names import node_name
 from maelflow.suite.spec import FamilySpec, SuiteSpec, TaskSpec
+from maelflow.suite.training_tasks import train_tasks
 
 __all__ = ["FamilySpec", "SuiteSpec", "TaskSpec", "suite_layout"]
 
@@ -19,35 +20,6 @@ def jobs_limit(site: str) -> str:
 
 def transfers_limit(site: str) -> str:
     return f"{node_name(site)}_transfers"
-
-
-def expected_epochs(training) -> int:
-    """The epoch meter's range. anemoi trainings usually stop at ``training.max_steps``: maelflow's
-    base config makes an epoch 10 batches (dataloader.limit_batches.training)."""
-    cfg = training.config
-    if training.application == "anemoi":
-        t = cfg.get("training", {}) or {}
-        if t.get("max_epochs"):
-            return int(t["max_epochs"])
-        per_epoch = ((cfg.get("dataloader", {}) or {}).get("limit_batches", {}) or {}).get("training") or 10
-        return max(1, -(-int(t.get("max_steps", 10)) // int(per_epoch)))
-    return int(cfg.get("max_epochs", 1) or 1)
-
-
-def train_tasks(training) -> list[TaskSpec]:
-    """A training's job on the site, then the copy of its offline MLflow run beside the server."""
-    return [TaskSpec("train", "train",
-                     meters=[("epoch", 0, expected_epochs(training)),
-                             ("resubmits", 0, max(training.max_resubmissions, 1))],
-                     labels=[("info", ""), ("mlflow", ""), ("checkpoint", "")],
-                     events=["checkpoint", "timeout"],
-                     variables={"MAELFLOW_RESUBMIT_MAX": str(training.max_resubmissions),
-                                "NODES": str(training.nodes),
-                                "TASKS_PER_NODE": str(max(1, training.gpus_per_node)),
-                                "GPUS_PER_NODE": str(training.gpus_per_node),
-                                "TIME_LIMIT": training.time_limit}),
-            TaskSpec("sync", "sync", labels=[("info", ""), ("mlflow", "")], trigger="train == complete",
-                     runs_on="server")]
 
 
 def benchmark_name(rx: ResolvedExperiment) -> str:
@@ -131,6 +103,7 @@ def suite_layout(rx: ResolvedExperiment, variables: dict[str, str]) -> SuiteSpec
             fam.children.append(FamilySpec("data", children=stages))
             previous = "data"
         benchmarked = set(rx.experiment.benchmark_trainings)
+        benchmarked |= set(rx.experiment.finetune_trainings)   # these run in their fine-tuning cycles only
         regular = [t for t in rx.experiment.trainings if t not in benchmarked]
         if regular:
             train = FamilySpec("train", trigger=f"{previous} == complete" if previous else None)

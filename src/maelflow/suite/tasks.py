@@ -233,7 +233,10 @@ def _register_in_catalogue(ctx: TaskContext, key: str, lineage: dict) -> int:
                               status="completed", owner=ctx.rx.experiment.owner, mlflow_url=lineage["tracking_uri"],
                               experiment=lineage["experiment"], site=lineage["site"],
                               application=lineage["application"], forked_from=lineage["forked_from"],
-                              checkpoints=[c["uuid"] for c in lineage["checkpoints"]])
+                              checkpoints=[c["uuid"] for c in lineage["checkpoints"]],
+                              # the anemoi release that trained it (its config schema): what a reader needs
+                              **({"anemoi_version": lineage["anemoi_version"], "anemoi_line": lineage.get("anemoi_line")}
+                                 if lineage.get("anemoi_version") else {}))
         new = 0
         for c in lineage["checkpoints"]:
             if cat.exists("weights", c["uuid"]):

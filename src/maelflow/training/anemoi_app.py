@@ -400,6 +400,10 @@ def train_anemoi(rx: "ResolvedExperiment", training_name: str, site_name: str, r
         settings["system.input.graph"] = str(out / "graphs" / f"{training_name}.pt")
     for key, value in settings.items():
         OmegaConf.update(cfg, key, value, force_add=True)
+    # a fine-tuning cycle (maelflow.operations.finetune): its dates, and the champion's weights to start from
+    from maelflow.training.warm_start import apply_warm_start
+
+    warm = apply_warm_start(cfg, out, resuming=bool(resumed))
     precision = OmegaConf.select(cfg, "training.precision", default=None)
     if isinstance(precision, int):  # `precision: 32` in YAML is an int; anemoi's schema wants "32"
         OmegaConf.update(cfg, "training.precision", str(precision))
@@ -446,7 +450,10 @@ def train_anemoi(rx: "ResolvedExperiment", training_name: str, site_name: str, r
             if uri and mlflow_run_id:
                 reporter.label("mlflow", run_label(uri, experiment_id, mlflow_run_id))
         reporter.label("info", f"anemoi run {run_id}" + (f", resumed from {last.name}" if resumed else "")
-                       + (f", forked from {forked}" if forked else ""))
+                       + (f", forked from {forked}" if forked else "")
+                       + (f", warm start from {warm['model']} v{warm['version']}" if warm else ""))
+        if warm:  # recorded in the new checkpoint's metadata, as anemoi records the parent of a fork
+            trainer.metadata.update(warm["metadata"])
         trainer.train()
 
     pl_trainer = progress.trainer

@@ -30,6 +30,17 @@ class IndexView(Protocol):
 
     def targets(self, refs: Iterable[str], relation: str, collection: str) -> list[str]: ...
 
+
+class CatalogueView(Protocol):
+    """What a collection's own operations (a model's promotion, an alias move) need of the catalogue:
+    its index, and a versioned read-modify-write of one entry (``Catalogue.write``)."""
+
+    index: IndexView
+
+    def write(self, collection: str, key: str, mutate: Callable[[dict | None], dict], *, user: str,
+              role: str | None, if_match: int | None = None,
+              must_exist: bool | None = None) -> tuple[dict, int, bool]: ...
+
 Cell = tuple[Any, "str | None"]  # (text, link) of a web table cell
 
 

@@ -19,17 +19,14 @@ from __future__ import annotations
 
 import re
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from maelflow_registry.collections.base import Cell, Collection
+from maelflow_registry.collections.base import CatalogueView, Cell, Collection
 from maelflow_registry.config import Settings
 from maelflow_registry.errors import BadRequest, Conflict, NotFound, Unprocessable
 from maelflow_registry.keys import check_key
 from maelflow_registry.records import now_iso
 from maelflow_registry.refs import Edges, first_key, metadata, ref
-
-if TYPE_CHECKING:
-    from maelflow_registry.catalogue import Catalogue
 
 COLLECTION = "models"
 # MLflow's alias rules (mlflow/utils/validation.py), so that every alias here can be mirrored there:
@@ -265,7 +262,7 @@ def _version_fields(fields: dict | None) -> dict:
     return out
 
 
-def promote(catalogue: "Catalogue", name: str, weights: str, *, user: str, role: str | None,
+def promote(catalogue: CatalogueView, name: str, weights: str, *, user: str, role: str | None,
             description: str | None = None, alias: str | None = None, why: str | None = None,
             fields: dict | None = None) -> tuple[dict, int]:
     """A new immutable version of model ``name`` made from the registered checkpoint ``weights``.
@@ -322,7 +319,7 @@ def _number(value: Any) -> int:
         raise BadRequest("the body must be {\"version\": <number>[, \"reason\": \"...\"]}") from None
 
 
-def set_alias(catalogue: "Catalogue", name: str, alias: str, number: Any, *, user: str,
+def set_alias(catalogue: CatalogueView, name: str, alias: str, number: Any, *, user: str,
               role: str | None, why: str | None = None) -> tuple[dict, int]:
     """Point ``alias`` of model ``name`` at an existing version, recording the move."""
     check_key(name, "model name")
@@ -342,7 +339,7 @@ def set_alias(catalogue: "Catalogue", name: str, alias: str, number: Any, *, use
     return new, version
 
 
-def rollback(catalogue: "Catalogue", name: str, alias: str, number: Any = None, *, user: str,
+def rollback(catalogue: CatalogueView, name: str, alias: str, number: Any = None, *, user: str,
              role: str | None, why: str | None = None) -> tuple[dict, int]:
     """Move ``alias`` back one step (to the version it named before its last move), or to ``number``."""
     check_key(name, "model name")
