@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from maelflow.reporting import abort_text
 from maelflow.sites.spool import ChildCommand, MalformedLine
 from maelflow.workspace import Workspace, write_atomic
 
@@ -173,7 +174,7 @@ class Sender:
         elif c.cmd == "complete":
             cl.child_complete()
         elif c.cmd == "abort":
-            cl.child_abort(" ".join(c.args) or "aborted (relayed)")
+            cl.child_abort(abort_text(" ".join(c.args)) or "aborted (relayed)")
         elif c.cmd == "meter":
             cl.child_meter(c.args[0], int(c.args[1]))
         elif c.cmd == "label":

@@ -48,8 +48,9 @@ class Reporter:
         """Leave the reason for the job header, which sends the abort once the step has exited."""
         path = self.env.get("MAELFLOW_ABORT_FILE")
         if path:
-            with open(path, "w") as fh:
-                fh.write(" ".join(str(text).split())[:400])
+            with open(path, "w", encoding="utf-8") as fh:
+                # the header reads 400 bytes: cut here, on a character
+                fh.write(abort_text(text).encode()[:400].decode("utf-8", "ignore"))
 
     # -- transport ---------------------------------------------------------------------------
     def _send(self, kind: str, name: str, value: str) -> None:
@@ -82,6 +83,18 @@ class Reporter:
         return self._client
 
 
+def abort_text(reason: str) -> str:
+    """The reason as one line that ecFlow's definition format reads back.
+
+    ecflow 5.9 stores the reason in the task's line of the definition and, reading it back (every
+    client that syncs in full, and the server's checkpoint), looks for its own ``rt:``, ``dur:``,
+    ``try:``, ``flag:`` and ``state:`` anywhere on that line: a reason such as "port: 50171" made
+    every later sync of the server fail. So ':' becomes the look-alike U+2236 and '#' (the start of a
+    comment there) %23; labels are quoted and keep theirs.
+    """
+    return " ".join(str(reason).replace("#", "%23").replace(":", "\u2236").split())
+
+
 def child_abort(env: dict[str, str], reason: str) -> None:
     """Abort a task on its behalf (its process is gone and cannot say so itself).
 
@@ -92,4 +105,4 @@ def child_abort(env: dict[str, str], reason: str) -> None:
         return
     r = Reporter({**env, "MAELFLOW_REPORT": "direct"})
     client = r._direct_client()
-    client.child_abort(" ".join(reason.replace("#", "%23").split()))
+    client.child_abort(abort_text(reason))

@@ -56,7 +56,7 @@ def test_halt_loses_nothing_and_duplicates_nothing(rig):
     r.wait(lambda: str(r.task().get_state()) == "complete", 60, "the task completed after the restart")
     r.assert_final(steps)
     assert_exactly_once(r, steps)
-    assert "takes commands again" in r.relay.text()
+    r.wait(lambda: "takes commands again" in r.relay.text(), 30, "the relay said the server is back")
 
 
 @pytest.mark.timeout(180)

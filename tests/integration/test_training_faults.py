@@ -118,7 +118,8 @@ BROKEN_APP = textwrap.dedent('''
 
     class Data:
         def __init__(self, **kwargs):
-            raise BrokenPipeError(32, "Broken pipe")
+            # "port: " holds "rt:", which ecflow 5.9 reads as its own field when parsing a task's line
+            raise BrokenPipeError(32, "Broken pipe (peer port: 50171, try: 2)")
 
 
     class App:
@@ -150,6 +151,9 @@ def test_a_failed_train_task_leaves_its_traceback_in_the_job_output(stack, confi
     node = wait_for(client, f"/{name}/local/train/brokenpipe/train", {"aborted"}, timeout=240)
     reason = node["aborted_reason"]
     assert reason.startswith("BrokenPipeError") and "traceback in the job output" in reason, reason
+    assert "port\u2236 50171" in reason, reason        # ':' shown as its look-alike, and ...
+    client.sync_local()                                 # ... every client still reads the server's tree
+    assert client.get_defs().find_abs_node(f"/{name}/local/train/brokenpipe/train") is not None
     out = ws.path("suites", name, "jobs", name, "local", "train", "brokenpipe", "train.1").read_text()
     assert "Traceback (most recent call last)" in out, out[-3000:]
     assert "brokenpipe_app.py" in out and "BrokenPipeError: [Errno 32] Broken pipe" in out
