@@ -44,6 +44,10 @@ fi
 # The CPU torch build is pinned in constraints.txt: letting pip choose would download CUDA wheels.
 .venv/bin/python -m pip install -q -c constraints.txt torch==2.13.0
 .venv/bin/python -m pip install -q -c constraints.txt -e ./transfer -e ./registry -e '.[test,anemoi]' -e ./sandbox -e ./tests/plugins/maelflow-testsched
+# pip does not byte-compile editable installs. Compiled once here, the project's modules are not
+# compiled again by every command and job that imports them where bytecode cannot be written (a
+# checkout owned by another user than the one running the jobs, PYTHONDONTWRITEBYTECODE).
+.venv/bin/python -m compileall -q src transfer/src registry/src sandbox/src
 # ecflow_server, slurmctld and slurmd have no bind option: an LD_PRELOAD helper keeps them on
 # 127.0.0.1. Compiled here, once (again only when its source is newer), beside its sandbox module.
 .venv/bin/python -m maelflow.services.loopback

@@ -22,6 +22,8 @@ from typing import Any
 from maelflow_registry.config import Paths
 
 ENV_VAR = "MAELFLOW_WORKSPACE"
+# the services profile in force for a workspace (`maelflow services use NAME`); none: its own services
+SERVICES_PROFILE = "services.yaml"
 
 
 def default_root() -> Path:

@@ -23,9 +23,9 @@ from urllib.parse import urlsplit
 from maelflow.config.profile import ServicesProfile, load_file  # noqa: F401 - load_file: for its callers
 from maelflow.config.profile import locate as locate_in
 from maelflow.services.base import ServiceError, ServiceInfo
+from maelflow.workspace import SERVICES_PROFILE as PROFILE_FILE
 from maelflow.workspace import Workspace, write_atomic
 
-PROFILE_FILE = "services.yaml"
 EXTERNAL_NAMES = ("ecflow", "s3", "mlflow", "catalogue")
 CHECK_TIMEOUT = 5.0
 

@@ -11,7 +11,6 @@ kept in the heap and reused. Process-wide, set once, glibc only (elsewhere a no-
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -26,12 +25,10 @@ def keep_buffers_in_heap() -> bool:
     global _done
     if _done:
         return True
-    name = ctypes.util.find_library("c")
-    if not name:
-        return False
     try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
+        # the process's own symbols (Python links the C library): find_library("c") would run
+        # `ldconfig -p`, a fork and exec in every stage's start-up
+        mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):       # not glibc (musl has no mallopt)
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
