@@ -43,3 +43,16 @@ def test_a_service_start_is_written_to_the_ledger_of_its_session(tmp_path, monke
     svc._write_pid(os.getpid())
     assert ledger.read_text() == f"{os.getpid()} {process_start(os.getpid())} {svc.dir}\n"
     assert svc.ours()
+
+
+def test_a_server_does_not_inherit_a_torch_rendezvous(monkeypatch):
+    """ecflow_server passes its environment to every job: an inherited MASTER_PORT (an in-process
+    training of the starting process) would give every training the same port."""
+    from maelflow.services.base import service_environment
+
+    monkeypatch.setenv("MASTER_PORT", "55207")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MAELFLOW_KEEP_ME", "1")
+    env = service_environment({"ECF_PORT": "3141"})
+    assert "MASTER_PORT" not in env and "MASTER_ADDR" not in env
+    assert env["MAELFLOW_KEEP_ME"] == "1" and env["ECF_PORT"] == "3141"

@@ -138,6 +138,19 @@ def wait_until(predicate, timeout: float, interval: float = 0.1) -> bool:
     return predicate()
 
 
+# A torch rendezvous of the starting process (Lightning writes MASTER_PORT into the environment of
+# a training run in it, e.g. a test session) must not reach a server: ecflow_server hands its
+# environment to every job it starts, and trainings that all inherit one port collide (EADDRINUSE).
+RENDEZVOUS_VARS = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK")
+
+
+def service_environment(extra: dict[str, str]) -> dict[str, str]:
+    """This process's environment without a rendezvous, with the service's own ``extra`` on top."""
+    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARS}
+    env.update(extra)
+    return env
+
+
 class ManagedService:
     """A long-running process of ours in ``<workspace>/<name>/`` with pid, log and state files."""
 
@@ -269,8 +282,7 @@ class ManagedService:
         self.dir.mkdir(parents=True, exist_ok=True)
         port = self.port()
         argv, env = self.command(port)
-        full_env = dict(os.environ)
-        full_env.update(env)
+        full_env = service_environment(env)
         with open(self.log_file, "ab") as log:
             proc = subprocess.Popen(
                 list(argv), cwd=self.dir, env=full_env, stdin=subprocess.DEVNULL, stdout=log,

@@ -50,11 +50,12 @@ def train(rx: ResolvedExperiment, training_name: str, site_name: str, reporter: 
     site = rx.sites[site_name]
     apply_timing_config(training.timing)     # read by our callbacks and by those anemoi builds
     if training.nodes * max(training.gpus_per_node, 1) == 1:
-        # one process still makes a rendezvous (anemoi's strategy always does). Lightning picks its
-        # port beforehand (a free one, or one from the job id under SLURM), and another process can
-        # take it before the bind (EADDRINUSE seen with several trainings on one machine); port 0
-        # lets the kernel choose at the bind, and a single process has nobody to tell the port to
-        os.environ.setdefault("MASTER_PORT", "0")
+        # one process still makes a rendezvous (anemoi's strategy always does) on MASTER_PORT: one
+        # inherited from the job's environment, or picked beforehand by Lightning (a free one, or one
+        # from the job id under SLURM), can be another training's at the bind (EADDRINUSE seen with
+        # two trainings at once on one machine). Port 0 lets the kernel choose at the bind, and a
+        # single process has nobody to tell the port to.
+        os.environ["MASTER_PORT"] = "0"
     if training.application == "anemoi":
         from maelflow.training.anemoi_app import train_anemoi
 
