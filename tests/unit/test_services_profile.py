@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 from maelflow.cli.main import cli
 from maelflow.config.errors import ConfigError
+from maelflow.config.profile import load_file
 from maelflow.services import profile, stack
 from maelflow.workspace import Workspace
 
@@ -54,7 +55,7 @@ def test_a_secret_written_inline_is_refused_without_showing_it(tmp_path, section
     data = json.loads(json.dumps(EXTERNAL))
     data[section][key] = value
     with pytest.raises(ConfigError) as err:
-        profile.load_file(profile.locate(write(tmp_path, data)))
+        load_file(profile.locate(write(tmp_path, data)))
     (problem,) = [p for p in err.value.problems if p.field == f"{section}.{key}"]
     assert problem.value == "***" and "must not be written" in problem.reason
     assert value not in json.dumps([p.to_json() for p in err.value.problems])
@@ -64,7 +65,7 @@ def test_a_url_carrying_a_password_is_refused_and_masked(tmp_path):
     data = json.loads(json.dumps(EXTERNAL))
     data["mlflow"]["tracking_uri"] = "https://mf:sesame@mlflow.example"
     with pytest.raises(ConfigError) as err:
-        profile.load_file(profile.locate(write(tmp_path, data)))
+        load_file(profile.locate(write(tmp_path, data)))
     (problem,) = [p for p in err.value.problems if p.field == "mlflow.tracking_uri"]
     assert "password" in problem.reason and problem.value == "https://mf:***@mlflow.example"
     assert "sesame" not in json.dumps([p.to_json() for p in err.value.problems])
@@ -82,13 +83,13 @@ def test_an_external_service_needs_its_address_and_credentials(tmp_path, section
     data[section].update(change)
     data[section] = {k: v for k, v in data[section].items() if v is not None}
     with pytest.raises(ConfigError) as err:
-        profile.load_file(profile.locate(write(tmp_path, data)))
+        load_file(profile.locate(write(tmp_path, data)))
     assert any(reason in p.reason for p in err.value.problems), err.value.problems
 
 
 def test_an_embedded_service_takes_no_address(tmp_path):
     with pytest.raises(ConfigError) as err:
-        profile.load_file(profile.locate(write(tmp_path, {"ecflow": {"host": "x"}})))
+        load_file(profile.locate(write(tmp_path, {"ecflow": {"host": "x"}})))
     assert "mode is embedded" in err.value.problems[0].reason
 
 

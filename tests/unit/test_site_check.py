@@ -94,20 +94,21 @@ def test_the_profiles_name_their_accelerator_and_run_the_site_part(tmp_path):
 
 
 class FakeConn:
-    """Answers ``test -f`` as a site would: the paths listed exist. (Only the shell test; the
-    real connection is exercised in tests/integration/test_site_setup.py.)"""
+    """Runs a command as the site's shell would, with the site's paths moved here (``moved``: site
+    path -> local path). The real connection is exercised in tests/integration/test_site_setup.py."""
 
-    def __init__(self, *present: str):
-        self.present, self.commands = set(present), []
+    def __init__(self, moved: dict[str, str] | None = None):
+        self.moved, self.commands = dict(moved or {}), []
 
     def run(self, command, check=True, timeout=None):
-        import shlex
+        import subprocess
         from types import SimpleNamespace
 
         self.commands.append(command)
-        words = shlex.split(command)
-        return SimpleNamespace(rc=0 if words[:2] == ["test", "-f"] and words[2] in self.present else 1,
-                               stdout="", stderr="")
+        for site_path, here in self.moved.items():
+            command = command.replace(site_path, here)
+        res = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=timeout)
+        return SimpleNamespace(rc=res.returncode, stdout=res.stdout, stderr=res.stderr)
 
 
 def test_before_setup_a_fallback_runs_and_after_it_the_site_part_with_no_profile_edit(tmp_path):
@@ -127,7 +128,8 @@ def test_before_setup_a_fallback_runs_and_after_it_the_site_part_with_no_profile
         out = subprocess.run(["bash", "-c", f'echo "{shell}"'], capture_output=True, text=True, check=True)
         assert out.stdout.strip() == wanted
         # check and deploy choose the same over the site's connection, and say why
-        command, why = setup.resolve_command(FakeConn(*present), site)
+        command, why = setup.resolve_command(FakeConn({record: str(written) if present else str(tmp_path / "none.json")}),
+                                             site)
         assert command == wanted and (("fallback" in why) == (not present))
     # a pinned command is used as it is, without asking the site
     pinned = make_site()

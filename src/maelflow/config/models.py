@@ -398,8 +398,8 @@ class Gate(Strict):
 class ModelEvaluation(Strict):
     samples: int = Field(8, ge=1, le=10000, description="Held-out initial dates scored (spread evenly over the "
                                                         "dataset's test period: the dates after training's).")
-    checkpoint: str = Field("inference-last.ckpt", description="The checkpoint file of a training that is "
-                                                               "evaluated and promoted.")
+    checkpoint: str | None = Field(None, description="The checkpoint file of a training that is evaluated and "
+                                   "promoted; default: anemoi's inference-last.ckpt, an application's last.ckpt.")
 
 
 class DateCycles(Strict):
@@ -577,6 +577,12 @@ class Experiment(Strict):
     def finetune_trainings(self) -> list[str]:
         """Trainings that run only in a model's fine-tuning cycles (not in the site's train family)."""
         return [m.finetune.training for m in self.models if m.finetune is not None]
+
+    @property
+    def regular_trainings(self) -> list[str]:
+        """The trainings of the site's train family: neither benchmark repeats nor fine-tuning cycles."""
+        elsewhere = set(self.benchmark_trainings) | set(self.finetune_trainings)
+        return [t for t in self.trainings if t not in elsewhere]
 
     @property
     def benchmark_trainings(self) -> list[str]:

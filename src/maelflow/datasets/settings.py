@@ -110,13 +110,10 @@ def workspace_s3(ws, role: str = "write") -> dict[str, Any]:
     from maelflow.services.base import ServiceError
     from maelflow.services.stack import service
 
-    from maelflow.workspace import SERVICES_PROFILE
+    from maelflow.services import profile
 
-    if ws.path(SERVICES_PROFILE).is_file():  # a profile in force: its schema (pydantic) is read only then
-        from maelflow.services import profile
-
-        if profile.is_external(ws, "s3"):  # the profile's endpoint (the EWC): its keys, no check here
-            return settings_from_service(profile.info(ws, "s3").extra, role)
+    if profile.is_external(ws, "s3"):  # the services profile's endpoint (the EWC): its keys, no check here
+        return settings_from_service(profile.info(ws, "s3").extra, role)
     svc = service(ws, "s3")
     if not svc.running():
         raise ServiceError(f"the S3 service is not running in workspace {ws.root}: run 'maelflow services up'")

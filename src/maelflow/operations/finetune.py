@@ -32,6 +32,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from maelflow.suite.tasks import TaskContext, TaskFailed
+from maelflow.training.runs import dataset_dates
 from maelflow.training.warm_start import WARM_START_FILE
 
 MIN_DATES = 4   # a split needs the model's input states and a target (multistep 2 + 1), and one more
@@ -40,18 +41,6 @@ CYCLE_PREFIX = "ft_"   # a cycle's task nodes (and their scripts, suites/tasks/f
 
 
 # ------------------------------------------------------------------------------------ dates
-def dataset_dates(attrs: dict) -> list[datetime]:
-    """The dates of an anemoi dataset from its root attributes (start_date, end_date, frequency)."""
-    start = datetime.fromisoformat(str(attrs["start_date"])[:19])
-    end = datetime.fromisoformat(str(attrs["end_date"])[:19])
-    freq = str(attrs.get("frequency", "6h"))
-    unit = {"h": 3600, "m": 60, "d": 86400, "s": 1}.get(freq[-1:])
-    if unit is None or not freq[:-1].isdigit() or int(freq[:-1]) <= 0:
-        raise ValueError(f"frequency {freq!r} is not a number of hours, days, minutes or seconds")
-    step = timedelta(seconds=int(freq[:-1]) * unit)
-    return [start + i * step for i in range(int((end - start) / step) + 1)]
-
-
 def cycle_splits(cycle: datetime, dates: list[datetime], champion_end: datetime | None, window: float | None,
                  holdout: float) -> dict[str, list[str]]:
     """Training, validation and test dates ``[start, end]`` (inclusive, ISO) of one cycle.

@@ -138,9 +138,7 @@ def operations_family(rx: ResolvedExperiment, site_name: str, after: str | None)
 def operations_families(rx: ResolvedExperiment, site_name: str) -> list[FamilySpec]:
     """What a site family gets after its train/register families (nothing without models or operations)."""
     out: list[FamilySpec] = []
-    skipped = set(rx.experiment.benchmark_trainings) | set(rx.experiment.finetune_trainings)
-    regular = [t for t in rx.experiment.trainings if t not in skipped]
-    evaluate = evaluate_family(rx) if regular else None
+    evaluate = evaluate_family(rx) if rx.experiment.regular_trainings else None
     if evaluate is not None:
         out.append(evaluate)
     after = "evaluate" if evaluate is not None else ("data" if rx.experiment.datasets else None)

@@ -140,13 +140,10 @@ def _application(ctx: TaskContext, training: str) -> str:
 
 
 def _checkpoint_name(ctx: TaskContext, training: str, spec) -> str:
-    """The checkpoint file evaluated and promoted: ``evaluation.checkpoint``; a Lightning application
-    keeps ``last.ckpt`` (its ModelCheckpoint's), where anemoi's default names ``inference-last.ckpt``."""
-    name = spec.evaluation.checkpoint
-    default = type(spec.evaluation).model_fields["checkpoint"].default
-    if _application(ctx, training) != "anemoi" and name == default:
-        return "last.ckpt"
-    return name
+    """The checkpoint file evaluated and promoted: ``evaluation.checkpoint``, else anemoi's
+    ``inference-last.ckpt`` or a Lightning application's ``last.ckpt`` (its ModelCheckpoint's)."""
+    default = "inference-last.ckpt" if _application(ctx, training) == "anemoi" else "last.ckpt"
+    return spec.evaluation.checkpoint or default
 
 
 def _candidate(ctx: TaskContext, training: str, site: str, spec) -> tuple[dict, Path]:
@@ -160,7 +157,7 @@ def _candidate(ctx: TaskContext, training: str, site: str, spec) -> tuple[dict, 
     if not folder:
         raise TaskFailed(f"training {training!r} on {site} has no anemoi checkpoint folder in {out / 'run.json'}: "
                          "only anemoi trainings are evaluated")
-    return state, Path(folder) / spec.evaluation.checkpoint
+    return state, Path(folder) / _checkpoint_name(ctx, training, spec)
 
 
 def evaluate(ctx: TaskContext, training: str, site: str) -> None:
@@ -306,8 +303,8 @@ def gate(ctx: TaskContext, training: str, site: str) -> None:
     models = _models(ctx)
     try:
         _, number = models.promote(
-            spec.name, weights, alias=alias, why=(f"fine-tuned from v{warm['version']}, " if warm else "")
-            + f"gate {decision.text}"[:3900], local_copy=data,
+            spec.name, weights, alias=alias, why=((f"fine-tuned from v{warm['version']}, " if warm else "")
+                                              + f"gate {decision.text}")[:3900], local_copy=data,
             sha256=sha, training=key, run_id=state.get("mlflow_run_id") or state.get("run_id"),
             datasets=list(ctx.rx.trainings[training].datasets),
             checkpoint={"site": site, "path": str(ckpt), "size": size},

@@ -20,11 +20,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from maelflow.config.profile import ServicesProfile, load_file  # noqa: F401 - load_file: for its callers
-from maelflow.config.profile import locate as locate_in
+from typing import TYPE_CHECKING
+
 from maelflow.services.base import ServiceError, ServiceInfo
 from maelflow.workspace import SERVICES_PROFILE as PROFILE_FILE
 from maelflow.workspace import Workspace, write_atomic
+
+if TYPE_CHECKING:   # the schema (pydantic) is imported where a profile is read: most commands never read one
+    from maelflow.config.profile import ServicesProfile
 
 EXTERNAL_NAMES = ("ecflow", "s3", "mlflow", "catalogue")
 CHECK_TIMEOUT = 5.0
@@ -36,12 +39,15 @@ _cache: dict[Path, tuple[tuple, ServicesProfile]] = {}
 def locate(ref: str, config_root: Path | None = None) -> Path:
     """A profile file (:func:`maelflow.config.profile.locate`), under the default config root."""
     from maelflow.config.loader import default_config_root
+    from maelflow.config.profile import locate as locate_in
 
     return locate_in(ref, config_root or default_config_root())
 
 
 def use(ws: Workspace, ref: str) -> ServicesProfile:
     """Put a profile in force for ``ws`` (``embedded``: back to the workspace's own services)."""
+    from maelflow.config.profile import ServicesProfile, load_file
+
     target = ws.path(PROFILE_FILE)
     if ref == "embedded" and not locate(ref).is_file():
         target.unlink(missing_ok=True)
@@ -54,6 +60,8 @@ def use(ws: Workspace, ref: str) -> ServicesProfile:
 
 def current(ws: Workspace) -> ServicesProfile:
     """The profile in force for ``ws`` (re-read when its file changes); embedded when there is none."""
+    from maelflow.config.profile import ServicesProfile, load_file
+
     path = ws.path(PROFILE_FILE)
     try:
         st = path.stat()
@@ -73,6 +81,8 @@ def check_experiment(ws: Workspace, services: str | None, config_root: Path | No
     profile is in force: ServiceError saying what to run otherwise."""
     if not services:
         return
+    from maelflow.config.profile import load_file
+
     wanted = load_file(locate(services, config_root))
     if wanted.model_dump() != current(ws).model_dump():
         raise ServiceError(f"the experiment runs against services profile {wanted.name!r}, but workspace "
@@ -81,7 +91,11 @@ def check_experiment(ws: Workspace, services: str | None, config_root: Path | No
 
 
 def is_external(ws: Workspace, name: str) -> bool:
-    return name in EXTERNAL_NAMES and getattr(current(ws), name).mode == "external"
+    """Whether the profile in force makes ``name`` external; without a profile file (the workspace's
+    own services) that is known without reading the schema."""
+    if name not in EXTERNAL_NAMES or not ws.path(PROFILE_FILE).is_file():
+        return False
+    return getattr(current(ws), name).mode == "external"
 
 
 # -- secrets --------------------------------------------------------------------------------------------

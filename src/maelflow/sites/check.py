@@ -71,7 +71,7 @@ class SiteCheck:
         self.job, self.gpu, self.job_timeout = job, gpu, job_timeout
         self.items: list[Item] = []
         # the maelflow the site's jobs run, as the site part item found it
-        from maelflow.sites.setup import site_part_command
+        from maelflow.sites.site_part import site_part_command
 
         self.command = site.maelflow_command or site_part_command(site)
 

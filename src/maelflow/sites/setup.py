@@ -205,17 +205,18 @@ STARTUP_PTH = "zz_maelflow_startup.pth"
 
 
 def resolve_command(conn, site) -> tuple[str, str]:
-    """(the maelflow the site's jobs run now, why that one): what ``container.maelflow_of`` lets the
-    job's shell choose, chosen here over the site's connection, for check's and deploy's messages."""
+    """(the maelflow the site's jobs run now, why that one): the job shell's own choice
+    (``container.maelflow_of``), evaluated over the site's connection for check's and deploy's messages."""
+    from maelflow.sites.container import maelflow_of
+
     if site.maelflow_command:
         return site.maelflow_command, "maelflow_command of the profile"
-    part = site_part_command(site)
-    fallback = site.install.fallback_command
-    if not fallback:
-        return part, "the site part"
-    if conn.run(f"test -f {shlex.quote(record_path(site))}", check=False, timeout=60).rc == 0:
-        return part, "the site part"
-    return fallback, "install.fallback_command: site setup has not run"
+    chosen = maelflow_of(site)
+    if chosen != site_part_command(site):    # a choice the shell makes when the job runs: make it there now
+        chosen = conn.run(f"echo {chosen}", check=False, timeout=60).stdout.strip()
+    if chosen == site_part_command(site):
+        return chosen, "the site part"
+    return chosen, "install.fallback_command: site setup has not run"
 
 
 def checkout_root() -> Path | None:

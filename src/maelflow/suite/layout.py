@@ -102,9 +102,7 @@ def suite_layout(rx: ResolvedExperiment, variables: dict[str, str]) -> SuiteSpec
         if stages:
             fam.children.append(FamilySpec("data", children=stages))
             previous = "data"
-        benchmarked = set(rx.experiment.benchmark_trainings)
-        benchmarked |= set(rx.experiment.finetune_trainings)   # these run in their fine-tuning cycles only
-        regular = [t for t in rx.experiment.trainings if t not in benchmarked]
+        regular = rx.experiment.regular_trainings
         if regular:
             train = FamilySpec("train", trigger=f"{previous} == complete" if previous else None)
             register = FamilySpec("register", trigger="train == complete")

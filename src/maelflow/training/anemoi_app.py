@@ -30,7 +30,7 @@ import contextlib
 import json
 import os
 import time
-from datetime import datetime, timedelta
+from datetime import datetime
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -195,19 +195,12 @@ def compose_config(training: "Training", config_dir: Path, line: Line | None = N
 
 
 def _dataset_dates(path: Path) -> list[datetime] | None:
+    from maelflow.training.runs import dataset_dates
+
     try:
-        attrs = json.loads((path / ".zattrs").read_text())
-        start = datetime.fromisoformat(str(attrs["start_date"]))
-        end = datetime.fromisoformat(str(attrs["end_date"]))
-        freq = str(attrs.get("frequency", "6h"))
+        return dataset_dates(json.loads((path / ".zattrs").read_text()))
     except (OSError, ValueError, KeyError):
         return None
-    unit = {"h": 3600, "m": 60, "d": 86400, "s": 1}.get(freq[-1:])
-    if unit is None or not freq[:-1].isdigit() or int(freq[:-1]) <= 0:
-        return None
-    step = timedelta(seconds=int(freq[:-1]) * unit)
-    n = int((end - start) / step) + 1
-    return [start + i * step for i in range(n)]
 
 
 def split_dates(cfg: "DictConfig", dataset: Path) -> None:

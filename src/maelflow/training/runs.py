@@ -7,6 +7,7 @@ import importlib
 import json
 import os
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -73,3 +74,15 @@ def dataset_uuid(path: Path) -> str | None:
         return json.loads((path / ".zattrs").read_text()).get("uuid")
     except (OSError, ValueError):
         return None
+
+
+def dataset_dates(attrs: dict) -> list[datetime]:
+    """The dates of an anemoi dataset from its root attributes (start_date, end_date, frequency)."""
+    start = datetime.fromisoformat(str(attrs["start_date"])[:19])
+    end = datetime.fromisoformat(str(attrs["end_date"])[:19])
+    freq = str(attrs.get("frequency", "6h"))
+    unit = {"h": 3600, "m": 60, "d": 86400, "s": 1}.get(freq[-1:])
+    if unit is None or not freq[:-1].isdigit() or int(freq[:-1]) <= 0:
+        raise ValueError(f"frequency {freq!r} is not a number of hours, days, minutes or seconds")
+    step = timedelta(seconds=int(freq[:-1]) * unit)
+    return [start + i * step for i in range(int((end - start) / step) + 1)]
