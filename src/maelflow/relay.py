@@ -1,7 +1,7 @@
 """Replays the child commands that jobs left in relay spools, to the ecFlow server, exactly once.
 
 Compute nodes on EuroHPC sites cannot reach the ecFlow server; their jobs write child commands to a
-spool on the site's shared filesystem (sites/spool.py). The relay runs where the server is reachable,
+spool on the site's shared filesystem (spool.py). The relay runs where the server is reachable,
 reads each spool file over the site's connection from where it stopped, and sends every command in
 order. Progress is kept in the workspace per (suite, site): before a command is sent it is recorded
 as pending, after it is sent the file offset moves past it. A relay killed in between finds the
@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from maelflow.reporting import abort_text
-from maelflow.sites.spool import ChildCommand, MalformedLine
+from maelflow.spool import ChildCommand, MalformedLine
 from maelflow.workspace import Workspace, write_atomic
 
 log = logging.getLogger("maelflow.relay")

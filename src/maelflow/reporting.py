@@ -57,7 +57,7 @@ class Reporter:
         if not self.active:
             return
         if self.mode == "relay":
-            from maelflow.sites.spool import append, from_env
+            from maelflow.spool import append, from_env
 
             append(self.env["MAELFLOW_SPOOL"], from_env(kind, (name, value), self.env))
             return

@@ -18,7 +18,7 @@ import pytest
 from maelflow.ecf import client_for
 from maelflow.relay import RelayState, state_path
 from maelflow.services import stack as stack_mod
-from maelflow.sites.spool import ChildCommand, MalformedLine
+from maelflow.spool import ChildCommand, MalformedLine
 from maelflow.workspace import Workspace
 
 REPO = Path(__file__).resolve().parents[2]

@@ -73,7 +73,7 @@ def hpc_stack(tmp_path_factory) -> Iterator[Workspace]:
 def _deploy(ws: Workspace, config_root: Path):
     """The experiment's ordinary suite on localhpc plus a family ``outage``: ``ticker`` (runs
     through the outage) and ``late`` (suspended until the outage begins)."""
-    from maelflow.sites.prepare import prepare_site
+    from maelflow.suite.prepare import prepare_site
     from maelflow.suite.server import DEPLOY_ID_VAR, deploy_id
 
     exp = write_yaml(config_root / "experiments" / f"{SUITE}.yaml", {"name": SUITE, "sites": ["localhpc"]})

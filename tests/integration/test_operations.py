@@ -98,7 +98,8 @@ def ops(stack, tmp_path_factory) -> Ops:
     finetune = shipped["ops-finetune"]["models"][0]["finetune"]
     spec.update(name=NEXT, trainings=["ops-worse", "ops-better", finetune["training"], "tiny"])
     spec["models"][0]["trainings"] = ["ops-worse", "ops-better"]
-    spec["models"][0]["finetune"] = finetune
+    # a second cycle three days on (2020-01-29), after the dataset's last date: skipped, not failed
+    spec["models"][0]["finetune"] = {**finetune, "end": "2020-01-29", "every": 3}
     spec["models"].append({**shipped["ops-app"]["models"][0], "name": APP_MODEL})
     spec["operations"].update(start="2020-01-27", end="2020-01-27")
     write_yaml(root / "experiments" / f"{NEXT}.yaml", spec)
@@ -199,11 +200,19 @@ def test_finetune_cycle_warm_starts_from_the_champion_and_is_gated(ops, next_sui
     from mlflow import MlflowClient
 
     base = "/ops_next/local/finetune/ops_demo_model"
+    # the nodes show the last cycle, 2020-01-29: no date of the dataset to hold out, so skipped (its
+    # warm start said why and set 'skip'; the rest was completed unrun, nothing promoted); the
+    # suite completed (next_suite), so the first cycle's gate let the repeat go on
     warm = ops.node("ops_next", f"{base}/ft_warmstart")
     assert warm["labels"]["model"].startswith(f"{MODEL}@production = v2"), warm["labels"]
+    assert warm["labels"]["info"].startswith("skipped: only 0 dates of the dataset from 2020-01-29"), warm["labels"]
+    assert warm["events"]["skip"] is True
     gate = ops.node("ops_next", f"{base}/ft_gate")
-    assert gate["labels"]["decision"].startswith("passed") and "champion v2" in gate["labels"]["decision"], gate
-    assert gate["events"]["promoted"] is True and "candidate -> v3" in gate["labels"]["info"]
+    assert gate["state"] == "complete" and gate["events"]["promoted"] is False, gate
+    # the first cycle, 2020-01-26: passed against v2 and moved candidate (the catalogue's record)
+    history = [h for h in ops.cli_json("model", "history", MODEL)["history"] if h["alias"] == "candidate"]
+    assert [(h["from"], h["to"]) for h in history] == [(None, 3)], history
+    assert history[0]["why"].startswith("fine-tuned from v2, gate passed") and "champion v2" in history[0]["why"]
     model = ops.cli_json("model", "show", MODEL)
     assert model["aliases"] == {"production": 2, "candidate": 3}   # production did not move
     v2, v3 = model["versions"]["2"], model["versions"]["3"]

@@ -297,7 +297,7 @@ def test_lightning_application_forecasts_through_its_predict_entry_point(tmp_pat
 def test_finetune_cycle_trains_on_new_data_and_holds_out_the_rest():
     from datetime import datetime
 
-    from maelflow.operations.finetune import cycle_splits, dataset_dates
+    from maelflow.operations.finetune import TooLittleData, cycle_splits, dataset_dates
 
     dates = dataset_dates({"start_date": "2020-01-01T00:00:00", "end_date": "2020-01-28T18:00:00", "frequency": "6h"})
     assert len(dates) == 112 and dates[-1] == datetime(2020, 1, 28, 18)
@@ -308,12 +308,14 @@ def test_finetune_cycle_trains_on_new_data_and_holds_out_the_rest():
     assert s["validation"] == s["test"] == ["2020-01-26T00:00:00", "2020-01-27T18:00:00"]
     # or a window of days before the cycle, whatever the champion saw
     assert cycle_splits(cycle, dates, None, 1.5, 1)["training"] == ["2020-01-24T12:00:00", "2020-01-25T18:00:00"]
-    with pytest.raises(ValueError, match="only 3 dates of new data since 2020-01-25T00:00:00"):
+    # too little data (not arrived yet) skips the cycle; an unknown champion period is a config to fix
+    with pytest.raises(TooLittleData, match="only 3 dates of new data since 2020-01-25T00:00:00"):
         cycle_splits(cycle, dates, datetime(2020, 1, 25), None, 2)
-    with pytest.raises(ValueError, match="to hold out .* last date is 2020-01-28T18:00:00"):
+    with pytest.raises(TooLittleData, match="to hold out .* last date is 2020-01-28T18:00:00"):
         cycle_splits(datetime(2020, 1, 28, 12), dates, datetime(2020, 1, 20), None, 2)
-    with pytest.raises(ValueError, match="set finetune.window"):
+    with pytest.raises(ValueError, match="set finetune.window") as err:
         cycle_splits(cycle, dates, None, None, 2)
+    assert not isinstance(err.value, TooLittleData)
 
 
 def test_finetune_config_checks():
@@ -325,7 +327,8 @@ def test_finetune_config_checks():
     for finetune, words in (({**ft, "training": "nope"}, "not among the experiment's trainings"),
                             ({**ft, "training": "t1"}, "also gated"),
                             ({**ft, "alias": "v2"}, "reserved"),
-                            ({**ft, "end": "2020-01-25"}, "before start")):
+                            ({**ft, "end": "2020-01-25"}, "before start"),
+                            ({**ft, "every": 0}, "greater than or equal to 1")):
         with pytest.raises(ValidationError) as err:
             _experiment(models=[{"name": "m", "trainings": ["t1"], "finetune": finetune}])
         assert words in str(err.value), (finetune, str(err.value))
@@ -333,7 +336,7 @@ def test_finetune_config_checks():
 
 def test_the_shipped_ops_finetune_builds_a_cycle_per_date_after_the_gates(tmp_path):
     from maelflow.config.loader import load_experiment
-    from maelflow.operations.layout import gate_alias, model_of_training
+    from maelflow.suite.operations_layout import gate_alias, model_of_training
     from maelflow.suite.builder import build_suite
     from maelflow.workspace import Workspace
 
@@ -350,6 +353,10 @@ def test_the_shipped_ops_finetune_builds_a_cycle_per_date_after_the_gates(tmp_pa
     assert "repeat date YMD 20200126 20200126 1" in built.def_file.read_text()
     assert [t.name() for t in cycle.nodes] == ["ft_warmstart", "ft_train", "ft_sync", "ft_register", "ft_champion",
                                                "ft_evaluate", "ft_gate"]
+    # a cycle with too little data: warmstart's event completes the rest unrun
+    assert cycle.find_task("ft_warmstart").find_event("skip").name() == "skip"
+    for task in list(cycle.nodes)[1:]:
+        assert task.get_complete().get_expression() == "ft_warmstart:skip", task.name()
     assert cycle.find_task("ft_train").find_meter("epoch").name() == "epoch"
     job = (built.out_dir / "tasks" / "ft_train.ecf").read_text()
     job += (built.out_dir / "include" / "finetune.h").read_text()

@@ -14,7 +14,7 @@ import pytest
 
 from maelflow.relay import LocalSpool, Probe, RelayState, ServerUnavailable, replay, resend_lost
 from maelflow.relay_loop import Backoff
-from maelflow.sites.spool import ChildCommand, MalformedLine, append
+from maelflow.spool import ChildCommand, MalformedLine, append
 from maelflow.workspace import Workspace, write_atomic, write_secret
 
 pytestmark = pytest.mark.unit

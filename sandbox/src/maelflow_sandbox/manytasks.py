@@ -55,7 +55,7 @@ def build_many(rx: ResolvedExperiment, ws: Workspace, n: int, site: str | None =
 
 def deploy_many(rx: ResolvedExperiment, ws: Workspace, client, n: int, site: str | None = None) -> BuiltSuite:
     """Build as ``build_many`` and deploy as ``maelflow deploy`` does (a new suite: load and begin)."""
-    from maelflow.sites.prepare import prepare_site
+    from maelflow.suite.prepare import prepare_site
     from maelflow.suite.server import DEPLOY_ID_VAR, deploy_id
 
     built = build_many(rx, ws, n, site)

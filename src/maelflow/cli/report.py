@@ -16,7 +16,7 @@ import click
 @click.argument("argv", nargs=-1, type=click.UNPROCESSED)
 def command(argv: tuple[str, ...]) -> None:
     """Append a child command (--init, --meter, --label, --event, --complete, --abort) to the spool."""
-    from maelflow.sites.spool import append, from_env, parse_ecflow_client_args
+    from maelflow.spool import append, from_env, parse_ecflow_client_args
 
     spool = os.environ.get("MAELFLOW_SPOOL")
     if not spool or not os.environ.get("ECF_NAME"):

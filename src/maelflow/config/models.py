@@ -200,10 +200,11 @@ class Site(Strict):
     @field_validator("scheduler")
     @classmethod
     def _scheduler(cls, v: str) -> str:
-        from maelflow.sites.schedulers import is_known, known
+        from maelflow import plugins
 
-        if not is_known(v):     # cheap for maelflow's own schedulers: every job submission validates this
-            names = known()
+        # a lookup among maelflow's own entry points first: every job submission validates this
+        if plugins.find(plugins.SCHEDULERS, v) is None:
+            names = plugins.names(plugins.SCHEDULERS)
             raise ValueError(f"no scheduler {v!r} is installed (known: {', '.join(names) or 'none'}); a package "
                              "adds one through the 'maelflow.schedulers' entry points")
         return v
@@ -407,6 +408,8 @@ class DateCycles(Strict):
 
     start: str = Field(description="First cycle date, YYYY-MM-DD (or YYYYMMDD).")
     end: str = Field(description="Last cycle date, YYYY-MM-DD (or YYYYMMDD).")
+    every: int = Field(1, ge=1, le=366, description="Days from one cycle to the next (1: daily, 7: weekly); "
+                       "the last cycle is the last date on that step not after `end`.")
 
     @field_validator("start", "end", mode="before")
     @classmethod

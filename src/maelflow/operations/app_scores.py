@@ -84,18 +84,17 @@ def _validate(app, application: str, datamodule: str | None, checkpoint: Path, d
     """The application's validation loop (its datamodule's held-out split) with the checkpoint's weights."""
     import pytorch_lightning as pl
 
-    from maelflow.training.runs import TrainingError, import_object
+    from maelflow.training.runs import TrainingError, application_arguments, application_datamodule
 
     if datamodule is None:
         raise EvaluationError(f"{application} has no datamodule to take held-out data from (and no evaluate())")
     try:
-        dm = import_object(datamodule)(dataset_paths=[str(p) for p in dataset_paths], **cfg)
+        dm = application_datamodule(datamodule, dataset_paths, cfg)
     except TrainingError as exc:
         raise EvaluationError(str(exc)) from None
-    dm.setup("fit")
     try:
         model = app.load_from_checkpoint(str(checkpoint), map_location="cpu", weights_only=False,
-                                         **cfg, **getattr(dm, "model_kwargs", {}))
+                                         **application_arguments(dm, cfg))
     except Exception as exc:  # noqa: BLE001 - another application's checkpoint, or a damaged file
         raise EvaluationError(f"{checkpoint} is not a checkpoint {application} can load: "
                               f"{type(exc).__name__}: {str(exc)[:300]}") from None

@@ -21,7 +21,10 @@ out from it for ``holdout`` days. It writes ``warm_start.json`` into the cycle's
 anemoi launcher reads it (:func:`apply_warm_start`): ``system.input.warm_start`` with
 ``training.load_weights_only`` (weights only: a new run with a fresh optimiser and step count on the
 new data), the dates of the three splits, and ``parent_uuid`` (the champion checkpoint's uuid, as
-anemoi records it for a forked run) in the new checkpoint's metadata.
+anemoi records it for a forked run) in the new checkpoint's metadata. A cycle whose dataset holds
+too few dates to train on or to hold out (the data of its days has not arrived) is skipped, not
+failed: ``warmstart`` says why in its ``info`` label and sets its ``skip`` event, and the cycle's
+other tasks are set complete unrun (their ecFlow complete expression), so the repeat moves on.
 """
 
 from __future__ import annotations
@@ -41,13 +44,19 @@ CYCLE_PREFIX = "ft_"   # a cycle's task nodes (and their scripts, suites/tasks/f
 
 
 # ------------------------------------------------------------------------------------ dates
+class TooLittleData(ValueError):
+    """The dataset has too few dates for this cycle yet (new data to train on, or to hold out):
+    the cycle is skipped, not failed; a later cycle will find them."""
+
+
 def cycle_splits(cycle: datetime, dates: list[datetime], champion_end: datetime | None, window: float | None,
                  holdout: float) -> dict[str, list[str]]:
     """Training, validation and test dates ``[start, end]`` (inclusive, ISO) of one cycle.
 
     Training: after the champion's training period (``champion_end``) or ``window`` days before
     ``cycle``, up to the last date before ``cycle``; validation and test: ``holdout`` days from
-    ``cycle`` on. A ``ValueError`` says which split has too few dates of the dataset."""
+    ``cycle`` on. TooLittleData says which split has too few dates of the dataset; a ``ValueError``
+    that the champion's period is unknown and no window is set (a configuration to fix)."""
     if window is None and champion_end is None:
         raise ValueError("the champion's training period is not known: set finetune.window (days)")
     lo = cycle - timedelta(days=window) if window is not None else champion_end + timedelta(seconds=1)
@@ -56,10 +65,10 @@ def cycle_splits(cycle: datetime, dates: list[datetime], champion_end: datetime 
     since = f"since {champion_end.isoformat()} (the end of the champion's training)" if window is None \
         else f"in the {window:g} days before {cycle.isoformat()}"
     if len(train) < MIN_DATES:
-        raise ValueError(f"only {len(train)} dates of new data {since} before {cycle.isoformat()} in the dataset "
+        raise TooLittleData(f"only {len(train)} dates of new data {since} before {cycle.isoformat()} in the dataset "
                          f"(at least {MIN_DATES} needed): nothing to fine-tune on yet")
     if len(held) < MIN_DATES:
-        raise ValueError(f"only {len(held)} dates of the dataset from {cycle.isoformat()} on to hold out for "
+        raise TooLittleData(f"only {len(held)} dates of the dataset from {cycle.isoformat()} on to hold out for "
                          f"evaluation (at least {MIN_DATES} needed; its last date is {dates[-1].isoformat()})")
     a, b = [train[0].isoformat(), train[-1].isoformat()], [held[0].isoformat(), held[-1].isoformat()]
     return {"training": a, "validation": b, "test": list(b)}
@@ -93,7 +102,7 @@ def finetune(ctx: TaskContext, task: str, training: str, site: str, cycle: str) 
 
 
 def _finetune_spec(ctx: TaskContext, training: str):
-    from maelflow.operations.layout import model_of_training
+    from maelflow.suite.operations_layout import model_of_training
 
     spec = model_of_training(ctx.rx, training)
     if spec is None or spec.finetune is None or spec.finetune.training != training:
@@ -159,6 +168,12 @@ def warmstart(ctx: TaskContext, training: str, site: str, cycle: str) -> None:
         dates = dataset_dates(json.loads(raw))
         champion_end = _champion_end(ctx, site, found["path"])
         splits = cycle_splits(date, dates, champion_end, ft.window, ft.holdout)
+    except TooLittleData as exc:
+        # not a failure: the data for this cycle has not arrived (yet). The event completes the rest
+        # of the cycle unrun (their complete expression) and the repeat moves to the next date.
+        ctx.reporter.label("info", f"skipped: {exc}")
+        ctx.reporter.event("skip")
+        return
     except (ValueError, KeyError) as exc:
         raise TaskFailed(f"cycle {cycle} of {spec.name}: {exc}") from None
     data = {"model": spec.name, "alias": alias, "version": found["version"], "weights": found["weights"],

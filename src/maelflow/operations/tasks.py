@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from maelflow.errors import MaelflowError
-from maelflow.operations.layout import gate_alias
+from maelflow.suite.operations_layout import gate_alias
 from maelflow.suite.tasks import TaskContext, TaskFailed
 
 CHAMPION_FILE = "champion.json"
@@ -64,7 +64,7 @@ def _models(ctx: TaskContext):
 
 
 def _spec(ctx: TaskContext, training: str):
-    from maelflow.operations.layout import model_of_training
+    from maelflow.suite.operations_layout import model_of_training
 
     spec = model_of_training(ctx.rx, training)
     if spec is None:

@@ -104,6 +104,8 @@ def _add_attrs(node, spec) -> None:
         node.add_event(name)
     if spec.trigger:
         node.add_trigger(spec.trigger)
+    if getattr(spec, "complete", None):
+        node.add_complete(spec.complete)
     if getattr(spec, "cron", None):
         node.add_cron(parse_cron(spec.cron))
     if getattr(spec, "repeat", None):

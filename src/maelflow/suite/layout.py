@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from maelflow.config.loader import ResolvedExperiment
 from maelflow.config.names import node_name
+from maelflow.suite.operations_layout import operations_families
 from maelflow.suite.spec import FamilySpec, SuiteSpec, TaskSpec
 from maelflow.suite.training_tasks import train_tasks
 
@@ -112,8 +113,6 @@ def suite_layout(rx: ResolvedExperiment, variables: dict[str, str]) -> SuiteSpec
                 register.children.append(FamilySpec(node_name(tname), variables={"TRAINING": tname}, children=[
                     TaskSpec("register", "register", labels=[("info", "")], runs_on="server")]))
             fam.children.extend([train, register])
-        from maelflow.operations.layout import operations_families
-
         fam.children.extend(operations_families(rx, site_name))
         children.append(fam)
 

@@ -21,7 +21,7 @@ class SuiteError(MaelflowError):
 
 
 def deploy(rx: ResolvedExperiment, ws: Workspace, client, out_dir: Path | None = None) -> BuiltSuite:
-    from maelflow.sites.prepare import prepare_site
+    from maelflow.suite.prepare import prepare_site
     from maelflow.suite.builder import CONFIG_FILE
 
     from maelflow.services.profile import check_experiment
@@ -96,6 +96,8 @@ def _node(node) -> dict[str, Any]:
         data["defstatus"] = str(node.get_defstatus())
     if node.get_trigger() is not None:
         data["trigger"] = node.get_trigger().get_expression()
+    if node.get_complete() is not None:
+        data["complete"] = node.get_complete().get_expression()
     if isinstance(node, ecflow.Task):
         data["try_no"] = int(node.get_try_no() or 0)
         data["aborted_reason"] = node.get_aborted_reason()

@@ -1,7 +1,7 @@
 """The nodes a suite is made of, as data: tasks, families and the suite, with their ecFlow attributes.
 
 Kept apart from the layout (which families an experiment gets, suite/layout.py) and from the ecFlow
-API calls (builder.py), so that a feature adding families of its own (operations/layout.py) builds
+API calls (builder.py), so that a feature adding families of its own (suite/operations_layout.py) builds
 them from these without importing the layout that calls it.
 """
 
@@ -25,6 +25,7 @@ class TaskSpec:
     # needs what the site lacks (syncing offline runs to MLflow, pushing to a site without internet)
     runs_on: str = "site"
     late: str | None = None   # an ecFlow late flag, as in a .def: -s +00:15 -a 20:00 -c +02:00
+    complete: str | None = None   # an ecFlow complete expression: when it holds, the task is set complete unrun
 
 
 @dataclass
@@ -36,7 +37,8 @@ class FamilySpec:
     inlimits: list[str] = field(default_factory=list)
     labels: list[tuple[str, str]] = field(default_factory=list)
     cron: str | None = None   # an ecFlow cron, as in a .def: [-w D,..] [-d D,..] [-m M,..] TIME_SERIES
-    repeat: tuple[str, int, int] | None = None   # an ecFlow repeat date: (variable, first YYYYMMDD, last YYYYMMDD)
+    # an ecFlow repeat date: (variable, first YYYYMMDD, last YYYYMMDD, days from one to the next)
+    repeat: tuple[str, int, int, int] | None = None
 
 
 @dataclass

@@ -354,7 +354,7 @@ def benchmark_report(ctx: TaskContext) -> Path:
             + f" at {uri} (deploy {deploy})")
     runs = [latest[w] for w in wanted]
     from maelflow.sites.connections import connect
-    from maelflow.tracking.job_energy import record_site_jobs
+    from maelflow.training.job_energy import record_site_jobs
 
     for note in record_site_jobs(uri, runs, lambda site: connect(site, rx.sites[site])):
         print(f"maelflow: {note}", flush=True)

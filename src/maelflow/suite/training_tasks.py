@@ -1,5 +1,5 @@
 """The tasks of one training in a suite, wherever it runs: the train family of an experiment, a
-benchmark repeat, a fine-tuning cycle (maelflow.operations.layout)."""
+benchmark repeat, a fine-tuning cycle (maelflow.suite.operations_layout)."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ the last always with a ``reason``). Sources, each read at the start and the end 
 - ``sacct``: SLURM's ``ConsumedEnergyRaw`` of the job, which SLURM fills in only once the job has
   ended (and only where the site sets ``AcctGatherEnergyType``): inside the job it is
   ``unavailable``, and :func:`record_job_energy` adds it to the MLflow run afterwards (the
-  benchmark report task asks, through :mod:`maelflow.tracking.job_energy`).
+  benchmark report task asks, through :mod:`maelflow.training.job_energy`).
 
 The file system sources are read under a configurable ``root`` and the GPU libraries can be passed
 in, so tests run on fake sysfs trees and a fake NVML. The scope is the node the reading process

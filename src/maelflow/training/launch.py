@@ -14,8 +14,8 @@ from pathlib import Path
 from maelflow.config.loader import ResolvedExperiment
 from maelflow.reporting import Reporter
 from maelflow.sites.schedulers import process_rank, scheduler_for
-from maelflow.training.runs import (TrainingError, TrainingResult, benchmark_tags, dataset_path, dataset_uuid,
-                                    import_object, run_dir)
+from maelflow.training.runs import (TrainingError, TrainingResult, application_arguments, application_datamodule,
+                                    benchmark_tags, dataset_path, dataset_uuid, import_object, run_dir)
 from maelflow.workspace import write_atomic
 
 
@@ -63,7 +63,6 @@ def train(rx: ResolvedExperiment, training_name: str, site_name: str, reporter: 
     app = import_object(training.application)
     if training.datamodule is None:
         raise TrainingError(f"training {training_name!r}: 'datamodule' is needed with an application import path")
-    dm_cls = import_object(training.datamodule)
     paths = [dataset_path(rx, site_name, d) for d in training.datasets]
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
@@ -87,9 +86,8 @@ def train(rx: ResolvedExperiment, training_name: str, site_name: str, reporter: 
 
     cfg = dict(training.config)
     max_epochs = int(cfg.pop("max_epochs", 1))
-    dm = dm_cls(dataset_paths=[str(p) for p in paths], **cfg)
-    dm.setup("fit")
-    model = app(**cfg, **getattr(dm, "model_kwargs", {}))
+    dm = application_datamodule(training.datamodule, paths, cfg)
+    model = app(**application_arguments(dm, cfg))
 
     last = ckpt_dir / "last.ckpt"
     start_from = str(last) if last.exists() else None

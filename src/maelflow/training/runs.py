@@ -43,6 +43,24 @@ def import_object(path: str) -> Any:
     return obj
 
 
+def application_datamodule(datamodule: str, dataset_paths: list[Path], config: dict) -> Any:
+    """The datamodule of a training given by import path, ready for ``fit`` or ``validate``.
+
+    This is the whole protocol maelflow promises a Lightning application (docs/training.md): the
+    datamodule is built with ``dataset_paths=`` (the staged zarr folders) plus the training's
+    ``config`` and set up for "fit" (its training and held-out splits); the model is then built
+    with the same config plus the datamodule's ``model_kwargs`` (``application_arguments``). The
+    launcher and the evaluation build both the same way, so a checkpoint loads as it was trained."""
+    dm = import_object(datamodule)(dataset_paths=[str(p) for p in dataset_paths], **config)
+    dm.setup("fit")
+    return dm
+
+
+def application_arguments(dm: Any, config: dict) -> dict:
+    """The keyword arguments a training's application (its ``__init__``) is built with."""
+    return {**config, **getattr(dm, "model_kwargs", {})}
+
+
 def dataset_path(rx: ResolvedExperiment, site: str, dataset: str) -> Path:
     return Path(rx.sites[site].paths.datasets) / f"{dataset}.zarr"
 

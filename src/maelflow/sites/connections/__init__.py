@@ -15,9 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Protocol, runtime_checkable
 
-from maelflow.sites import plugins
+from maelflow import plugins
 
-GROUP = "maelflow.connections"
+GROUP = plugins.CONNECTIONS
 
 
 @dataclass(frozen=True)
@@ -64,8 +64,7 @@ def connection_class(kind: str) -> type:
 
     found = plugins.find(GROUP, kind)
     if found is None:
-        known = sorted(ep.name for ep in plugins.group(GROUP))
-        raise ConfigurationError(f"no connection type {kind!r} (known: {', '.join(known)})",
+        raise ConfigurationError(f"no connection type {kind!r} (known: {', '.join(plugins.names(GROUP))})",
                                  hint="install the package that provides it, or fix connection.type")
     return found.load()
 

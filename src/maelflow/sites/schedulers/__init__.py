@@ -23,9 +23,9 @@ import shlex
 from dataclasses import dataclass, fields
 from typing import ClassVar, Mapping, Protocol, runtime_checkable
 
-from maelflow.sites import plugins
+from maelflow import plugins
 
-GROUP = "maelflow.schedulers"
+GROUP = plugins.SCHEDULERS
 
 # The few states a suite task cares about, whatever the scheduler calls them.
 PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, TIMEOUT, UNKNOWN = (
@@ -195,13 +195,7 @@ class CommandScheduler:
 
 # ------------------------------------------------------------------------------------- loading
 def known() -> list[str]:
-    return sorted({ep.name for ep in plugins.group(GROUP)})
-
-
-def is_known(name: str) -> bool:
-    """Whether a scheduler ``name`` is installed; cheaper than ``name in known()`` for the ones
-    maelflow ships (see ``maelflow.sites.plugins``)."""
-    return plugins.find(GROUP, name) is not None
+    return plugins.names(GROUP)
 
 
 def scheduler_class(name: str, *, site: str | None = None) -> type:
@@ -259,4 +253,4 @@ def job_variables(scheduler: Scheduler) -> dict[str, str]:
 
 __all__ = ["ALIVE", "CANCELLED", "COMPLETED", "CommandScheduler", "FAILED", "GROUP", "JobEnvironment", "PENDING",
            "RUNNING", "STATES", "Scheduler", "TIMEOUT", "TOKEN_PREFIX", "TaskResources", "UNKNOWN", "current",
-           "is_known", "job_variables", "known", "process_rank", "scheduler_class", "scheduler_for", "scheduler_named"]
+           "job_variables", "known", "process_rank", "scheduler_class", "scheduler_for", "scheduler_named"]

@@ -76,6 +76,11 @@ def evaluate_family(rx: ResolvedExperiment) -> FamilySpec | None:
     return fam
 
 
+# a cycle whose warm start found too little data sets this event: the rest of the cycle is set
+# complete unrun, and the repeat moves on to the next date
+SKIPPED = "ft_warmstart:skip"
+
+
 def finetune_family(rx: ResolvedExperiment, site_name: str, after: str | None) -> FamilySpec | None:
     """``finetune/<model>``: a ``repeat date YMD`` per model with a ``finetune`` section, one cycle per date:
     ``ft_warmstart`` (beside the server: model@alias now, the champion's training checkpoint on the
@@ -100,20 +105,23 @@ def finetune_family(rx: ResolvedExperiment, site_name: str, after: str | None) -
         alias = gate_alias(m, ft.training)
         fam.children.append(FamilySpec(
             node_name(m.name), variables={"TRAINING": ft.training, "MODEL": m.name},
-            repeat=("YMD", ft.ymd_start, ft.ymd_end),
+            repeat=("YMD", ft.ymd_start, ft.ymd_end, ft.every),
             labels=[("info", f"{ft.training}: warm start from {m.name}@{ft.from_alias or m.gate.champion_alias}, "
                              f"gate moves '{alias}', {ft.start} to {ft.end}")],
             children=[
-                TaskSpec("ft_warmstart", "ft_warmstart", labels=[("model", ""), ("info", "")], runs_on="server"),
-                replace(train, name="ft_train", script="ft_train", trigger="ft_warmstart == complete"),
-                replace(sync, name="ft_sync", script="ft_sync", trigger="ft_train == complete"),
+                TaskSpec("ft_warmstart", "ft_warmstart", labels=[("model", ""), ("info", "")], events=["skip"],
+                         runs_on="server"),
+                replace(train, name="ft_train", script="ft_train", trigger="ft_warmstart == complete",
+                        complete=SKIPPED),
+                replace(sync, name="ft_sync", script="ft_sync", trigger="ft_train == complete", complete=SKIPPED),
                 TaskSpec("ft_register", "ft_register", labels=[("info", "")], trigger="ft_sync == complete",
-                         runs_on="server"),
+                         runs_on="server", complete=SKIPPED),
                 TaskSpec("ft_champion", "ft_champion", labels=[("info", "")], trigger="ft_register == complete",
-                         runs_on="server"),
-                TaskSpec("ft_evaluate", "ft_evaluate", labels=[("info", "")], trigger="ft_champion == complete"),
+                         runs_on="server", complete=SKIPPED),
+                TaskSpec("ft_evaluate", "ft_evaluate", labels=[("info", "")], trigger="ft_champion == complete",
+                         complete=SKIPPED),
                 TaskSpec("ft_gate", "ft_gate", labels=[("info", ""), ("decision", "")], events=["promoted"],
-                         trigger="ft_evaluate == complete", runs_on="server"),
+                         trigger="ft_evaluate == complete", runs_on="server", complete=SKIPPED),
             ]))
     return fam
 
@@ -123,7 +131,7 @@ def operations_family(rx: ResolvedExperiment, site_name: str, after: str | None)
     if ops is None or rx.experiment.operations_site != site_name:
         return None
     fam = FamilySpec("operations", variables={"MODEL": ops.model, "ALIAS": ops.alias},
-                     trigger=f"{after} == complete" if after else None, repeat=("YMD", ops.ymd_start, ops.ymd_end),
+                     trigger=f"{after} == complete" if after else None, repeat=("YMD", ops.ymd_start, ops.ymd_end, ops.every),
                      labels=[("info", f"forecasts of {ops.model}@{ops.alias} from {ops.dataset}, {ops.time:02d} UTC, "
                                       f"+{ops.lead_time} h, {ops.start} to {ops.end}")])
     fam.children = [

@@ -1,4 +1,7 @@
-"""The entry points of the site layer's plugin groups (schedulers, connections), looked up cheaply.
+"""The entry points of maelflow's plugin groups (schedulers, connections), looked up cheaply.
+
+Below everything that names a plugin: the configuration checks a site's scheduler name here, the
+site layer loads the classes.
 
 ``importlib.metadata.entry_points()`` reads the metadata of every installed distribution on each
 call: 20 to 40 ms in maelflow's environment (torch, mlflow and their dependencies). ``maelflow job
@@ -17,6 +20,8 @@ from functools import lru_cache
 from importlib.metadata import EntryPoint, PackageNotFoundError, distribution, entry_points
 
 OWN = "maelflow"
+SCHEDULERS = "maelflow.schedulers"
+CONNECTIONS = "maelflow.connections"
 
 
 @lru_cache(maxsize=1)
@@ -52,4 +57,9 @@ def find(group_name: str, name: str) -> EntryPoint | None:
     return None
 
 
-__all__ = ["find", "group"]
+def names(group_name: str) -> list[str]:
+    """The names registered in ``group_name``, sorted (for messages that list what is known)."""
+    return sorted({ep.name for ep in group(group_name)})
+
+
+__all__ = ["CONNECTIONS", "SCHEDULERS", "find", "group", "names"]
