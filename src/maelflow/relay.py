@@ -109,6 +109,8 @@ class RelayState:
     recent: list[dict[str, Any]] = field(default_factory=list)  # [{"t": time sent, "line": ...}]
     server_id: Any = None  # the server process the recent lines went to
     resent: int = 0     # lines sent again because a restarted server had lost them
+    applied: int = 0    # of the replayed, lines found in effect when a restarted relay checked its pending
+                        # line (a relay killed after sending it, before recording it): not sent again
 
     @classmethod
     def load(cls, path: Path) -> "RelayState":
@@ -117,14 +119,16 @@ class RelayState:
         except FileNotFoundError:
             return cls(path)
         return cls(path, d.get("files", {}), d.get("pending"), d.get("replayed", 0), d.get("sent", 0),
-                   d.get("skipped", 0), d.get("recent", []), d.get("server_id"), d.get("resent", 0))
+                   d.get("skipped", 0), d.get("recent", []), d.get("server_id"), d.get("resent", 0),
+                   d.get("applied", 0))
 
     def save(self) -> None:
         horizon = time.time() - RECENT_S
         self.recent = [r for r in self.recent if r["t"] >= horizon]
         write_atomic(self.path, json.dumps({"files": self.files, "pending": self.pending, "replayed": self.replayed,
                                             "sent": self.sent, "skipped": self.skipped, "recent": self.recent,
-                                            "server_id": self.server_id, "resent": self.resent}, sort_keys=True))
+                                            "server_id": self.server_id, "resent": self.resent,
+                                            "applied": self.applied}, sort_keys=True))
 
 
 @dataclass
@@ -277,6 +281,8 @@ def _finish(state: RelayState, outcome: str) -> int:
         state.recent.append({"t": time.time(), "line": p["line"]})
     elif outcome == "skipped":
         state.skipped += 1
+    elif outcome == "applied":
+        state.applied += 1
     state.save()
     return 1 if outcome == "sent" else 0
 

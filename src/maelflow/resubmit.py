@@ -20,25 +20,35 @@ MAX_VAR = "MAELFLOW_RESUBMIT_MAX"
 COUNT_VAR = "MAELFLOW_RESUBMITS"
 
 
-def resubmit_timeouts(client) -> list[str]:
-    """Requeue every timed-out task with resubmissions left; returns their paths."""
+def resubmissions_left(node) -> int:
+    """How many more times the task ``node`` (an ecflow node) will be resubmitted: 0 unless it is
+    aborted at its time limit with resubmissions configured and not all used. Its abort is then not
+    an end: the next resubmission pass requeues it (which a caller waiting for a suite to settle
+    must know)."""
     import ecflow
 
+    if not isinstance(node, ecflow.Task) or str(node.get_state()) != "aborted":
+        return 0
+    limit = node.find_variable(MAX_VAR)
+    if limit.empty() or not node.get_aborted_reason().startswith(TIMEOUT):
+        return 0
+    count_var = node.find_variable(COUNT_VAR)
+    return max(0, int(limit.value()) - (int(count_var.value()) if not count_var.empty() else 0))
+
+
+def resubmit_timeouts(client) -> list[str]:
+    """Requeue every timed-out task with resubmissions left; returns their paths."""
     client.sync_local()
     defs = client.get_defs()
     if defs is None:
         return []
     done = []
     for node in defs.get_all_nodes():
-        if not isinstance(node, ecflow.Task) or str(node.get_state()) != "aborted":
-            continue
-        limit = node.find_variable(MAX_VAR)
-        if limit.empty() or not node.get_aborted_reason().startswith(TIMEOUT):
+        if not resubmissions_left(node):
             continue
         count_var = node.find_variable(COUNT_VAR)
         count = int(count_var.value()) if not count_var.empty() else 0
-        if count >= int(limit.value()):
-            continue
+        limit = node.find_variable(MAX_VAR)
         path = node.get_abs_node_path()
         action = "change" if not count_var.empty() else "add"
         client.alter(path, action, "variable", COUNT_VAR, str(count + 1))

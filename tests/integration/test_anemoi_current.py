@@ -131,6 +131,7 @@ def suites(hpc_stack, tmp_path_factory):
     from maelflow.ecf import client_for
     from maelflow.placeholders import placeholders_for
     from maelflow.services.stack import discover
+    from maelflow.suite.follow import follow
     from maelflow.suite.server import deploy, tree
     from tests.conftest import REPO
     from tests.integration.suite_helpers import wait_for
@@ -163,7 +164,7 @@ def suites(hpc_stack, tmp_path_factory):
              timeout=300)
     deploy(online, ws, client)
     wait_for(client, f"/{ONLINE}", {"complete", "aborted"}, timeout=300)
-    wait_for(client, f"/{SUITE}", {"complete", "aborted"}, timeout=600)
+    follow(client, SUITE, timeout=600, interval=0.5)   # a time-limit abort waits for its resubmission
     return SimpleNamespace(ws=ws, rx=rx, online=online, client=client, hpc=tree(client, SUITE),
                            local=tree(client, ONLINE), url=discover(ws, "mlflow").url)
 

@@ -16,6 +16,7 @@ from maelflow.config.loader import load_experiment
 from maelflow.demo import prepare_datasets
 from maelflow.ecf import client_for
 from maelflow.placeholders import placeholders_for
+from maelflow.suite.follow import follow
 from maelflow.suite.server import control, deploy, find, tree
 from maelflow_sandbox import hpc
 from tests.conftest import PREBUILT, write_yaml
@@ -116,7 +117,7 @@ def test_timeout_is_resubmitted_and_resumes_from_checkpoint(hpc_stack, config_ro
                          f"training.tiny.config.max_epochs={epochs}", "training.tiny.config.step_seconds=0.25",
                          "training.tiny.max_resubmissions=5")
     path = "/h_timeout/localhpc/train/tiny/train"
-    wait_for(client, "/h_timeout", {"complete", "aborted"}, timeout=600)
+    follow(client, "h_timeout", timeout=600, interval=0.5)   # each time-limit abort waits for its resubmission
     data = tree(client, "h_timeout")
     train = find(data, path)
     assert data["suites"][0]["state"] == "complete", train

@@ -211,6 +211,8 @@ def test_pending_line_already_applied_is_not_sent_again(spool, tmp_path):
     state.pending = {"file": name, "offset": state.files[name], "line": line.decode()}
     replay(LocalSpool(), str(spool), sender, state)
     assert sender.sent.count(("meter", ("m", "7"))) == 1
+    assert (state.sent, state.applied) == (2, 1)     # counted as found in effect, once
+    assert RelayState.load(tmp_path / "state.json").applied == 1
 
 
 def test_refusals_are_skipped_and_zombies_told_apart(spool, tmp_path):

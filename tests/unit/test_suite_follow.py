@@ -13,8 +13,10 @@ from maelflow.suite import follow as follow_mod
 pytestmark = pytest.mark.unit
 
 
-def suite(state: str, **tasks: str) -> dict:
+def suite(state: str, resubmissions_left: int = 0, **tasks: str) -> dict:
     fam = [{"kind": "task", "name": n, "path": f"/s/f/{n}", "state": st, "children": []} for n, st in tasks.items()]
+    if resubmissions_left:
+        fam[0]["resubmissions_left"] = resubmissions_left
     return {"kind": "suite", "name": "s", "path": "/s", "state": state,
             "children": [{"kind": "family", "name": "f", "path": "/s/f", "state": state, "children": fam}]}
 
@@ -49,6 +51,16 @@ def test_a_retried_task_passing_through_submitted_is_not_an_end(monkeypatch):
              suite("complete", a="complete")]
     state, _, seen, _ = run(monkeypatch, polls)
     assert state == "complete" and seen == [("a", "aborted"), ("a", "submitted"), ("a", "active"), ("a", "complete")]
+
+
+def test_a_time_limit_abort_waits_for_its_resubmission_however_long_the_relay_takes(monkeypatch):
+    waiting = suite("aborted", resubmissions_left=2, a="aborted")
+    polls = [waiting] * 6 + [suite("active", a="submitted"), suite("complete", a="complete")]
+    state, _, seen, calls = run(monkeypatch, polls)
+    assert state == "complete" and calls == 8 and ("a", "submitted") in seen
+    # its last resubmission used: the abort is the end
+    state, _, _, calls = run(monkeypatch, [suite("aborted", a="aborted")] * 3)
+    assert state == "aborted" and calls == 2
 
 
 def test_timeout_is_reported_as_such(monkeypatch):

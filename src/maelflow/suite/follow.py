@@ -2,10 +2,12 @@
 
 ecFlow shows a suite ``aborted`` as soon as any one task aborts (the most significant state of its
 children), while other branches may still be running, a task ecFlow retries (``ECF_TRIES``) is about
-to be submitted again, or a job requeued after a time-out is on its way back. An operator who asked
-``deploy --wait`` wants the end of the run, not its first bad news: so a suite is *settled* when it
-is complete, or when it is aborted and no task has been submitted or active for two polls in a row
-(a retry or requeue passes through ``submitted`` between them).
+to be submitted again, or a job stopped at its time limit waits for the relay's resubmission pass.
+An operator who asked ``deploy --wait`` wants the end of the run, not its first bad news: so a suite
+is *settled* when it is complete, or when it is aborted, no task has resubmissions left after a
+time-limit abort (the tree's ``resubmissions_left``: the relay will requeue it, however long its
+pass takes), and no task has been submitted or active for two polls in a row (a retry passes
+through ``submitted`` between them).
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ def tasks(node: dict) -> Iterator[dict]:
         stack.extend(reversed(n.get("children", [])))
 
 
-def still_running(suite: dict) -> bool:
-    return any(t["state"] in RUNNING for t in tasks(suite))
+def still_moving(suite: dict) -> bool:
+    """A task runs, or waits to be resubmitted after its time limit."""
+    return any(t["state"] in RUNNING or t.get("resubmissions_left") for t in tasks(suite))
 
 
 def follow(client, suite: str, timeout: float, interval: float = 2.0,
@@ -49,7 +52,7 @@ def follow(client, suite: str, timeout: float, interval: float = 2.0,
                     on_task(t)
         if s["state"] == "complete":
             return "complete", s
-        quiet_aborted = quiet_aborted + 1 if s["state"] == "aborted" and not still_running(s) else 0
+        quiet_aborted = quiet_aborted + 1 if s["state"] == "aborted" and not still_moving(s) else 0
         if quiet_aborted >= 2:
             return "aborted", s
         if time.monotonic() > deadline:

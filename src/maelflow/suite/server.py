@@ -12,6 +12,7 @@ from typing import Any
 
 from maelflow.errors import MaelflowError
 from maelflow.config.loader import ResolvedExperiment
+from maelflow.resubmit import resubmissions_left
 from maelflow.suite.builder import BuiltSuite, build_suite
 from maelflow.workspace import Workspace
 
@@ -102,6 +103,9 @@ def _node(node) -> dict[str, Any]:
         data["try_no"] = int(node.get_try_no() or 0)
         data["aborted_reason"] = node.get_aborted_reason()
         data["rid"] = node.get_process_or_remote_id()
+        left = resubmissions_left(node)
+        if left:        # aborted at its time limit: the relay's next pass resubmits it
+            data["resubmissions_left"] = left
     if isinstance(node, ecflow.Suite):
         data["limits"] = {lim.name(): {"value": lim.value(), "limit": lim.limit()} for lim in node.limits}
     if node.is_suspended():
