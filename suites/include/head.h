@@ -60,11 +60,15 @@ trap 'abort_job signal' 1 2 3 15
 # A scheduler with time limits warns the batch shell before one (SLURM: sbatch --signal=B:USR1@SECONDS):
 # remember it, so the SIGTERM that follows is reported as TIMEOUT, which the suite resubmits from a checkpoint
 MAELFLOW_WARNING_SIGNAL="%MAELFLOW_WARNING_SIGNAL:%"
+time_limit_approaching() {
+  MAELFLOW_TIME_LIMIT=1
+  echo "maelflow: ${MAELFLOW_SCHEDULER^^} time limit approaching"
+  ecf --event=timeout || true
+}
 if [ -n "$MAELFLOW_WARNING_SIGNAL" ]; then
-  trap 'MAELFLOW_TIME_LIMIT=1; echo "maelflow: ${MAELFLOW_SCHEDULER^^} time limit approaching"; ecf --event=timeout || true' "$MAELFLOW_WARNING_SIGNAL"
-  if [ -n "${MAELFLOW_TIME_LIMIT:-}" ]; then   # it came while the header was starting
-    echo "maelflow: ${MAELFLOW_SCHEDULER^^} time limit approaching"; ecf --event=timeout || true
-  fi
+  trap time_limit_approaching "$MAELFLOW_WARNING_SIGNAL"
+  # it came while the header was starting (the first line's trap remembered it)
+  if [ -n "${MAELFLOW_TIME_LIMIT:-}" ]; then time_limit_approaching; fi
 fi
 
 # Steps write a one-line reason here before failing; the abort then shows it instead of an exit code.
