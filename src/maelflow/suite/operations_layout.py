@@ -131,7 +131,8 @@ def operations_family(rx: ResolvedExperiment, site_name: str, after: str | None)
     if ops is None or rx.experiment.operations_site != site_name:
         return None
     fam = FamilySpec("operations", variables={"MODEL": ops.model, "ALIAS": ops.alias},
-                     trigger=f"{after} == complete" if after else None, repeat=("YMD", ops.ymd_start, ops.ymd_end, ops.every),
+                     trigger=f"{after} == complete" if after else None,
+                     repeat=("YMD", ops.ymd_start, ops.ymd_end, ops.every),
                      labels=[("info", f"forecasts of {ops.model}@{ops.alias} from {ops.dataset}, {ops.time:02d} UTC, "
                                       f"+{ops.lead_time} h, {ops.start} to {ops.end}")])
     fam.children = [
