@@ -36,16 +36,12 @@ def site_settings(site_root: str) -> dict[str, Any] | None:
     return None
 
 
-def workspace_settings(ws: Workspace, role: str = "write") -> dict[str, Any]:
-    from maelflow.services.stack import discover
-
-    return settings_from_service(discover(ws, "s3").extra, role)
-
-
 def settings_for_job(ws: Workspace, site_root: str | None, role: str = "write") -> dict[str, Any]:
     """The site's credentials file when the job has one (read-only keys), else the workspace's S3
     service with ``role``'s keys."""
-    return (site_settings(site_root) if site_root else None) or workspace_settings(ws, role)
+    from maelflow.services.stack import s3_settings
+
+    return (site_settings(site_root) if site_root else None) or s3_settings(ws, role)
 
 
 def workspace_store(ws: Workspace, bucket: str | None = None, prefix: str = "", *, role: str | None = None,

@@ -32,8 +32,12 @@ def resubmissions_left(node) -> int:
     limit = node.find_variable(MAX_VAR)
     if limit.empty() or not node.get_aborted_reason().startswith(TIMEOUT):
         return 0
-    count_var = node.find_variable(COUNT_VAR)
-    return max(0, int(limit.value()) - (int(count_var.value()) if not count_var.empty() else 0))
+    return max(0, int(limit.value()) - _count(node))
+
+
+def _count(node) -> int:
+    var = node.find_variable(COUNT_VAR)
+    return int(var.value()) if not var.empty() else 0
 
 
 def resubmit_timeouts(client) -> list[str]:
@@ -44,15 +48,14 @@ def resubmit_timeouts(client) -> list[str]:
         return []
     done = []
     for node in defs.get_all_nodes():
-        if not resubmissions_left(node):
+        left = resubmissions_left(node)
+        if not left:
             continue
-        count_var = node.find_variable(COUNT_VAR)
-        count = int(count_var.value()) if not count_var.empty() else 0
-        limit = node.find_variable(MAX_VAR)
+        count = _count(node)
         path = node.get_abs_node_path()
-        action = "change" if not count_var.empty() else "add"
+        action = "add" if node.find_variable(COUNT_VAR).empty() else "change"
         client.alter(path, action, "variable", COUNT_VAR, str(count + 1))
         client.requeue(path)
-        log.info("%s stopped at its time limit: resubmitted (%d of %s)", path, count + 1, limit.value())
+        log.info("%s stopped at its time limit: resubmitted (%d of %d)", path, count + 1, count + left)
         done.append(path)
     return done

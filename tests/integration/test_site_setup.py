@@ -98,13 +98,14 @@ def test_check_names_an_unwritable_path_and_an_unreachable_s3_endpoint_with_thei
     # stage pulls on the login node with the site's EWC file: point it at a port nobody listens on
     from maelflow import ewc
     from maelflow.datasets.settings import load_site
+    from maelflow.services.stack import s3_settings
     from maelflow.sites.connections import connect
 
     site = load_site("localhpc", ws)
     conn = connect("localhpc", site)
     path = ewc.site_credentials_path(site.paths.root)
     good = conn.read_bytes(path) if conn.exists(path) else None
-    dead = {**ewc.workspace_settings(ws, ewc.SITE_ROLE), "endpoint_url": "http://127.0.0.1:9"}
+    dead = {**s3_settings(ws, ewc.SITE_ROLE), "endpoint_url": "http://127.0.0.1:9"}
     conn.put_text(path, json.dumps(dead), mode=0o600)
     try:
         rc, report = check(ws, "--no-job")

@@ -106,9 +106,9 @@ def test_use_puts_it_in_force_and_discovery_describes_external_services(tmp_path
     ecf = stack.discover(ws, "ecflow")
     assert (ecf.extra["host"], ecf.extra["port"], ecf.extra["passwd_file"]) == ("bridge.example", 3141,
                                                                                "/etc/ecf.passwd")
-    from maelflow.ewc import workspace_settings
+    from maelflow.services.stack import s3_settings
 
-    s3 = workspace_settings(ws, "catalogue")  # an external endpoint serves every role with its one key pair
+    s3 = s3_settings(ws, "catalogue")  # an external endpoint serves every role with its one key pair
     assert (s3["endpoint_url"], s3["access_key"], s3["secret_key"], s3["ca_bundle"], s3["addressing"]) == \
         ("https://s3.example", "AK", "SK", "/etc/ca.pem", "virtual")
     assert stack.discover(ws, "mlflow").url == "https://mlflow.example"

@@ -101,7 +101,7 @@ def ewc_settings(ws, *, site=None, credentials: str | None = None, role: str = "
 
 
 def workspace_s3(ws, role: str = "write") -> dict[str, Any]:
-    """The workspace's S3 service, as ``ewc.workspace_settings`` gives it, without its health check
+    """The workspace's S3 service, as ``services.stack.s3_settings`` gives it, without its health check
     (a request through an S3 client); a TCP connect says it is up."""
     import socket
     from urllib.parse import urlsplit

@@ -19,7 +19,7 @@ import sys
 import urllib.request
 from typing import TYPE_CHECKING, Any, Sequence
 
-from maelflow.s3 import object_store, settings_from_service
+from maelflow.s3 import object_store
 from maelflow.services.base import LOOPBACK, ManagedService, ServiceError, http_healthy, wait_until
 from maelflow.workspace import Workspace, catalogue_paths
 from maelflow_registry.config import Settings, load_settings, server_limits
@@ -38,12 +38,11 @@ def open_store(ws: Workspace, settings: Settings) -> tuple[Store, str]:
     the endpoint URL, which ``/settings`` gives clients to upload datasets to, is the datasets
     writer's. Raises ServiceError when the S3 service is not up.
     """
-    from maelflow.services.stack import discover
+    from maelflow.services.stack import s3_settings
 
-    service = discover(ws, "s3").extra
-    objects = object_store(settings_from_service(service, "catalogue"), settings.bucket, connect_timeout=5,
-                           read_timeout=30, max_retries=3)
-    return Store(objects), settings_from_service(service, "write")["endpoint_url"]
+    objects = object_store(s3_settings(ws, "catalogue"), settings.bucket, connect_timeout=5, read_timeout=30,
+                           max_retries=3)
+    return Store(objects), s3_settings(ws, "write")["endpoint_url"]
 
 
 # where the index is: a postgresql:// connection string (its password in a passfile), or unset for

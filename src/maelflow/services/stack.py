@@ -215,3 +215,11 @@ def discover(ws: Workspace, name: str) -> ServiceInfo:
         raise ServiceError(f"{name} {state} in workspace {ws.root}: run 'maelflow services up' "
                            f"(with --workspace {ws.root} if that is not your default)")
     return info
+
+
+def s3_settings(ws: Workspace, role: str = "write") -> dict[str, Any]:
+    """The workspace's S3 store as ``role`` reaches it (endpoint, that role's keys, bucket): the one
+    place a caller beside the server gets S3 settings from service discovery."""
+    from maelflow.s3 import settings_from_service
+
+    return settings_from_service(discover(ws, "s3").extra, role)

@@ -237,6 +237,7 @@ class SiteCheck:
     def s3(self) -> None:
         from maelflow import ewc
         from maelflow.services.base import ServiceError
+        from maelflow.services.stack import s3_settings
 
         settings = None
         where_from = "the workspace's S3 service"
@@ -249,7 +250,7 @@ class SiteCheck:
                 settings = None
         if settings is None:
             try:
-                settings = ewc.workspace_settings(self.ws, ewc.SITE_ROLE)
+                settings = s3_settings(self.ws, ewc.SITE_ROLE)
             except (ServiceError, KeyError, OSError) as exc:
                 self.add("s3", FAILED, f"no EWC endpoint configured here: {exc}",
                          "run 'maelflow services up' (or set the services profile's external S3)")

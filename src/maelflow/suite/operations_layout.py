@@ -111,17 +111,16 @@ def finetune_family(rx: ResolvedExperiment, site_name: str, after: str | None) -
             children=[
                 TaskSpec("ft_warmstart", "ft_warmstart", labels=[("model", ""), ("info", "")], events=["skip"],
                          runs_on="server"),
-                replace(train, name="ft_train", script="ft_train", trigger="ft_warmstart == complete",
-                        complete=SKIPPED),
-                replace(sync, name="ft_sync", script="ft_sync", trigger="ft_train == complete", complete=SKIPPED),
-                TaskSpec("ft_register", "ft_register", labels=[("info", "")], trigger="ft_sync == complete",
-                         runs_on="server", complete=SKIPPED),
-                TaskSpec("ft_champion", "ft_champion", labels=[("info", "")], trigger="ft_register == complete",
-                         runs_on="server", complete=SKIPPED),
-                TaskSpec("ft_evaluate", "ft_evaluate", labels=[("info", "")], trigger="ft_champion == complete",
-                         complete=SKIPPED),
-                TaskSpec("ft_gate", "ft_gate", labels=[("info", ""), ("decision", "")], events=["promoted"],
-                         trigger="ft_evaluate == complete", runs_on="server", complete=SKIPPED),
+                *(replace(t, complete=SKIPPED) for t in (
+                    replace(train, name="ft_train", script="ft_train", trigger="ft_warmstart == complete"),
+                    replace(sync, name="ft_sync", script="ft_sync", trigger="ft_train == complete"),
+                    TaskSpec("ft_register", "ft_register", labels=[("info", "")], trigger="ft_sync == complete",
+                             runs_on="server"),
+                    TaskSpec("ft_champion", "ft_champion", labels=[("info", "")], trigger="ft_register == complete",
+                             runs_on="server"),
+                    TaskSpec("ft_evaluate", "ft_evaluate", labels=[("info", "")], trigger="ft_champion == complete"),
+                    TaskSpec("ft_gate", "ft_gate", labels=[("info", ""), ("decision", "")], events=["promoted"],
+                             trigger="ft_evaluate == complete", runs_on="server"))),
             ]))
     return fam
 

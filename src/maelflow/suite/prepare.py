@@ -16,7 +16,8 @@ from maelflow.workspace import Workspace
 
 
 def prepare_site(rx: ResolvedExperiment, site: str, config_file: Path, ws: Workspace) -> str:
-    from maelflow.ewc import SITE_ROLE, site_credentials_path, workspace_settings
+    from maelflow.ewc import SITE_ROLE, site_credentials_path
+    from maelflow.services.stack import s3_settings
     from maelflow.suite.builder import site_config_path, spool_dir
 
     s = rx.sites[site]
@@ -34,7 +35,7 @@ def prepare_site(rx: ResolvedExperiment, site: str, config_file: Path, ws: Works
     conn.put_text(site_config_path(rx, site), config_file.read_text(), mode=0o644)
     note = ""
     try:
-        creds = workspace_settings(ws, SITE_ROLE)   # read-only keys: a job on a site never writes the store
+        creds = s3_settings(ws, SITE_ROLE)   # read-only keys: a job on a site never writes the store
     except ServiceError:
         creds = None
     if creds is not None:
